@@ -1,0 +1,1 @@
+"""Lowering of fusedopt programs to fused multi-tensor Triton kernels."""

@@ -1,0 +1,23 @@
+"""fusedopt: optimizer update rules written once, run as fused multi-tensor kernels."""
+
+from . import dsl, ir, passes, reference
+from .dsl import Rule, RuleError, rule, state
+from .optim import FusedOptimizer
+from .torch_compat import SGD, Adam, AdamW, Lion
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "FusedOptimizer",
+    "Lion",
+    "Rule",
+    "RuleError",
+    "SGD",
+    "dsl",
+    "ir",
+    "passes",
+    "reference",
+    "rule",
+    "state",
+]
+__version__ = "0.1.0"

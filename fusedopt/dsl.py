@@ -1,0 +1,281 @@
+"""The rule DSL: write an optimizer's update once, as elementwise math over symbols.
+
+    @rule("adamw")
+    def adamw(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2):
+        m = state("exp_avg")
+        v = state("exp_avg_sq")
+        m.set(lerp(m, g, 1 - beta1))
+        v.set(beta2 * v + (1 - beta2) * g * g)
+        p.set(p * (1 - lr * weight_decay)
+              - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps))
+
+The function's first three arguments are the parameter ``p``, its gradient ``g`` and the step
+``t`` (1 on the first step). Keyword arguments with a numeric default are hyperparameters: they
+become symbols, live in device tensors at run time and can change every step without any
+recompilation. Keyword arguments with a bool default are static options: the function runs once
+per choice of them and may branch on them in Python (``if amsgrad: ...``).
+
+Reading a state or ``p`` after setting it sees the new value. Each state and ``p`` may be set once.
+Mistakes are reported when the decorator runs, naming the rule, the offending name and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import sympy
+
+from . import ir
+
+
+class RuleError(ValueError):
+    """A rule is malformed; raised when the rule is defined, never inside a step."""
+
+
+def _fail(rule: str, problem: str, fix: str) -> RuleError:
+    return RuleError(f"rule '{rule}': {problem}. Fix: {fix}.")
+
+
+class _Builder:
+    """Collects states and updates while a rule's function runs."""
+
+    active: list["_Builder"] = []
+
+    def __init__(self, rule: str, known: set[str]):
+        self.rule = rule
+        self.known = known
+        self.states: dict[str, ir.StateSpec] = {}
+        self.updates: dict[str, sympy.Expr] = {}
+
+    @classmethod
+    def current(cls, what: str) -> "_Builder":
+        if not cls.active:
+            raise RuleError(f"{what} can only be called inside a function decorated with @rule")
+        return cls.active[-1]
+
+
+class _Handle:
+    """A tensor the rule may write (``p`` or a state); reads give its current value."""
+
+    def __init__(self, builder: _Builder, name: str):
+        self._builder = builder
+        self._name = name
+
+    def _sympy_(self) -> sympy.Expr:
+        return self._builder.updates.get(self._name, ir.symbol(self._name))
+
+    def set(self, value: Any) -> None:
+        b = self._builder
+        if self._name in b.updates:
+            raise _fail(b.rule, f"'{self._name}' is set twice",
+                        f"compute the final value of '{self._name}' and call {self._name}.set(...) once")
+        try:
+            expr = sympy.sympify(value, strict=True)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise _fail(b.rule, f"'{self._name}'.set() got {value!r}, which is not an expression",
+                        "pass arithmetic over p, g, t, states and hyperparameters") from exc
+        if isinstance(expr, sympy.logic.boolalg.Boolean):
+            raise _fail(b.rule, f"'{self._name}' is set to a comparison ({expr})",
+                        "wrap comparisons in where(cond, a, b)")
+        unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
+        if unknown:
+            raise _fail(b.rule, f"'{self._name}' reads undeclared name(s) {unknown}",
+                        "declare states with state('name') and hyperparameters as keyword arguments")
+        b.updates[self._name] = expr
+
+    # arithmetic reads the current value
+    def __add__(self, o): return self._sympy_() + o
+    def __radd__(self, o): return o + self._sympy_()
+    def __sub__(self, o): return self._sympy_() - o
+    def __rsub__(self, o): return o - self._sympy_()
+    def __mul__(self, o): return self._sympy_() * o
+    def __rmul__(self, o): return o * self._sympy_()
+    def __truediv__(self, o): return self._sympy_() / o
+    def __rtruediv__(self, o): return o / self._sympy_()
+    def __pow__(self, o): return self._sympy_() ** o
+    def __rpow__(self, o): return o ** self._sympy_()
+    def __neg__(self): return -self._sympy_()
+    def __abs__(self): return sympy.Abs(self._sympy_())
+    def __lt__(self, o): return self._sympy_() < o
+    def __le__(self, o): return self._sympy_() <= o
+    def __gt__(self, o): return self._sympy_() > o
+    def __ge__(self, o): return self._sympy_() >= o
+
+    def __repr__(self) -> str:
+        return f"<{self._name}>"
+
+
+def state(name: str, init: str = "zeros", dtype: str = "fp32") -> _Handle:
+    """Declare a full-size state (shape of p). ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16"."""
+    b = _Builder.current("state()")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _fail(b.rule, f"state name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
+    if name.startswith("_") or name in ir.RESERVED or name in b.known:
+        raise _fail(b.rule, f"state '{name}' shadows a reserved name or hyperparameter",
+                    "give the state another name")
+    if name in b.states:
+        raise _fail(b.rule, f"state '{name}' is declared twice", "call state('{name}') once and reuse the handle")
+    if init not in ir.STATE_INITS:
+        raise _fail(b.rule, f"state '{name}' has init={init!r}", f"use one of {list(ir.STATE_INITS)}")
+    if dtype not in ir.STORAGE_DTYPES:
+        raise _fail(b.rule, f"state '{name}' has dtype={dtype!r}", f"use one of {list(ir.STORAGE_DTYPES)}")
+    b.states[name] = ir.StateSpec(name, init, dtype)
+    return _Handle(b, name)
+
+
+# ---- elementwise functions ---------------------------------------------------------------------
+
+def _expr(x: Any) -> sympy.Expr:
+    return sympy.sympify(x, strict=True)
+
+
+def sqrt(x):
+    return sympy.sqrt(_expr(x))
+
+
+def rsqrt(x):
+    return 1 / sympy.sqrt(_expr(x))
+
+
+def exp(x):
+    return sympy.exp(_expr(x))
+
+
+def log(x):
+    return sympy.log(_expr(x))
+
+
+def sign(x):
+    """-1, 0 or 1 (sign(0) = 0, as torch.sign)."""
+    return sympy.sign(_expr(x))
+
+
+def absolute(x):
+    return sympy.Abs(_expr(x))
+
+
+def minimum(a, b):
+    return sympy.Min(_expr(a), _expr(b))
+
+
+def maximum(a, b):
+    return sympy.Max(_expr(a), _expr(b))
+
+
+def clamp(x, lo, hi):
+    return sympy.Min(sympy.Max(_expr(x), _expr(lo)), _expr(hi))
+
+
+def lerp(a, b, w):
+    """a + w * (b - a), as torch.lerp."""
+    a = _expr(a)
+    return a + _expr(w) * (_expr(b) - a)
+
+
+def eq(a, b):
+    """The comparison a == b (Python's == on symbols compares structure, not values)."""
+    return sympy.Eq(_expr(a), _expr(b), evaluate=False)
+
+
+def where(cond, a, b):
+    """a where cond holds, else b. Build cond with <, <=, >, >= or eq()."""
+    if isinstance(cond, bool):
+        raise RuleError(f"where() got the Python bool {cond}: a comparison such as `t == 1` compares "
+                        "symbols structurally. Fix: write eq(t, 1)")
+    if not isinstance(cond, sympy.logic.boolalg.Boolean):
+        raise RuleError(f"where() needs a comparison as its condition, got {cond!r}. Fix: e.g. where(g > 0, a, b)")
+    return sympy.Piecewise((_expr(a), cond), (_expr(b), True))
+
+
+# ---- the decorator ------------------------------------------------------------------------------
+
+class Rule:
+    """A rule defined with :func:`rule`; ``program(**options)`` builds its IR."""
+
+    def __init__(self, name: str, fn: Callable[..., None]):
+        self.name = name
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self.hparams: dict[str, float] = {}
+        self.options: dict[str, bool] = {}
+        params = list(inspect.signature(fn).parameters.values())
+        head = [p.name for p in params[:3]]
+        if head != [ir.PARAM, ir.GRAD, ir.STEP]:
+            raise _fail(name, f"the first arguments are {head}", "start the signature with (p, g, t, ...)")
+        for prm in params[3:]:
+            self._add_argument(prm)
+        self.program()  # build once now so that mistakes surface at definition time
+
+    def _add_argument(self, prm: inspect.Parameter) -> None:
+        if prm.name in ir.RESERVED or prm.name.startswith("_"):
+            raise _fail(self.name, f"hyperparameter '{prm.name}' shadows a reserved name",
+                        f"rename it; {sorted(ir.RESERVED)} and names starting with '_' are reserved")
+        default = prm.default
+        if default is inspect.Parameter.empty:
+            raise _fail(self.name, f"hyperparameter '{prm.name}' has no default",
+                        f"give it a default, e.g. {prm.name}=0.0")
+        if isinstance(default, bool):
+            self.options[prm.name] = default
+        elif isinstance(default, (int, float)):
+            self.hparams[prm.name] = float(default)
+        else:
+            raise _fail(self.name, f"hyperparameter '{prm.name}' has the non-numeric default {default!r}",
+                        "use a number (a hyperparameter) or a bool (a static option)")
+
+    def program(self, **options: bool) -> ir.Program:
+        for k, v in options.items():
+            if k not in self.options:
+                raise _fail(self.name, f"unknown option '{k}'", f"options are {sorted(self.options)}")
+            if not isinstance(v, bool):
+                raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
+        full = {**self.options, **options}
+        return _build(self, tuple(sorted(full.items())))
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
+
+
+@functools.lru_cache(maxsize=None)
+def _build(rule: Rule, options: tuple[tuple[str, bool], ...]) -> ir.Program:
+    known = set(rule.hparams) | {ir.PARAM, ir.GRAD, ir.STEP}
+    b = _Builder(rule.name, known)
+    kwargs: dict[str, Any] = {h: ir.symbol(h) for h in rule.hparams}
+    kwargs.update(dict(options))
+    _Builder.active.append(b)
+    try:
+        rule.fn(_Handle(b, ir.PARAM), ir.symbol(ir.GRAD), ir.symbol(ir.STEP), **kwargs)
+    except RuleError:
+        raise
+    except Exception as exc:
+        raise _fail(rule.name, f"its function raised {type(exc).__name__}: {exc}",
+                    "use only p, g, t, hyperparameters, states and the fusedopt.dsl functions") from exc
+    finally:
+        _Builder.active.pop()
+    if ir.PARAM not in b.updates:
+        raise _fail(rule.name, "it never sets p", "end the rule with p.set(new_value)")
+    unset = [s for s in b.states if s not in b.updates]
+    if unset:
+        raise _fail(rule.name, f"state(s) {unset} are declared but never set", "set them or remove them")
+    order = [ir.PARAM] + list(b.states)
+    updates = tuple((name, b.updates[name]) for name in order)
+    return ir.Program(
+        name=rule.name,
+        hparams=tuple(rule.hparams),
+        defaults=tuple(rule.hparams.values()),
+        options=options,
+        states=tuple(b.states.values()),
+        updates=updates,
+    )
+
+
+def rule(name: str) -> Callable[[Callable[..., None]], Rule]:
+    """Decorator turning an update function into a :class:`Rule`."""
+    if not isinstance(name, str) or not name:
+        raise RuleError(f"@rule needs a non-empty name, got {name!r}. Fix: @rule('my_rule')")
+
+    def wrap(fn: Callable[..., None]) -> Rule:
+        return Rule(name, fn)
+
+    return wrap

@@ -1,0 +1,20 @@
+"""The small dtype vocabulary shared by the front end, the reference interpreter and codegen."""
+
+from __future__ import annotations
+
+import torch
+
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Unit roundoff of each storage dtype: half the distance between 1 and the next number.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    return STORAGE[name]

@@ -1,0 +1,103 @@
+"""The intermediate representation of an optimizer rule.
+
+A :class:`Program` is what the DSL produces and what every backend consumes. It is frozen and
+hashable, and :meth:`Program.text` prints it deterministically: two rules that build equal programs
+print the same text, and :meth:`Program.key` (a sha256 of that text) is what kernel caches use.
+
+Updates are *functional*: each right-hand side is a sympy expression over the values the tensors
+had **before** the step (``p``, ``g``, the step ``t``, the hyperparameters and the old states). A
+rule that writes ``m`` and then reads it again sees the new expression inlined by the DSL, so the
+order of statements is already resolved here and backends may load everything, compute, then store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Mapping
+
+import sympy
+
+PARAM = "p"
+GRAD = "g"
+STEP = "t"
+RESERVED = frozenset({PARAM, GRAD, STEP, "param", "grad", "step", "params", "lr_scheduler"})
+
+STORAGE_DTYPES = ("fp32", "bf16")
+STATE_INITS = ("zeros", "p", "g")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """One optimizer state: full size, like the parameter."""
+
+    name: str
+    init: str = "zeros"  # "zeros", or a copy of "p" or "g" taken when the state is created
+    dtype: str = "fp32"  # storage dtype; compute is always fp32 (fp64 in the oracle)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A whole rule, built for one choice of its static options."""
+
+    name: str
+    hparams: tuple[str, ...]
+    defaults: tuple[float, ...]
+    options: tuple[tuple[str, bool], ...]
+    states: tuple[StateSpec, ...]
+    updates: tuple[tuple[str, sympy.Expr], ...]  # target ("p" or a state name) -> new value
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+    @property
+    def scalar_names(self) -> frozenset[str]:
+        """Names whose value is one number per tensor (hyperparameters and the step)."""
+        return frozenset(self.hparams) | {STEP}
+
+    def update_of(self, target: str) -> sympy.Expr | None:
+        return dict(self.updates).get(target)
+
+    def text(self) -> str:
+        """Deterministic, human-readable listing; also the input of :meth:`key`."""
+        lines = [f"rule {self.name}"]
+        for name, default in zip(self.hparams, self.defaults):
+            lines.append(f"  hparam {name} = {default!r}")
+        for name, value in self.options:
+            lines.append(f"  option {name} = {value!r}")
+        for s in self.states:
+            lines.append(f"  state {s.name}: init={s.init} dtype={s.dtype}")
+        for target, expr in self.updates:
+            lines.append(f"  {target} <- {sympy.srepr(expr)}")
+        return "\n".join(lines) + "\n"
+
+    def pretty(self) -> str:
+        """Short listing with infix math, for people."""
+        lines = [f"rule {self.name}({', '.join(self.hparams)})"]
+        lines += [f"  state {s.name} ({s.dtype}, init {s.init})" for s in self.states]
+        lines += [f"  {target} <- {expr}" for target, expr in self.updates]
+        return "\n".join(lines)
+
+    def key(self) -> str:
+        return hashlib.sha256(self.text().encode()).hexdigest()
+
+    def __str__(self) -> str:
+        return self.pretty()
+
+
+def symbol(name: str) -> sympy.Symbol:
+    """The one way names become sympy symbols, so that equal names give equal symbols."""
+    return sympy.Symbol(name)
+
+
+def free_names(expr: sympy.Expr) -> frozenset[str]:
+    return frozenset(s.name for s in expr.free_symbols)
+
+
+def scalar_env_names(program: Program) -> Mapping[str, str]:
+    """Kind of every name a program may read: 'element' or 'scalar'."""
+    kinds = {PARAM: "element", GRAD: "element", STEP: "scalar"}
+    kinds.update({h: "scalar" for h in program.hparams})
+    kinds.update({s.name: "element" for s in program.states})
+    return kinds

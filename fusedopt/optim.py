@@ -1,0 +1,306 @@
+"""The torch.optim front end: :class:`FusedOptimizer` runs any rule over param groups.
+
+Hyperparameters live in 0-d float64 tensors on the parameters' device, so changing a learning rate
+(by hand, ``group["lr"] = 0.1``, or through any ``torch.optim.lr_scheduler``) writes data in place and
+never changes code: a ``torch.compile``d training step does not recompile. Per-parameter state uses
+torch.optim's keys (``step``, ``exp_avg``, ...), so checkpoints move between fusedopt and torch.optim.
+
+This module is the one place that joins the rule side (dsl, ir, reference) with ``codegen``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from . import ir, reference
+from .dsl import Rule
+from .dtypes import PARAM_DTYPES, storage_dtype
+
+BACKENDS = ("reference", "triton")
+
+
+class _ParamGroup(dict):
+    """A param group whose tensor-valued hyperparameters are updated in place.
+
+    torch's schedulers assign Python floats (``group["betas"] = (0.95, beta2)`` in OneCycleLR,
+    ``group["lr"] = 0.1`` by hand); writing them into the existing tensors keeps the identity of every
+    tensor a compiled step has captured, so nothing recompiles.
+    """
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        current = self.get(key)
+        if isinstance(current, torch.Tensor):
+            _write_scalar(current, value)
+            return
+        if isinstance(current, tuple) and current and all(isinstance(c, torch.Tensor) for c in current):
+            if not isinstance(value, (tuple, list)) or len(value) != len(current):
+                raise ValueError(f"param group '{key}' holds {len(current)} values, got {value!r}")
+            for c, v in zip(current, value):
+                if v is not c:
+                    _write_scalar(c, v)
+            return
+        super().__setitem__(key, value)
+
+
+def _write_scalar(dest: torch.Tensor, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a hyperparameter holds one number, got a tensor of shape {tuple(value.shape)}")
+        dest.copy_(value.detach().reshape(()))
+    else:
+        dest.fill_(float(value))
+
+
+def _as_hparam_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyperparameter must hold one number, got shape {tuple(value.shape)}")
+        return value.detach().to(device=device, dtype=torch.float64).reshape(()).clone()
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Runs ``rule`` (a :class:`fusedopt.dsl.Rule`) as a torch.optim.Optimizer.
+
+    Keyword arguments set the rule's hyperparameters and options for every group; a group dict may
+    override any of them. ``backend``: "triton" (fused kernels; the default for CUDA parameters) or
+    "reference" (the eager interpreter; the default elsewhere).
+    """
+
+    # Group keys holding several rule hyperparameters, e.g. {"betas": ("beta1", "beta2")}.
+    aliases: Mapping[str, tuple[str, ...]] = {}
+    # Keys accepted for torch.optim signature compatibility and stored in groups untouched.
+    passthrough: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, rule: Rule, *, backend: str | None = None, **hparams: Any):
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a fusedopt Rule (made with @rule), got {type(rule).__name__}")
+        if backend not in (None, *BACKENDS):
+            raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)} (or None for automatic)")
+        self.rule = rule
+        self.backend = backend
+        self._alias_of = {h: (key, i) for key, names in self.aliases.items() for i, h in enumerate(names)}
+        defaults = self._defaults(hparams)
+        self._groups: list[_ParamGroup] = []
+        super().__init__(params, defaults)
+        self._opt_called = True  # step() is never wrapped by LR schedulers (see below)
+
+    # ---- groups ---------------------------------------------------------------------------------
+
+    def _hparam_keys(self) -> list[str]:
+        keys = [h for h in self.rule.hparams if h not in self._alias_of]
+        return keys + list(self.aliases)
+
+    def _defaults(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        defaults: dict[str, Any] = {}
+        for key in self._hparam_keys():
+            names = self.aliases.get(key)
+            defaults[key] = tuple(self.rule.hparams[n] for n in names) if names else self.rule.hparams[key]
+        defaults.update(self.rule.options)
+        valid = set(defaults) | set(self.passthrough)
+        for key, value in given.items():
+            if key not in valid:
+                raise TypeError(f"{type(self).__name__}: unknown argument '{key}'; rule '{self.rule.name}' "
+                                f"accepts {sorted(valid)}")
+            defaults[key] = value
+        return defaults
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Hook for subclasses: derive options from hyperparameters, validate values."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and (p.is_complex() or p.dtype not in PARAM_DTYPES):
+                raise TypeError(f"{type(self).__name__}: parameter of dtype {p.dtype} is not supported; "
+                                f"supported are {[str(d) for d in PARAM_DTYPES]} (view complex parameters "
+                                "as real with torch.view_as_real before creating the optimizer)")
+        group["params"] = params
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._complete_group(group)
+        for key in self.rule.options:
+            if not isinstance(group[key], bool):
+                raise TypeError(f"{type(self).__name__}: option '{key}' must be a bool, got {group[key]!r}")
+        super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
+        device = params[0].device if params else torch.device("cpu")
+        converted = _ParamGroup()
+        for key, value in self.param_groups[-1].items():
+            if key in self.aliases:
+                value = tuple(_as_hparam_tensor(v, device) for v in value)
+            elif key in self.rule.hparams:
+                value = _as_hparam_tensor(value, device)
+            dict.__setitem__(converted, key, value)
+        self.param_groups[-1] = converted
+        self._groups = list(self.param_groups)
+
+    def _program(self, group: Mapping[str, Any]) -> ir.Program:
+        return self.rule.program(**{k: group[k] for k in self.rule.options})
+
+    def _hparams(self, group: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.rule.hparams:
+            if name in self._alias_of:
+                key, i = self._alias_of[name]
+                value = group[key][i]
+            else:
+                value = group[name]
+            if not isinstance(value, torch.Tensor) or value.device != device:
+                value = _as_hparam_tensor(value, device)
+            out[name] = value
+        return out
+
+    # ---- step -----------------------------------------------------------------------------------
+
+    def _state_for(self, program: ir.Program, p: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        st = self.state[p]
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        missing = [s.name for s in program.states if s.name not in st]
+        if missing:
+            fresh = reference.init_state(program, p, g)
+            for name in missing:
+                st[name] = fresh[name]
+        return st
+
+    def _backend_for(self, device: torch.device) -> str:
+        if self.backend is not None:
+            return self.backend
+        return "triton" if device.type == "cuda" else "reference"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self._groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(parameter of shape {tuple(p.shape)}); use dense gradients, e.g. "
+                                       "nn.Embedding(..., sparse=False)")
+            if params:
+                work.append((group, params))
+        for group, params in work:
+            program = self._program(group)
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for p in params:
+                by_device.setdefault(p.device, []).append(p)
+            for device, ps in by_device.items():
+                self._step_tensors(program, group, device, ps)
+        return loss
+
+    def _step_tensors(self, program: ir.Program, group, device: torch.device, params: list) -> None:
+        grads = [p.grad for p in params]
+        per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
+        states = {name: [st[name] for st in per_param] for name in program.state_names}
+        steps = [st["step"] for st in per_param]
+        hparams = self._hparams(group, device)
+        if self._backend_for(device) == "reference":
+            reference.step(program, params, grads, states, steps, hparams)
+        else:
+            from codegen import ops  # the front end is the one place that reaches codegen
+
+            ops.step(program, params, grads, states, steps, hparams)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
+        for group in self._groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout; hyperparameter tensors are saved as Python floats."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor):
+                    group[key] = value.item()
+                elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+                    group[key] = tuple(v.item() for v in value)
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change."""
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+            raise ValueError("state_dict must have 'state' (a dict) and 'param_groups' (a list), as "
+                             "returned by Optimizer.state_dict()")
+        if len(saved_groups) != len(self._groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self._groups)}")
+        index: dict[Any, torch.Tensor] = {}
+        new_groups = []
+        for i, (mine, saved) in enumerate(zip(self._groups, saved_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"param group {i}: state_dict has {len(saved['params'])} params, this "
+                                 f"optimizer has {len(mine['params'])}")
+            merged = {**{k: v for k, v in mine.items()}, **{k: v for k, v in saved.items() if k != "params"}}
+            merged["params"] = mine["params"]
+            self._complete_group(merged)
+            program = self._program(merged)
+            new_groups.append((mine, merged))
+            for key_id, p in zip(saved["params"], mine["params"]):
+                index[key_id] = (p, program)
+        new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for key_id, values in saved_state.items():
+            if key_id not in index:
+                raise ValueError(f"state_dict has state for parameter id {key_id!r}, which no group lists")
+            p, program = index[key_id]
+            new_state[p] = self._convert_state(program, p, values)
+        for mine, merged in new_groups:
+            for key, value in merged.items():
+                if key != "params":
+                    mine[key] = value
+        self.state.clear()
+        self.state.update(new_state)
+
+    def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any]) -> dict:
+        expected = set(program.state_names)
+        unknown = set(values) - expected - {"step"}
+        missing = expected - set(values)
+        if unknown or missing:
+            raise ValueError(f"state for a parameter of shape {tuple(p.shape)} does not fit rule "
+                             f"'{program.name}': missing {sorted(missing)}, unexpected {sorted(unknown)}; "
+                             "load a checkpoint of the same algorithm and options")
+        out = {}
+        for spec in program.states:
+            value = values[spec.name]
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state '{spec.name}' has shape {shape}, the parameter {tuple(p.shape)}")
+            out[spec.name] = value.detach().to(device=p.device, dtype=storage_dtype(spec.dtype), copy=True)
+        step = values.get("step")
+        if step is None:  # torch.optim.SGD keeps no step: a buffer means at least one step was taken
+            step = 1.0 if program.states else 0.0
+        out["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device).reshape(())
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._groups = list(self.param_groups)
+
+
+# LR schedulers wrap `optimizer.step` in a closure over a weakref that dynamo cannot trace; this
+# marker tells them the step is already tracked (they only read `_opt_called`, set in __init__).
+FusedOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]

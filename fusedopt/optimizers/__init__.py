@@ -1,0 +1,8 @@
+"""The built-in rules, one per file."""
+
+from .adam import adam
+from .adamw import adamw
+from .lion import lion
+from .sgd import sgd
+
+__all__ = ["adam", "adamw", "lion", "sgd"]

@@ -1,0 +1,99 @@
+"""IR -> IR passes: hoisting per-tensor scalars and common-subexpression elimination.
+
+:func:`lower` turns a :class:`~fusedopt.ir.Program` into a :class:`Lowered` program, the form code
+generators print: a list of per-tensor scalars (expressions over hyperparameters and the step only,
+such as ``lr / (1 - beta1**t)``; computed once per tensor, not once per element), a list of
+elementwise temporaries shared by several outputs, and one expression per output.
+
+Generated names start with ``_`` (``_s0``, ``_e0``), which rule authors cannot use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import sympy
+
+from . import ir
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    program: ir.Program
+    scalars: tuple[tuple[str, sympy.Expr], ...]  # in dependency order; read hparams, t, earlier scalars
+    temps: tuple[tuple[str, sympy.Expr], ...]  # elementwise temporaries, in dependency order
+    outputs: tuple[tuple[str, sympy.Expr], ...]  # target -> expression
+
+    def text(self) -> str:
+        lines = [self.program.text().rstrip()]
+        lines += [f"  scalar {n} = {e}" for n, e in self.scalars]
+        lines += [f"  temp {n} = {e}" for n, e in self.temps]
+        lines += [f"  out {n} = {e}" for n, e in self.outputs]
+        return "\n".join(lines) + "\n"
+
+    def key(self) -> str:
+        return hashlib.sha256(self.text().encode()).hexdigest()
+
+
+def _is_scalar(expr: sympy.Basic, scalar_names: frozenset[str]) -> bool:
+    names = ir.free_names(expr)
+    return bool(names) and names <= scalar_names
+
+
+class _Hoister:
+    """Replaces maximal scalar-only subexpressions by fresh symbols."""
+
+    def __init__(self, scalar_names: frozenset[str]):
+        self.scalar_names = scalar_names
+        self.hoisted: dict[sympy.Expr, sympy.Symbol] = {}
+
+    def name_for(self, expr: sympy.Expr) -> sympy.Symbol:
+        if expr not in self.hoisted:
+            self.hoisted[expr] = ir.symbol(f"_h{len(self.hoisted)}")
+        return self.hoisted[expr]
+
+    def __call__(self, expr: sympy.Expr) -> sympy.Expr:
+        if expr.is_Atom:
+            return expr
+        if _is_scalar(expr, self.scalar_names):
+            return self.name_for(expr)
+        args = list(expr.args)
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            scalar = [a for a in args if a.is_Number or _is_scalar(a, self.scalar_names)]
+            rest = [a for a in args if a not in scalar]
+            if any(not a.is_Number for a in scalar) and len(scalar) > 1:
+                return expr.func(self.name_for(expr.func(*scalar)), *[self(a) for a in rest])
+        if isinstance(expr, sympy.Piecewise):
+            return sympy.Piecewise(*[(self(e), self(c)) for e, c in args])
+        return expr.func(*[self(a) for a in args])
+
+
+def hoist(program: ir.Program) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list[tuple[str, sympy.Expr]]]:
+    """Pull scalar-only subexpressions out of the updates. Returns (scalars, updates)."""
+    h = _Hoister(program.scalar_names)
+    updates = [(target, h(expr)) for target, expr in program.updates]
+    scalars = [(sym, expr) for expr, sym in h.hoisted.items()]
+    return scalars, updates
+
+
+def cse(exprs: list[sympy.Expr], prefix: str) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list[sympy.Expr]]:
+    """Deterministic common-subexpression elimination over several expressions at once."""
+    if not exprs:
+        return [], []
+    temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols(prefix), order="canonical")
+    return list(temps), list(reduced)
+
+
+def lower(program: ir.Program) -> Lowered:
+    scalar_defs, updates = hoist(program)
+    s_temps, s_reduced = cse([e for _, e in scalar_defs], "_s")
+    scalars = [(s.name, e) for s, e in s_temps]
+    scalars += [(sym.name, e) for (sym, _), e in zip(scalar_defs, s_reduced)]
+    e_temps, e_reduced = cse([e for _, e in updates], "_e")
+    return Lowered(
+        program=program,
+        scalars=tuple(scalars),
+        temps=tuple((s.name, e) for s, e in e_temps),
+        outputs=tuple((target, e) for (target, _), e in zip(updates, e_reduced)),
+    )

@@ -1,0 +1,94 @@
+"""The built-in rules as torch.optim-compatible classes: torch's signatures, defaults and keys."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .optim import FusedOptimizer
+from .optimizers import adam, adamw, lion, sgd
+
+_TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+
+def _value(x: Any) -> float:
+    return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def _require(cls: str, name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls}: invalid {name} {value!r}; expected {expected}")
+
+
+def _check_common(cls: str, group: dict[str, Any]) -> None:
+    lr = _value(group["lr"])
+    _require(cls, "lr", lr, lr >= 0.0, "lr >= 0")
+    if "eps" in group:
+        eps = _value(group["eps"])
+        _require(cls, "eps", eps, eps >= 0.0, "eps >= 0")
+    if "betas" in group:
+        betas = group["betas"]
+        _require(cls, "betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (beta1, beta2)")
+        for i, b in enumerate(betas):
+            _require(cls, f"beta{i + 1}", _value(b), 0.0 <= _value(b) < 1.0, "a value in [0, 1)")
+    wd = _value(group["weight_decay"])
+    _require(cls, "weight_decay", wd, wd >= 0.0, "weight_decay >= 0")
+
+
+class _AdamFamily(FusedOptimizer):
+    aliases = {"betas": ("beta1", "beta2")}
+    passthrough = _TORCH_FLAGS
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        _check_common(type(self).__name__, group)
+
+
+class Adam(_AdamFamily):
+    """torch.optim.Adam, fused (L2 weight decay; amsgrad; maximize). See fusedopt.optimizers.adam."""
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+        super().__init__(params, adam, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, backend=backend, **torch_flags)
+
+
+class AdamW(_AdamFamily):
+    """torch.optim.AdamW, fused (decoupled weight decay). See fusedopt.optimizers.adamw."""
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+        super().__init__(params, adamw, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, backend=backend, **torch_flags)
+
+
+class Lion(_AdamFamily):
+    """Lion (google/automl semantics), fused. See fusedopt.optimizers.lion."""
+
+    passthrough = ()
+
+    def __init__(self, params: Iterable, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize: bool = False, backend: str | None = None):
+        super().__init__(params, lion, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                         backend=backend)
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD, fused (momentum, dampening, nesterov, maximize). See fusedopt.optimizers.sgd."""
+
+    passthrough = ("foreach", "differentiable", "fused")
+
+    def __init__(self, params: Iterable, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+        super().__init__(params, sgd, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, backend=backend,
+                         **torch_flags)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        cls = type(self).__name__
+        _check_common(cls, group)
+        momentum, dampening = _value(group["momentum"]), _value(group["dampening"])
+        _require(cls, "momentum", momentum, momentum >= 0.0, "momentum >= 0")
+        if group["nesterov"]:
+            _require(cls, "nesterov", True, momentum > 0 and dampening == 0,
+                     "momentum > 0 and dampening == 0 for Nesterov momentum")
+        # momentum == 0 keeps no buffer, as torch.optim.SGD; any other value keeps one.
+        group["with_momentum"] = momentum != 0.0
