@@ -2,7 +2,7 @@
 
 from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
-from .optim import FusedOptimizer
+from .optim import FusedOptimizer, kernel_source
 from .torch_compat import SGD, Adam, AdamW, Lion
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "RuleError",
     "SGD",
     "dsl",
+    "kernel_source",
     "ir",
     "passes",
     "reference",

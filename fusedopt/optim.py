@@ -10,7 +10,7 @@ This module is the one place that joins the rule side (dsl, ir, reference) with 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -19,6 +19,12 @@ from .dsl import Rule
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
+
+
+class _Prepared(NamedTuple):
+    program: ir.Program
+    reference: reference.Compiled
+    kernel_keys: dict  # device -> key of the registered fused kernel program
 
 
 class _ParamGroup(dict):
@@ -84,6 +90,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._alias_of = {h: (key, i) for key, names in self.aliases.items() for i, h in enumerate(names)}
         defaults = self._defaults(hparams)
         self._groups: list[_ParamGroup] = []
+        self._prepared_by_options: dict[tuple, _Prepared] = {}
         super().__init__(params, defaults)
         self._opt_called = True  # step() is never wrapped by LR schedulers (see below)
 
@@ -137,9 +144,26 @@ class FusedOptimizer(torch.optim.Optimizer):
             dict.__setitem__(converted, key, value)
         self.param_groups[-1] = converted
         self._groups = list(self.param_groups)
+        self._prepared(converted)
+
+    def _prepared(self, group: Mapping[str, Any]) -> "_Prepared":
+        """The group's program in every form a step needs; built eagerly, looked up in step()."""
+        options = tuple(group[k] for k in self.rule.options)
+        prepared = self._prepared_by_options.get(options)
+        if prepared is None:
+            program = self.rule.program(**dict(zip(self.rule.options, options)))
+            prepared = _Prepared(program, reference.compile_program(program), {})
+            self._prepared_by_options[options] = prepared
+        devices = {p.device for p in group["params"]}
+        for device in devices:
+            if self._backend_for(device) == "triton" and device not in prepared.kernel_keys:
+                from codegen import ops  # the front end is the one place that reaches codegen
+
+                prepared.kernel_keys[device] = ops.register(prepared.program)
+        return prepared
 
     def _program(self, group: Mapping[str, Any]) -> ir.Program:
-        return self.rule.program(**{k: group[k] for k in self.rule.options})
+        return self._prepared(group).program
 
     def _hparams(self, group: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         out = {}
@@ -190,26 +214,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params))
         for group, params in work:
-            program = self._program(group)
+            prepared = self._prepared_by_options[tuple(group[k] for k in self.rule.options)]
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in params:
                 by_device.setdefault(p.device, []).append(p)
             for device, ps in by_device.items():
-                self._step_tensors(program, group, device, ps)
+                self._step_tensors(prepared, group, device, ps)
         return loss
 
-    def _step_tensors(self, program: ir.Program, group, device: torch.device, params: list) -> None:
+    def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list) -> None:
+        program = prepared.program
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
+        hparams = self._hparams(group, device)
+        if self._backend_for(device) == "triton":
+            from codegen import launch, ops
+
+            fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
+                     for p, g, st in zip(params, grads, per_param)]
+            if any(fused):
+                chosen = [i for i, ok in enumerate(fused) if ok]
+                ops.fused_step(
+                    prepared.kernel_keys[device],
+                    [params[i] for i in chosen],
+                    [grads[i] for i in chosen],
+                    [per_param[i][n] for n in program.state_names for i in chosen],
+                    [per_param[i]["step"] for i in chosen],
+                    [hparams[h] for h in program.hparams],
+                )
+            # tensors the kernel cannot index flatly (e.g. non-dense views, float64) run eagerly
+            rest = [i for i, ok in enumerate(fused) if not ok]
+            params, grads, per_param = [params[i] for i in rest], [grads[i] for i in rest], [per_param[i] for i in rest]
+            if not params:
+                return
         states = {name: [st[name] for st in per_param] for name in program.state_names}
         steps = [st["step"] for st in per_param]
-        hparams = self._hparams(group, device)
-        if self._backend_for(device) == "reference":
-            reference.step(program, params, grads, states, steps, hparams)
-        else:
-            from codegen import ops  # the front end is the one place that reaches codegen
-
-            ops.step(program, params, grads, states, steps, hparams)
+        reference.step(prepared.reference, params, grads, states, steps, hparams)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
@@ -304,3 +344,26 @@ class FusedOptimizer(torch.optim.Optimizer):
 # LR schedulers wrap `optimizer.step` in a closure over a weakref that dynamo cannot trace; this
 # marker tells them the step is already tracked (they only read `_opt_called`, set in __init__).
 FusedOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+
+def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
+                  target: str = "cuda", **options: bool) -> str:
+    """The exact text of the fused kernel module for a rule, a program or an optimizer's first group.
+
+    Needs no GPU. ``target``: "cuda" (what runs on NVIDIA GPUs) or "interpreter" (what runs on CPU
+    tensors under TRITON_INTERPRET=1). ``options`` select a rule's static options (e.g. amsgrad=True).
+    """
+    from codegen import ops
+
+    if isinstance(obj, FusedOptimizer):
+        if options:
+            raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
+        program = obj._prepared(obj.param_groups[0]).program
+    elif isinstance(obj, Rule):
+        program = obj.program(**options)
+    elif isinstance(obj, ir.Program):
+        program = obj
+    else:
+        raise TypeError(f"kernel_source takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+    spec = ops.kernel_spec(program, param_dtype, grad_dtype or param_dtype, target)
+    return ops.source(spec)

@@ -12,8 +12,9 @@ Python floats; elementwise math runs in ``compute_dtype``.
 
 from __future__ import annotations
 
+import functools
 import operator
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import sympy
 import torch
@@ -31,6 +32,8 @@ def _reduce(op, values):
 
 def _pow(base, exponent):
     if isinstance(exponent, float):
+        if exponent == 1.0:
+            return base
         if exponent == 2.0:
             return base * base
         if exponent == 0.5:
@@ -56,63 +59,107 @@ def _max(a, b):
     return torch.clamp(a, min=b) if isinstance(b, float) else torch.maximum(a, b)
 
 
-_RELATIONAL = {
-    sympy.StrictGreaterThan: operator.gt,
-    sympy.GreaterThan: operator.ge,
-    sympy.StrictLessThan: operator.lt,
-    sympy.LessThan: operator.le,
-    sympy.Equality: operator.eq,
-    sympy.Unequality: operator.ne,
-}
+class Compiled(NamedTuple):
+    """A program flattened into straight-line code over named slots.
+
+    Each instruction is ``(op, out, args)`` with args naming slots or holding Python floats: one
+    instruction per distinct sympy node, nothing rewritten. Built eagerly, so that running it needs
+    no sympy and ``torch.compile`` can trace it.
+    """
+
+    program: ir.Program
+    code: tuple[tuple[str, str, tuple], ...]
+    outputs: tuple[tuple[str, str], ...]  # target -> slot
 
 
-class _Evaluator:
-    def __init__(self, env: Mapping[str, torch.Tensor]):
-        self.env = env
-        self.memo: dict[sympy.Basic, object] = {}
+class _Flattener:
+    def __init__(self):
+        self.code: list[tuple[str, str, tuple]] = []
+        self.slots: dict[sympy.Basic, object] = {}
 
-    def __call__(self, expr: sympy.Basic):
-        if expr not in self.memo:
-            self.memo[expr] = self.visit(expr)
-        return self.memo[expr]
+    def __call__(self, e: sympy.Basic):
+        if e not in self.slots:
+            self.slots[e] = self.visit(e)
+        return self.slots[e]
+
+    def emit(self, op: str, *args) -> str:
+        out = f"%{len(self.code)}"
+        self.code.append((op, out, args))
+        return out
 
     def visit(self, e: sympy.Basic):
         if e.is_Symbol:
-            return self.env[e.name]
+            return e.name
         if e.is_Number:
             return float(e)
         if isinstance(e, sympy.Add):
-            return _reduce(operator.add, [self(a) for a in e.args])
+            return self.emit("add", *[self(a) for a in e.args])
         if isinstance(e, sympy.Mul):
-            num = [a for a in e.args if not (a.is_Pow and a.exp == -1)]
-            den = [a.base for a in e.args if a.is_Pow and a.exp == -1]
-            out = _reduce(operator.mul, [self(a) for a in num]) if num else 1.0
+            # factors with a negative exponent divide: a * b**-k is computed as a / b**k
+            den = [a for a in e.args if a.is_Pow and a.exp.is_Number and a.exp < 0]
+            num = [a for a in e.args if a not in den]
+            out = self.emit("mul", *[self(a) for a in num]) if num else 1.0
             for d in den:
-                out = out / self(d)
+                out = self.emit("div", out, self.emit("pow", self(d.base), float(-d.exp)))
             return out
         if isinstance(e, sympy.Pow):
-            return _pow(self(e.base), self(e.exp))
-        if isinstance(e, sympy.Abs):
-            return torch.abs(self(e.args[0]))
-        if isinstance(e, sympy.sign):
-            return torch.sign(self(e.args[0]))
-        if isinstance(e, sympy.exp):
-            return torch.exp(self(e.args[0]))
-        if isinstance(e, sympy.log):
-            return torch.log(self(e.args[0]))
-        if isinstance(e, sympy.Min):
-            return _reduce(_min, [self(a) for a in e.args])
-        if isinstance(e, sympy.Max):
-            return _reduce(_max, [self(a) for a in e.args])
+            return self.emit("pow", self(e.base), self(e.exp))
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
-            return torch.where(self(cond), self(a), self(b))
-        if type(e) in _RELATIONAL:
-            lhs, rhs = self(e.lhs), self(e.rhs)
-            if isinstance(lhs, float):
-                lhs = torch.tensor(lhs, dtype=torch.float64)
-            return _RELATIONAL[type(e)](lhs, rhs)
+            return self.emit("where", self(cond), self(a), self(b))
+        for kind, op in _FUNCTIONS:
+            if isinstance(e, kind):
+                return self.emit(op, *[self(a) for a in e.args])
         raise NotImplementedError(f"reference interpreter: no rule for {type(e).__name__} in {e}")
+
+
+def _relational(op):
+    def apply(lhs, rhs):
+        if isinstance(lhs, float):
+            lhs = torch.tensor(lhs, dtype=torch.float64)
+        return op(lhs, rhs)
+    return apply
+
+
+_FUNCTIONS = (
+    (sympy.Abs, "abs"), (sympy.sign, "sign"), (sympy.exp, "exp"), (sympy.log, "log"),
+    (sympy.Min, "min"), (sympy.Max, "max"),
+    (sympy.StrictGreaterThan, "gt"), (sympy.GreaterThan, "ge"), (sympy.StrictLessThan, "lt"),
+    (sympy.LessThan, "le"), (sympy.Equality, "eq"), (sympy.Unequality, "ne"),
+)
+
+_OPS = {
+    "add": lambda *xs: _reduce(operator.add, xs),
+    "mul": lambda *xs: _reduce(operator.mul, xs),
+    "div": operator.truediv,
+    "pow": _pow,
+    "where": torch.where,
+    "abs": torch.abs,
+    "sign": torch.sign,
+    "exp": torch.exp,
+    "log": torch.log,
+    "min": lambda *xs: _reduce(_min, xs),
+    "max": lambda *xs: _reduce(_max, xs),
+    "gt": _relational(operator.gt),
+    "ge": _relational(operator.ge),
+    "lt": _relational(operator.lt),
+    "le": _relational(operator.le),
+    "eq": _relational(operator.eq),
+    "ne": _relational(operator.ne),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_program(program: ir.Program) -> Compiled:
+    flat = _Flattener()
+    outputs = tuple((target, flat(expr)) for target, expr in program.updates)
+    return Compiled(program, tuple(flat.code), outputs)
+
+
+def _run(compiled: Compiled, env: dict) -> dict:
+    for op, out, args in compiled.code:
+        env[out] = _OPS[op](*[env[a] if isinstance(a, str) else a for a in args])
+    return env
 
 
 def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,7 +176,7 @@ def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def step(
-    program: ir.Program,
+    program: ir.Program | Compiled,
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     states: Mapping[str, Sequence[torch.Tensor]],
@@ -138,16 +185,23 @@ def step(
     compute_dtype: torch.dtype = torch.float32,
 ) -> None:
     """One optimizer step over every tensor, in place: each step counter += 1, then the update."""
+    compiled = program if isinstance(program, Compiled) else compile_program(program)
+    state_names = compiled.program.state_names
     for i, (p, g) in enumerate(zip(params, grads)):
         steps[i].add_(1)
-        env: dict[str, object] = {name: value for name, value in hparams.items()}
+        env: dict[str, object] = dict(hparams)
         env[ir.STEP] = steps[i].to(torch.float64) if compute_dtype == torch.float64 else steps[i]
         env[ir.PARAM] = p.to(compute_dtype)
         env[ir.GRAD] = g.to(compute_dtype)
-        for name in program.state_names:
+        for name in state_names:
             env[name] = states[name][i].to(compute_dtype)
-        evaluate = _Evaluator(env)
-        new = [(target, evaluate(expr)) for target, expr in program.updates]
-        for target, value in new:
+        env = _run(compiled, env)
+        # an output that is an unchanged input must not see another output's write
+        values = [env[s].clone() if isinstance(s, str) and not s.startswith("%") else env.get(s, s)
+                  if isinstance(s, str) else s for _, s in compiled.outputs]
+        for (target, _), value in zip(compiled.outputs, values):
             dest = p if target == ir.PARAM else states[target][i]
-            dest.copy_(value)
+            if isinstance(value, torch.Tensor):
+                dest.copy_(value)
+            else:
+                dest.fill_(value)

@@ -1,0 +1,132 @@
+"""Host side of a launch: device tables built once per parameter list, then one launch per step.
+
+A :class:`Plan` holds, on the device: the pointer table (one row per tensor: param, grad, each
+state, step), the hyperparameter pointer table, element counts and the (tensor, chunk start) table.
+Chunk tables depend only on the element counts and are built once. Pointers are compared with the
+last uploaded ones every step (gradients are often new tensors after ``zero_grad(set_to_none=True)``,
+though the caching allocator usually hands back the same addresses); when they differ the table is
+rewritten through a pinned host buffer with a non-blocking copy, so a step never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+import torch
+import triton
+
+from .template import KernelSpec
+
+# Elements per block and blocks per program. CUDA figures are untuned defaults; the interpreter
+# uses small chunks so that tests cross chunk boundaries with small tensors.
+_CONFIG = {"cuda": dict(BLOCK=1024, ITERS=4, num_warps=4), "interpreter": dict(BLOCK=256, ITERS=2, num_warps=4)}
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+launches = collections.Counter()  # kernel launches by rule name, for tests and monitors
+
+
+def config_for(target: str) -> dict[str, int]:
+    return dict(_CONFIG[target])
+
+
+def chunk_elements(target: str) -> int:
+    cfg = _CONFIG[target]
+    return cfg["BLOCK"] * cfg["ITERS"]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """True when the tensor's elements fill one contiguous block of memory (any dim order)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def eligible(param: torch.Tensor, grad: torch.Tensor, states: Sequence[torch.Tensor]) -> bool:
+    """Can the kernel update this tensor in place by flat indexing? (Otherwise: reference backend.)"""
+    if param.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
+        return False
+    if not _dense(param):
+        return False
+    return all(t.stride() == param.stride() and t.device == param.device and t.shape == param.shape
+               for t in (grad, *states))
+
+
+def _upload(dest: torch.Tensor, values: list[int]) -> None:
+    host = torch.tensor(values, dtype=torch.int64).reshape(dest.shape)
+    if dest.device.type == "cuda":
+        # the caching host allocator keeps the pinned block alive until the copy has run
+        dest.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dest.copy_(host)
+
+
+class Plan:
+    """Device tables for one parameter list and one kernel."""
+
+    def __init__(self, spec: KernelSpec, numels: Sequence[int], n_hparams: int, device: torch.device):
+        cfg = config_for(spec.target)
+        chunk = cfg["BLOCK"] * cfg["ITERS"]
+        # an empty tensor still gets one (fully masked) program, so that its step advances
+        counts = [max(1, triton.cdiv(n, chunk)) for n in numels]
+        chunk_tensor = [i for i, c in enumerate(counts) for _ in range(c)]
+        chunk_start = [j * chunk for c in counts for j in range(c)]
+
+        def on_device(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        self.n_cols = len(spec.columns)
+        self.numels = on_device(list(numels), torch.int64)
+        self.chunk_tensor = on_device(chunk_tensor, torch.int32)
+        self.chunk_start = on_device(chunk_start, torch.int64)
+        self.chunk_count = on_device(counts, torch.int32)
+        self.done = torch.zeros(len(numels), dtype=torch.int32, device=device)
+        self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)
+        self.hp_table = torch.zeros(max(1, n_hparams), dtype=torch.int64, device=device)
+        self.grid = len(chunk_tensor)
+        self.config = cfg
+        self.pointers: list[int] = []
+        self.hp_pointers: list[int] = []
+        self.aligned = False
+
+    def refresh(self, pointers: list[int], hp_pointers: list[int]) -> None:
+        """Rewrite the pointer tables if any pointer moved (cheap comparison of Python ints)."""
+        if pointers != self.pointers:
+            _upload(self.ptr_table, pointers)
+            self.pointers = pointers
+            # the step column (last) is read as a scalar and needs no alignment
+            self.aligned = all(ptr % 16 == 0 for i, ptr in enumerate(pointers) if (i + 1) % self.n_cols)
+        if hp_pointers != self.hp_pointers:
+            _upload(self.hp_table, hp_pointers or [0])
+            self.hp_pointers = hp_pointers
+
+
+class PlanCache:
+    """Plans keyed by kernel and parameter addresses; the least recently used are dropped."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.plans: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key, make) -> Plan:
+        plan = self.plans.pop(key, None)
+        if plan is None:
+            plan = make()
+        self.plans[key] = plan
+        while len(self.plans) > self.capacity:
+            self.plans.popitem(last=False)
+        return plan
+
+
+def run(kernel, spec: KernelSpec, plan: Plan) -> None:
+    cfg = plan.config
+    kernel[(plan.grid,)](
+        plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
+        plan.chunk_count, plan.done,
+        BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
+    )
+    launches[spec.lowered.program.name] += 1

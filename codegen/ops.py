@@ -1,0 +1,100 @@
+"""The torch.library custom op that runs a fused optimizer step: ``fusedopt::fused_step``.
+
+The op is opaque to torch.compile (it builds pointer tables from real addresses, which fake
+tensors do not have); ``mutates_args`` names the parameters, states and step counters, so the
+compiler functionalizes the call and re-inplaces it: the compiled graph holds no copies.
+
+A program travels through the op as the key of its lowered form, registered here before the call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fusedopt import ir
+from fusedopt.passes import Lowered, lower
+
+from . import cache, config, launch
+from .template import KernelSpec, TORCH_TO_NAME, render
+
+_PROGRAMS: dict[str, Lowered] = {}
+_PLANS = launch.PlanCache()
+
+
+@functools.lru_cache(maxsize=None)
+def lowered(program: ir.Program) -> Lowered:
+    return lower(program)
+
+
+def target_for(device: torch.device) -> str:
+    if device.type == "cuda" and not config.interpreting():
+        return "cuda"
+    if device.type == "cpu" and config.interpreting():
+        return "interpreter"
+    raise RuntimeError(f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+                       f"before triton is imported), got a tensor on {device}; use backend='reference'")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return TORCH_TO_NAME[str(dtype)]
+
+
+def kernel_spec(program: ir.Program, param_dtype: torch.dtype, grad_dtype: torch.dtype, target: str) -> KernelSpec:
+    return KernelSpec(lowered(program), dtype_name(param_dtype), dtype_name(grad_dtype), target)
+
+
+@functools.lru_cache(maxsize=None)
+def source(spec: KernelSpec) -> str:
+    return render(spec)
+
+
+@torch.library.custom_op("fusedopt::fused_step", mutates_args=("params", "states", "steps"))
+def fused_step(
+    program_key: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    hparams: list[torch.Tensor],
+) -> None:
+    """One step of the registered program over every tensor; states are listed state-major."""
+    low = _PROGRAMS[program_key]
+    n = len(params)
+    n_states = len(low.program.states)
+    if len(grads) != n or len(steps) != n or len(states) != n * n_states or len(hparams) != len(low.program.hparams):
+        raise ValueError(f"fused_step: {n} params need {n} grads, {n * n_states} states, {n} steps and "
+                         f"{len(low.program.hparams)} hparams; got {len(grads)}, {len(states)}, {len(steps)}, "
+                         f"{len(hparams)}")
+    if n == 0:
+        return
+    by_signature: dict[tuple[torch.dtype, torch.dtype, torch.device], list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        by_signature.setdefault((p.dtype, g.dtype, p.device), []).append(i)
+    hp_pointers = [h.data_ptr() for h in hparams]
+    for (p_dtype, g_dtype, device), idx in by_signature.items():
+        spec = KernelSpec(low, dtype_name(p_dtype), dtype_name(g_dtype), target_for(device))
+        module = cache.load(source(spec), device)
+        pointers = []
+        for i in idx:
+            pointers += [params[i].data_ptr(), grads[i].data_ptr()]
+            pointers += [states[k * n + i].data_ptr() for k in range(n_states)]
+            pointers.append(steps[i].data_ptr())
+        key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]))
+        plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
+        plan.refresh(pointers, hp_pointers)
+        launch.run(module.fused_step, spec, plan)
+
+
+@fused_step.register_fake
+def _fused_step_fake(program_key, params, grads, states, steps, hparams) -> None:
+    return None
+
+
+def register(program: ir.Program) -> str:
+    """Lower ``program`` and make it callable through fused_step; returns its key. Call eagerly."""
+    low = lowered(program)
+    key = low.key()
+    _PROGRAMS[key] = low
+    return key
