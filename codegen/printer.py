@@ -20,8 +20,11 @@ import sympy
 TARGETS = ("cuda", "interpreter")
 
 
-def is_boolean(expr: sympy.Basic) -> bool:
-    return isinstance(expr, sympy.logic.boolalg.Boolean)
+def is_boolean(expr: sympy.Basic, boolean_names: frozenset[str] = frozenset()) -> bool:
+    """True for comparisons and logic (sympy Symbols are Boolean too; they count only if named so)."""
+    if isinstance(expr, sympy.Symbol):
+        return expr.name in boolean_names
+    return isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Expr)
 
 
 class TritonPrinter:
@@ -82,7 +85,9 @@ class TritonPrinter:
 
     def _positive_power(self, base: sympy.Basic, exponent: sympy.Number) -> str:
         b = self(base)
-        if exponent.is_Integer and 1 <= exponent <= 4:
+        if exponent == 1:
+            return b
+        if exponent.is_Integer and 2 <= exponent <= 4:
             return "(" + " * ".join([b] * int(exponent)) + ")"
         if exponent == sympy.Rational(1, 2):
             return self._sqrt(b)

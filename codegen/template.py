@@ -116,9 +116,12 @@ def render(spec: KernelSpec) -> str:
     out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
     for name, expr in low.scalars:
         out.add(1, f"s_{name} = {scalar(expr)}")
+    booleans: frozenset[str] = frozenset()
+    for name, expr in low.scalars:
+        if is_boolean(expr, booleans):
+            booleans |= {name}
     for name in (*prog.hparams, ir.STEP, *(n for n, _ in low.scalars)):
-        expr = dict(low.scalars).get(name)
-        cast = "" if expr is not None and is_boolean(expr) else ".to(tl.float32)"
+        cast = "" if name in booleans else ".to(tl.float32)"
         out.add(1, f"v_{name} = s_{name}{cast}")
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
