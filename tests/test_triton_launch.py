@@ -1,0 +1,149 @@
+"""Launch plans: one launch per group per step, tables rebuilt or refreshed exactly when needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedopt
+from codegen import launch
+from kernel_check import KERNEL_DEVICES, require_kernel_device
+
+
+def pair(shapes, device, dtype=torch.float32, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    a = [p.clone().to(device).requires_grad_() for p in base]
+    b = [p.clone().to(device).requires_grad_() for p in base]
+    return a, b
+
+
+def set_grads(a, b, gen):
+    for x, y in zip(a, b):
+        g = torch.randn(x.shape, generator=gen).to(x.dtype).to(x.device)
+        x.grad, y.grad = g.clone(), g.clone()  # fresh tensors every step, as after zero_grad(set_to_none)
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_one_launch_per_group_per_step(device):
+    require_kernel_device(device)
+    params = [torch.randn(s, device=device, requires_grad=True) for s in [(3, 4), (700,), (1,), (0,)]]
+    opt = fusedopt.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.1}], backend="triton")
+    before = launch.launches["adamw"]
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert launch.launches["adamw"] - before == 2 * 3
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_fresh_gradient_tensors_refresh_the_pointer_table(device):
+    require_kernel_device(device)
+    a, b = pair([(33,), (5, 7)], device)
+    oa = fusedopt.Adam(a, lr=0.05, backend="triton")
+    ob = fusedopt.Adam(b, lr=0.05, backend="reference")
+    gen = torch.Generator().manual_seed(1)
+    keep = []
+    for _ in range(4):
+        set_grads(a, b, gen)
+        keep.append([x.grad for x in a])  # keep old grads alive so new ones get new addresses
+        oa.step()
+        ob.step()
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_new_param_list_and_loaded_states_use_new_tables(device):
+    require_kernel_device(device)
+    a, b = pair([(40,), (6,)], device)
+    oa = fusedopt.SGD(a, lr=0.1, momentum=0.9, backend="triton")
+    ob = fusedopt.SGD(b, lr=0.1, momentum=0.9, backend="reference")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        set_grads(a, b, gen)
+        oa.step()
+        ob.step()
+    oa.load_state_dict(ob.state_dict())  # new state tensors at new addresses
+    for _ in range(2):
+        set_grads(a, b, gen)
+        oa.step()
+        ob.step()
+    assert_same(a, b)
+    assert all(oa.state[x]["step"].item() == 4 for x in a)
+    # a different parameter list with the same shapes gets its own plan
+    c, d = pair([(40,), (6,)], device, seed=5)
+    oc = fusedopt.SGD(c, lr=0.1, momentum=0.9, backend="triton")
+    od = fusedopt.SGD(d, lr=0.1, momentum=0.9, backend="reference")
+    set_grads(c, d, gen)
+    oc.step()
+    od.step()
+    assert_same(c, d)
+
+
+def test_misaligned_tensors_take_the_unhinted_path_and_stay_correct():
+    require_kernel_device("cpu")
+    storage = torch.randn(1001)
+    mis = storage.clone()[1:]  # a view 4 bytes past an aligned start
+    mis.requires_grad_()
+    assert mis.data_ptr() % 16 != 0
+    ref = [storage[1:].clone().requires_grad_()]
+    om = fusedopt.AdamW([mis], backend="triton")
+    orf = fusedopt.AdamW(ref, backend="reference")
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        g = torch.randn(1000, generator=gen)
+        mis.grad, ref[0].grad = g.clone(), g.clone()
+        om.step()
+        orf.step()
+    plans = [p for p in launch_plans() if any(ptr == mis.data_ptr() for ptr in p.pointers)]
+    assert plans and not plans[-1].aligned
+    torch.testing.assert_close(mis, ref[0], rtol=2e-6, atol=1e-7)
+
+
+def launch_plans():
+    from codegen import ops
+
+    return list(ops._PLANS.plans.values())
+
+
+def test_tensors_the_kernel_cannot_index_fall_back_to_the_reference():
+    require_kernel_device("cpu")
+    transposed = torch.randn(8, 6).t().contiguous().t()  # dense, permuted strides: the kernel takes it
+    sliced = torch.randn(6, 8)[:, :5]  # not dense: reference fallback
+    f64 = torch.randn(9, dtype=torch.float64)  # no float64 kernels: reference fallback
+    a = [t.requires_grad_() for t in (transposed, sliced, f64)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    oa = fusedopt.Adam(a, lr=0.01, backend="triton")
+    ob = torch.optim.Adam(b, lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_plan_tables_cover_every_element_exactly_once():
+    from codegen.template import KernelSpec
+
+    from codegen import ops
+
+    spec = ops.kernel_spec(fusedopt.optimizers.sgd.program(), torch.float32, torch.float32, "interpreter")
+    assert isinstance(spec, KernelSpec)
+    chunk = launch.chunk_elements("interpreter")
+    numels = [0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 7]
+    plan = launch.Plan(spec, numels, 2, torch.device("cpu"))
+    covered = [0] * len(numels)
+    for t, s in zip(plan.chunk_tensor.tolist(), plan.chunk_start.tolist()):
+        covered[t] += min(chunk, max(0, numels[t] - s))
+    assert covered == numels
+    assert plan.chunk_count.tolist() == [max(1, -(-n // chunk)) for n in numels]
