@@ -1,0 +1,273 @@
+"""Timing, bandwidth and reporting helpers shared by the benchmarks.
+
+* :func:`time_steps`: the first step timed on its own (kernel compile, cold caches), then warmup
+  steps (not timed), then ``steps`` timed steps, each with a device sync before and after it
+  (``torch.cuda.synchronize``; on a CPU the step is synchronous and ``time.perf_counter`` suffices).
+  Reported as the median with a p20-p80 band.
+* :func:`copy_bandwidth`: the device's measured copy bandwidth, ``dst.copy_(src)`` over a large
+  buffer, counting the bytes read plus the bytes written.
+* :func:`bytes_per_step`: the bytes an optimizer step must move at the least, read from the
+  optimizer's real tensors after a step: each parameter and every state tensor read and written
+  once, each gradient read once.
+* :func:`format_table`, :func:`write_results`: the printed table, and CSV + JSON files.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default method)."""
+    if not values:
+        raise ValueError("quantile of no values")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    first_s: float  # the first step alone, in seconds: compiles and cold caches included
+    times_ms: list[float] = field(default_factory=list)  # the timed steps, in milliseconds
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p20_ms(self) -> float:
+        return quantile(self.times_ms, 0.2)
+
+    @property
+    def p80_ms(self) -> float:
+        return quantile(self.times_ms, 0.8)
+
+
+def time_steps(step: Callable[[], Any], before_step: Callable[[], Any], device: torch.device,
+               steps: int, warmup: int) -> Timing:
+    """Time ``step()``; ``before_step()`` (e.g. assigning gradients) runs untimed before each call."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    before_step()
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    timing = Timing(first_s=time.perf_counter() - t0)
+    for _ in range(warmup):
+        before_step()
+        step()
+    for _ in range(steps):
+        before_step()
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        timing.times_ms.append((time.perf_counter() - t0) * 1e3)
+    return timing
+
+
+@dataclass
+class CopyBandwidth:
+    gbps: float  # (bytes read + bytes written) / median time, in 1e9 bytes per second
+    nbytes: int  # size of one buffer
+    median_ms: float
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 20, warmup: int = 3) -> CopyBandwidth:
+    """Median device-to-device ``dst.copy_(src)`` bandwidth over a buffer of ``nbytes`` (read + write)."""
+    n = max(1, nbytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_steps(lambda: dst.copy_(src), lambda: None, device, repeats, warmup)
+    moved = 2 * n * 4
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    gbps = moved / (timing.median_ms * 1e-3) / 1e9
+    return CopyBandwidth(gbps=gbps, nbytes=n * 4, median_ms=timing.median_ms)
+
+
+@dataclass
+class Traffic:
+    bytes_per_step: int  # parameters and states read + written, gradients read
+    state_bytes: int  # bytes held in optimizer state
+    n_params: int  # elements of the parameters that had a gradient
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        return self.state_bytes / self.n_params if self.n_params else 0.0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
+    """Least bytes one step of ``optimizer`` must move, from its tensors; call after one step.
+
+    Per parameter with a gradient: read and write the parameter, read the gradient, read and write
+    every tensor in its state that lives on the parameter's device (torch.optim keeps a
+    non-capturable ``step`` on the host; it moves no device memory). Element sizes are those of the
+    actual tensors, so bf16 parameters or fp32 states of bf16 parameters are counted as they are.
+    """
+    moved = state = n = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            n += p.numel()
+            moved += 2 * _nbytes(p) + _nbytes(p.grad)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.device == p.device:
+                    moved += 2 * _nbytes(value)
+                    state += _nbytes(value)
+    return Traffic(bytes_per_step=moved, state_bytes=state, n_params=n)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, versions and a UTC timestamp: written with every result."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+TORCH_IMPLS = ("torch-foreach", "torch-fused", "torch-compiled")
+
+COLUMNS = (
+    "date", "device", "torch", "triton", "shapes", "n_params", "n_tensors", "dtype", "rule", "impl",
+    "baseline", "steps", "ms_median", "ms_p20", "ms_p80", "first_step_s", "init_s",
+    "speedup_vs_torch_foreach", "speedup_vs_torch_fused", "speedup_vs_torch_compiled",
+    "bytes_per_step", "gbps", "copy_gbps", "copy_limit_ms", "pct_copy_bw", "state_bytes_per_param",
+    "launches_per_step", "grads",
+)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_<torch impl>`` = torch median / this median (above 1: this row is faster).
+
+    Each row is compared with the torch rows of the same parameter list and dtype whose rule is the
+    row's ``baseline`` rule (its own rule, or adamw for rules torch does not have).
+    """
+    torch_ms = {(r["shapes"], r["dtype"], r["rule"], r["impl"]): r["ms_median"]
+                for r in rows if r["impl"] in TORCH_IMPLS}
+    for r in rows:
+        for impl in TORCH_IMPLS:
+            ref = torch_ms.get((r["shapes"], r["dtype"], r["baseline"], impl))
+            key = "speedup_vs_" + impl.replace("-", "_")
+            r[key] = ref / r["ms_median"] if ref is not None and r["ms_median"] > 0 else None
+
+
+def num(value: float | None) -> str:
+    """A short human form: 3 significant digits, no exponent above 100, '-' for a missing value."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if abs(value) >= 0.01 else f"{value:.2g}"
+
+
+def format_table(rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> str:
+    rows = list(rows)
+    head = (f"{'params':<8} {'dtype':<5} {'rule':<6} {'impl':<19} {'ms median':>10} {'[p20 - p80]':>19} "
+            f"{'first s':>8} {'vs foreach':>10} {'vs fused':>9} {'vs compiled':>11} {'GB/s':>8} "
+            f"{'% copy':>7} {'state B/p':>9} {'launch/step':>11}")
+    lines = [
+        f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}",
+        f"copy bandwidth: {meta['copy_gbps']:.1f} GB/s (dst.copy_(src), {meta['copy_mib']:.0f} MiB, "
+        "read + write)"
+        f" | grads: {meta['grads']} | {meta['steps']} timed steps after {meta['warmup']} warmup",
+        head,
+        "-" * len(head),
+    ]
+    has_lion_baseline = False
+    for r in rows:
+        impl = r["impl"]
+        if r["baseline"] != r["rule"]:
+            impl += " *"
+            has_lion_baseline = True
+        band = f"[{r['ms_p20']:.3f} - {r['ms_p80']:.3f}]"
+        lines.append(
+            f"{r['shapes']:<8} {r['dtype']:<5} {r['rule']:<6} {impl:<19} {r['ms_median']:>10.3f} {band:>19} "
+            f"{r['first_step_s']:>8.3f} {num(r['speedup_vs_torch_foreach']):>10} "
+            f"{num(r['speedup_vs_torch_fused']):>9} {num(r['speedup_vs_torch_compiled']):>11} "
+            f"{num(r['gbps']):>8} {num(r['pct_copy_bw']) + '%':>7} {r['state_bytes_per_param']:>9.2f} "
+            f"{num(r['launches_per_step']):>11}")
+    lines.append("vs X = torch X median / this median (above 1: faster than torch X); "
+                 "% copy = bytes the step must move / time / copy bandwidth.")
+    if has_lion_baseline:
+        lines.append("* torch.optim has no such rule: 'vs' columns compare with torch.optim.AdamW "
+                     "(same parameter list and dtype) as a bandwidth reference.")
+    for failure in meta.get("failures", []):
+        lines.append(f"FAILED (no row): {failure}")
+    return "\n".join(lines)
+
+
+def _unique_stem(out_dir: Path, stem: str) -> str:
+    candidate, i = stem, 1
+    while (out_dir / f"{candidate}.csv").exists() or (out_dir / f"{candidate}.json").exists():
+        candidate, i = f"{stem}-{i}", i + 1
+    return candidate
+
+
+def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path | str,
+                  name: str = "bench_step") -> tuple[Path, Path]:
+    """Write ``<name>-<UTC time>.csv`` (one row per measurement, meta repeated) and ``.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stem = _unique_stem(out_dir, f"{name}-{stamp}")
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**{k: meta.get(k) for k in COLUMNS if k in meta}, **r})
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+        f.write("\n")
+    return csv_path, json_path
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
