@@ -76,7 +76,7 @@ class _Handle:
         except (sympy.SympifyError, TypeError) as exc:
             raise _fail(b.rule, f"'{self._name}'.set() got {value!r}, which is not an expression",
                         "pass arithmetic over p, g, t, states and hyperparameters") from exc
-        if isinstance(expr, sympy.logic.boolalg.Boolean):
+        if _is_condition(expr):
             raise _fail(b.rule, f"'{self._name}' is set to a comparison ({expr})",
                         "wrap comparisons in where(cond, a, b)")
         unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
@@ -116,7 +116,7 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32") -> _Handle:
         raise _fail(b.rule, f"state '{name}' shadows a reserved name or hyperparameter",
                     "give the state another name")
     if name in b.states:
-        raise _fail(b.rule, f"state '{name}' is declared twice", "call state('{name}') once and reuse the handle")
+        raise _fail(b.rule, f"state '{name}' is declared twice", f"call state('{name}') once and reuse the handle")
     if init not in ir.STATE_INITS:
         raise _fail(b.rule, f"state '{name}' has init={init!r}", f"use one of {list(ir.STATE_INITS)}")
     if dtype not in ir.STORAGE_DTYPES:
@@ -126,6 +126,18 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32") -> _Handle:
 
 
 # ---- elementwise functions ---------------------------------------------------------------------
+
+def _misuse(problem: str, fix: str) -> RuleError:
+    """An error naming the rule being defined, if any."""
+    if _Builder.active:
+        return _fail(_Builder.active[-1].rule, problem, fix)
+    return RuleError(f"{problem}. Fix: {fix}.")
+
+
+def _is_condition(x: Any) -> bool:
+    """A comparison or a logical combination of them (sympy's Symbol is a Boolean too: not one)."""
+    return isinstance(x, sympy.logic.boolalg.Boolean) and not isinstance(x, sympy.Symbol)
+
 
 def _expr(x: Any) -> sympy.Expr:
     return sympy.sympify(x, strict=True)
@@ -182,10 +194,10 @@ def eq(a, b):
 def where(cond, a, b):
     """a where cond holds, else b. Build cond with <, <=, >, >= or eq()."""
     if isinstance(cond, bool):
-        raise RuleError(f"where() got the Python bool {cond}: a comparison such as `t == 1` compares "
-                        "symbols structurally. Fix: write eq(t, 1)")
-    if not isinstance(cond, sympy.logic.boolalg.Boolean):
-        raise RuleError(f"where() needs a comparison as its condition, got {cond!r}. Fix: e.g. where(g > 0, a, b)")
+        raise _misuse(f"where() got the Python bool {cond}: a comparison such as `t == 1` compares "
+                      "symbols structurally", "write eq(t, 1)")
+    if not _is_condition(cond):
+        raise _misuse(f"where() needs a comparison as its condition, got {cond!r}", "e.g. where(g > 0, a, b)")
     return sympy.Piecewise((_expr(a), cond), (_expr(b), True))
 
 
@@ -259,7 +271,14 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...]) -> ir.Program:
     if unset:
         raise _fail(rule.name, f"state(s) {unset} are declared but never set", "set them or remove them")
     order = [ir.PARAM] + list(b.states)
-    updates = tuple((name, b.updates[name]) for name in order)
+    updates = tuple((name, ir.fold_constants(b.updates[name])) for name in order)
+    for name, expr in updates:
+        bad = ir.unsupported_node(expr)
+        if bad is not None:
+            raise _fail(rule.name, f"'{name}' contains {type(bad).__name__} (`{bad}`), which sympy introduced "
+                        "or the backends cannot run",
+                        "use only the fusedopt.dsl functions; sympy treats symbols as complex, so for example "
+                        "abs(exp(g) * g) becomes exp(re(g)): write exp(g) * abs(g)")
     return ir.Program(
         name=rule.name,
         hparams=tuple(rule.hparams),

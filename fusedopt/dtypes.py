@@ -16,5 +16,9 @@ UNIT_ROUNDOFF = {
 }
 
 
-def storage_dtype(name: str) -> torch.dtype:
+def storage_dtype(name: str, param_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a state declared with ``dtype=name`` is stored in. "fp32" means full precision:
+    the states of float64 parameters are float64, as torch.optim keeps them."""
+    if name == "fp32" and param_dtype == torch.float64:
+        return torch.float64
     return STORAGE[name]

@@ -101,3 +101,38 @@ def scalar_env_names(program: Program) -> Mapping[str, str]:
     kinds.update({h: "scalar" for h in program.hparams})
     kinds.update({s.name: "element" for s in program.states})
     return kinds
+
+
+# Node kinds every backend can run; anything else in a rule is a definition-time error.
+SUPPORTED_NODES = (
+    sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Abs, sympy.sign, sympy.exp,
+    sympy.log, sympy.Min, sympy.Max, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair,
+    sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan, sympy.Equality,
+    sympy.Unequality, sympy.logic.boolalg.BooleanTrue, sympy.logic.boolalg.BooleanFalse,
+)
+
+
+def unsupported_node(expr: sympy.Basic) -> sympy.Basic | None:
+    """The first node of ``expr`` that no backend supports, or None."""
+    if not isinstance(expr, SUPPORTED_NODES):
+        return expr
+    for arg in expr.args:
+        bad = unsupported_node(arg)
+        if bad is not None:
+            return bad
+    return None
+
+
+def fold_constants(expr: sympy.Basic) -> sympy.Basic:
+    """Replace symbol-free numeric subexpressions (exp(-1), sqrt(2), pi) by Floats."""
+    if expr.is_Atom and not isinstance(expr, sympy.NumberSymbol):
+        return expr
+    if isinstance(expr, sympy.Expr) and not expr.free_symbols:
+        value = complex(expr.evalf())
+        if value.imag != 0:
+            raise ValueError(f"the constant `{expr}` is not real")
+        return sympy.Float(value.real)
+    if not expr.args:
+        return expr
+    args = [fold_constants(a) for a in expr.args]
+    return expr if args == list(expr.args) else expr.func(*args)

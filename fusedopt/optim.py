@@ -214,7 +214,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params))
         for group, params in work:
-            prepared = self._prepared_by_options[tuple(group[k] for k in self.rule.options)]
+            prepared = self._prepared_by_options.get(tuple(group[k] for k in self.rule.options))
+            if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
+                prepared = self._prepared(group)
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in params:
                 by_device.setdefault(p.device, []).append(p)
@@ -247,9 +249,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             params, grads, per_param = [params[i] for i in rest], [grads[i] for i in rest], [per_param[i] for i in rest]
             if not params:
                 return
-        states = {name: [st[name] for st in per_param] for name in program.state_names}
-        steps = [st["step"] for st in per_param]
-        reference.step(prepared.reference, params, grads, states, steps, hparams)
+        # float64 parameters compute in float64, as torch.optim does; everything else in float32
+        for wide in (False, True):
+            idx = [i for i, p in enumerate(params) if (p.dtype == torch.float64) == wide]
+            if idx:
+                states = {name: [per_param[i][name] for i in idx] for name in program.state_names}
+                reference.step(prepared.reference, [params[i] for i in idx], [grads[i] for i in idx], states,
+                               [per_param[i]["step"] for i in idx], hparams,
+                               compute_dtype=torch.float64 if wide else torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
@@ -292,6 +299,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         index: dict[Any, torch.Tensor] = {}
         new_groups = []
         for i, (mine, saved) in enumerate(zip(self._groups, saved_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"param group {i} of the state_dict has no 'params' list")
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(f"param group {i}: state_dict has {len(saved['params'])} params, this "
                                  f"optimizer has {len(mine['params'])}")
@@ -329,7 +338,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state '{spec.name}' has shape {shape}, the parameter {tuple(p.shape)}")
-            out[spec.name] = value.detach().to(device=p.device, dtype=storage_dtype(spec.dtype), copy=True)
+            out[spec.name] = value.detach().to(device=p.device, dtype=storage_dtype(spec.dtype, p.dtype),
+                                             copy=True)
         step = values.get("step")
         if step is None:  # torch.optim.SGD keeps no step: a buffer means at least one step was taken
             step = 1.0 if program.states else 0.0

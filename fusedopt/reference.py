@@ -166,7 +166,7 @@ def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> 
     """Fresh states for one parameter, in their storage dtypes, on the parameter's device."""
     out = {}
     for spec in program.states:
-        dtype = storage_dtype(spec.dtype)
+        dtype = storage_dtype(spec.dtype, param.dtype)
         if spec.init == "zeros":
             out[spec.name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         else:

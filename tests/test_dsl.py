@@ -1,0 +1,345 @@
+"""The rule DSL: the IR it builds, equality and keys of programs, and errors at definition time."""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+
+import fusedopt
+from fusedopt import ir
+from fusedopt.dsl import Rule, RuleError, eq, lerp, maximum, rule, sign, sqrt, state, where
+from fusedopt.optimizers import adam, adamw, lion, sgd
+
+S = sympy.Symbol
+
+
+# ---- the IR it builds ----------------------------------------------------------------------------
+
+def test_adamw_builds_the_expected_program():
+    prog = adamw.program()
+    assert prog.name == "adamw"
+    assert prog.hparams == ("lr", "beta1", "beta2", "eps", "weight_decay")
+    assert prog.defaults == (1e-3, 0.9, 0.999, 1e-8, 1e-2)
+    assert prog.options == (("amsgrad", False), ("maximize", False))
+    assert prog.states == (ir.StateSpec("exp_avg", "zeros", "fp32"), ir.StateSpec("exp_avg_sq", "zeros", "fp32"))
+    assert [t for t, _ in prog.updates] == ["p", "exp_avg", "exp_avg_sq"]
+
+    p, g, t, m, v = S("p"), S("g"), S("t"), S("exp_avg"), S("exp_avg_sq")
+    lr, b1, b2, eps, wd = S("lr"), S("beta1"), S("beta2"), S("eps"), S("weight_decay")
+    m_new = m + (1 - b1) * (g - m)
+    v_new = b2 * v + (1 - b2) * g * g
+    p_new = p * (1 - lr * wd) - lr / (1 - b1**t) * m_new / (sqrt(v_new) / sqrt(1 - b2**t) + eps)
+    # reads after a set see the new value: p's update holds the new m and v, inlined
+    assert sympy.expand(prog.update_of("exp_avg") - m_new) == 0
+    assert sympy.expand(prog.update_of("exp_avg_sq") - v_new) == 0
+    assert sympy.simplify(prog.update_of("p") - p_new) == 0
+    assert prog.update_of("p").has(sympy.Symbol("exp_avg")) and not prog.update_of("p").has(S("max_exp_avg_sq"))
+
+
+def test_static_options_select_branches_in_python():
+    plain, ams = adam.program(), adam.program(amsgrad=True)
+    assert plain.state_names == ("exp_avg", "exp_avg_sq")
+    assert ams.state_names == ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    assert ams.update_of("max_exp_avg_sq").has(sympy.Max)
+    assert dict(ams.options)["amsgrad"] is True
+    maximized = adam.program(maximize=True).update_of("exp_avg")
+    assert sympy.expand(maximized.subs(S("g"), -S("g")) - plain.update_of("exp_avg")) == 0
+    assert sgd.program().states == ()
+    assert sgd.program(with_momentum=True).state_names == ("momentum_buffer",)
+    assert sgd.program(with_momentum=True).update_of("momentum_buffer").has(sympy.Piecewise)
+
+
+def test_lion_updates_momentum_after_the_parameter_from_the_old_momentum():
+    prog = lion.program()
+    p_update = prog.update_of("p")
+    assert p_update.has(sympy.sign)
+    # the parameter step reads the old m: no beta2 in it
+    assert not p_update.has(S("beta2"))
+    assert prog.update_of("exp_avg").has(S("beta2"))
+
+
+def test_program_text_is_readable_and_complete():
+    text = adamw.program().text()
+    assert text.startswith("rule adamw\n")
+    for fragment in ("hparam lr = 0.001", "option amsgrad = False", "state exp_avg: init=zeros dtype=fp32",
+                     "p <- ", "exp_avg_sq <- "):
+        assert fragment in text
+    assert "exp_avg <- " in adamw.program().pretty()
+
+
+# ---- equality, hashing, keys ---------------------------------------------------------------------
+
+def _momentum_rule(name="mom", beta=0.9, scale=1.0):
+    def fn(p, g, t, lr=0.1, beta=beta):
+        b = state("buf")
+        b.set(beta * b + g)
+        p.set(p - lr * scale * b)
+    return Rule(name, fn)
+
+
+def test_equal_rules_give_equal_programs_hashes_and_keys():
+    one, two = _momentum_rule(), _momentum_rule()
+    assert one is not two and one.fn is not two.fn
+    a, b = one.program(), two.program()
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a.key() == b.key()
+    assert a.text() == b.text()
+    assert len({a, b}) == 1
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "other"},  # same body, other name
+    {"beta": 0.95},  # another default
+    {"scale": 2.0},  # another body
+])
+def test_different_rules_give_different_programs_and_keys(change):
+    base, other = _momentum_rule().program(), _momentum_rule(**change).program()
+    assert base != other
+    assert base.key() != other.key()
+
+
+def test_options_give_different_programs_and_keys():
+    keys = {adam.program(amsgrad=a, maximize=m).key() for a in (False, True) for m in (False, True)}
+    assert len(keys) == 4
+
+
+def test_program_is_built_once_per_option_choice():
+    assert adam.program() is adam.program()
+    assert adam.program(amsgrad=True) is adam.program(amsgrad=True)
+
+
+def test_state_may_be_set_to_a_plain_symbol():
+    @rule("keep_grad")
+    def keep_grad(p, g, t, lr=0.1):
+        prev = state("prev")
+        prev.set(g)  # a bare symbol is an expression, not a condition
+        p.set(p - lr * g)
+
+    assert keep_grad.program().update_of("prev") == S("g")
+
+
+# ---- misuse raises RuleError at definition time, naming the rule, the offending name and a fix ----
+
+def _assert_rule_error(excinfo, rule_name: str, *names: str) -> None:
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, fusedopt.RuleError)
+    assert f"'{rule_name}'" in msg, msg
+    for name in names:
+        assert name in msg, msg
+    assert "Fix" in msg, msg
+
+
+def test_setting_a_state_twice_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("twice_state")
+        def f(p, g, t, lr=0.1):
+            m = state("exp_avg")
+            m.set(g)
+            m.set(2 * g)
+            p.set(p - lr * m)
+    _assert_rule_error(excinfo, "twice_state", "exp_avg", "set twice")
+
+
+def test_setting_p_twice_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("twice_p")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * g)
+            p.set(p - lr * g)
+    _assert_rule_error(excinfo, "twice_p", "'p'", "set twice")
+
+
+def test_reading_an_undeclared_name_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("undeclared")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * g * sympy.Symbol("foo"))
+    _assert_rule_error(excinfo, "undeclared", "foo")
+
+
+@pytest.mark.parametrize("reserved", ["step", "param", "grad", "params", "lr_scheduler", "_private"])
+def test_hyperparameter_shadowing_a_reserved_name_is_an_error(reserved):
+    ns: dict = {}
+    exec(f"def f(p, g, t, {reserved}=1.0):\n    p.set(p - {reserved} * g)", {}, ns)
+    with pytest.raises(RuleError) as excinfo:
+        Rule("shadow", ns["f"])
+    _assert_rule_error(excinfo, "shadow", reserved, "reserved")
+
+
+@pytest.mark.parametrize("name", ["p", "g", "t", "step", "lr", "_hidden"])
+def test_state_shadowing_a_reserved_name_or_hyperparameter_is_an_error(name):
+    with pytest.raises(RuleError) as excinfo:
+        @rule("shadow_state")
+        def f(p, g, t, lr=0.1):
+            s = state(name)
+            s.set(g)
+            p.set(p - lr * s)
+    _assert_rule_error(excinfo, "shadow_state", f"'{name}'")
+
+
+@pytest.mark.parametrize("default", ["a", [1], None, (0.9, 0.99)])
+def test_non_numeric_default_is_an_error(default):
+    def f(p, g, t, lr=default):
+        p.set(p - g)
+    with pytest.raises(RuleError) as excinfo:
+        Rule("bad_default", f)
+    _assert_rule_error(excinfo, "bad_default", "lr", repr(default))
+
+
+def test_hyperparameter_without_default_is_an_error():
+    def f(p, g, t, lr):
+        p.set(p - lr * g)
+    with pytest.raises(RuleError) as excinfo:
+        Rule("no_default", f)
+    _assert_rule_error(excinfo, "no_default", "lr")
+
+
+def test_signature_must_start_with_p_g_t():
+    def f(param, grad, step, lr=0.1):
+        param.set(param - lr * grad)
+    with pytest.raises(RuleError) as excinfo:
+        Rule("bad_head", f)
+    _assert_rule_error(excinfo, "bad_head", "(p, g, t")
+
+
+def test_state_declared_but_never_set_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("unset_state")
+        def f(p, g, t, lr=0.1):
+            state("exp_avg")
+            p.set(p - lr * g)
+    _assert_rule_error(excinfo, "unset_state", "exp_avg", "never set")
+
+
+def test_never_setting_p_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("no_p")
+        def f(p, g, t, lr=0.1):
+            m = state("exp_avg")
+            m.set(g)
+    _assert_rule_error(excinfo, "no_p", "never sets p")
+
+
+def test_where_with_a_python_bool_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("python_bool")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * where(t == 1, g, 2 * g))  # t == 1 compares symbols: False
+    _assert_rule_error(excinfo, "python_bool", "where()", "eq(t, 1)")
+
+
+def test_where_with_a_non_condition_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("not_a_condition")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * where(g, g, 2 * g))  # a symbol is not a comparison
+    _assert_rule_error(excinfo, "not_a_condition", "where()", "g > 0")
+
+
+def test_setting_a_comparison_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("set_comparison")
+        def f(p, g, t, lr=0.1):
+            p.set(g > 0)
+    _assert_rule_error(excinfo, "set_comparison", "'p'", "where(")
+
+
+def test_setting_a_non_expression_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("set_string")
+        def f(p, g, t, lr=0.1):
+            p.set("p - lr * g")
+    _assert_rule_error(excinfo, "set_string", "'p'", "not an expression")
+
+
+@pytest.mark.parametrize("kwargs, offending", [({"dtype": "fp16"}, "fp16"), ({"dtype": "int8"}, "int8"),
+                                               ({"init": "ones"}, "ones"), ({"init": "random"}, "random")])
+def test_state_with_bad_dtype_or_init_is_an_error(kwargs, offending):
+    with pytest.raises(RuleError) as excinfo:
+        @rule("bad_state")
+        def f(p, g, t, lr=0.1):
+            m = state("exp_avg", **kwargs)
+            m.set(g)
+            p.set(p - lr * m)
+    _assert_rule_error(excinfo, "bad_state", "exp_avg", offending)
+
+
+def test_duplicate_state_name_is_an_error():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("dup_state")
+        def f(p, g, t, lr=0.1):
+            a = state("exp_avg")
+            b = state("exp_avg")
+            a.set(g)
+            b.set(g)
+            p.set(p - lr * a)
+    _assert_rule_error(excinfo, "dup_state", "exp_avg", "declared twice", "state('exp_avg') once")
+
+
+def test_an_exception_inside_the_rule_is_reported_as_a_rule_error():
+    import math
+
+    with pytest.raises(RuleError) as excinfo:
+        @rule("uses_math")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * math.sqrt(g))  # math.sqrt cannot take a symbol
+    _assert_rule_error(excinfo, "uses_math", "TypeError")
+
+
+def test_unknown_or_non_bool_options_are_errors():
+    with pytest.raises(RuleError) as excinfo:
+        adam.program(nesterov=True)
+    _assert_rule_error(excinfo, "adam", "nesterov")
+    with pytest.raises(RuleError) as excinfo:
+        adam.program(amsgrad=1)
+    _assert_rule_error(excinfo, "adam", "amsgrad")
+
+
+def test_state_outside_a_rule_is_an_error():
+    with pytest.raises(RuleError, match="@rule"):
+        state("exp_avg")
+
+
+def test_errors_surface_when_the_decorator_runs_not_later():
+    calls = []
+
+    def f(p, g, t, lr=0.1):
+        calls.append(1)
+        p.set(p - lr * g * S("undeclared_name"))
+    with pytest.raises(RuleError):
+        Rule("eager", f)
+    assert calls == [1]  # the body ran once, inside the constructor
+
+
+def test_dsl_functions_build_the_documented_expressions():
+    a, b, w = S("a"), S("b"), S("w")
+    assert lerp(a, b, w) == a + w * (b - a)
+    assert sign(a) == sympy.sign(a)
+    assert maximum(a, b) == sympy.Max(a, b)
+    assert eq(a, 1) == sympy.Eq(a, 1, evaluate=False)
+    assert where(a > 0, a, b) == sympy.Piecewise((a, a > 0), (b, True))
+
+
+def test_nodes_sympy_introduces_that_no_backend_runs_are_rejected_at_definition():
+    from fusedopt.dsl import absolute, exp
+
+    with pytest.raises(RuleError, match=r"rule 'complex_abs'.*re.*Fix"):
+        @rule("complex_abs")
+        def complex_abs(p, g, t, lr=0.1):
+            p.set(p - lr * absolute(exp(g) * g))
+
+
+def test_symbol_free_constants_are_folded_to_floats():
+    import math
+
+    from fusedopt.dsl import exp
+
+    @rule("constants")
+    def constants(p, g, t, lr=0.1):
+        p.set(p - lr * exp(-1) * g)
+
+    (_, expr), = constants.program().updates
+    floats = [a for a in expr.atoms(sympy.Float)]
+    assert any(abs(float(f) + math.exp(-1)) < 1e-15 or abs(float(f) - math.exp(-1)) < 1e-15 for f in floats)
+    assert not expr.has(sympy.exp)
