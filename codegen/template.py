@@ -125,11 +125,29 @@ def render(spec: KernelSpec) -> str:
         out.add(1, f"v_{name} = s_{name}{cast}")
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
-    out.add(2, "mask = offs < n")
+    # A mask whose value is unknown per 16-byte group blocks vectorised access, so blocks that lie
+    # wholly inside the tensor take an unmasked copy of the body; only the tail is masked.
+    out.add(2, "if start + (i + 1) * BLOCK <= n:")
+    _body(out, spec, element, masked=False)
+    out.add(2, "else:")
+    out.add(3, "mask = offs < n")
+    _body(out, spec, element, masked=True)
+    out.add(1, "# the last program of this tensor to finish advances its step counter")
+    out.add(1, "if tl.atomic_add(done + tid, 1) == tl.load(chunk_count + tid) - 1:")
+    out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
+    out.add(2, "tl.store(done + tid, 0)")
+    return out.text()
+
+
+def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -> None:
+    """Loads, elementwise math and stores of one block."""
+    low = spec.lowered
+    prog = low.program
+    mask = ", mask=mask" if masked else ""
     for col in (ir.PARAM, ir.GRAD, *prog.state_names):
-        out.add(2, f"v_{col} = tl.load(ptr_{col} + offs, mask=mask).to(tl.float32)")
+        out.add(3, f"v_{col} = tl.load(ptr_{col} + offs{mask}).to(tl.float32)")
     for name, expr in low.temps:
-        out.add(2, f"v_{name} = {element(expr)}")
+        out.add(3, f"v_{name} = {element(expr)}")
     per_element = {ir.PARAM, ir.GRAD, *prog.state_names, *(n for n, _ in low.temps)}
     for target, expr in low.outputs:
         value = element(expr)
@@ -139,9 +157,4 @@ def render(spec: KernelSpec) -> str:
             value = f"_to_bf16_rne({value})"
         else:
             value = f"({value}).to({TRITON_DTYPES[spec.dtype_of(target)]})"
-        out.add(2, f"tl.store(ptr_{target} + offs, {value}, mask=mask)")
-    out.add(1, "# the last program of this tensor to finish advances its step counter")
-    out.add(1, "if tl.atomic_add(done + tid, 1) == tl.load(chunk_count + tid) - 1:")
-    out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
-    out.add(2, "tl.store(done + tid, 0)")
-    return out.text()
+        out.add(3, f"tl.store(ptr_{target} + offs, {value}{mask})")

@@ -1,0 +1,60 @@
+"""Compile every built-in kernel for an H100 (sm_90) without a GPU; print PTX load/store widths.
+
+Run in a subprocess without TRITON_INTERPRET (the interpreter's jit objects cannot be compiled).
+Prints one JSON object: {kernel id: {"aligned": {...}, "unaligned": {...}}} with counts of vector
+(v4) and scalar global loads and stores, or {"error": ...} if this Triton cannot target CUDA here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import fusedopt  # noqa: E402
+from codegen import cache, launch  # noqa: E402
+from fusedopt.optimizers import adam, adamw, lion, sgd  # noqa: E402
+
+SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64",
+             "chunk_count": "*i32", "done": "*i32", "BLOCK": "constexpr", "ITERS": "constexpr",
+             "ALIGNED": "constexpr"}
+PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program(), "lion": lion.program(),
+            "sgd-nesterov": sgd.program(with_momentum=True, nesterov=True)}
+
+
+def widths(ptx: str) -> dict[str, int]:
+    return {"v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx))}
+
+
+def main() -> None:
+    from triton.backends.compiler import GPUTarget
+
+    cfg = launch.config_for("cuda")
+    out = {}
+    for name, program in PROGRAMS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            source = fusedopt.kernel_source(program, dtype, target="cuda")
+            fn = cache.load(source, torch.device("cpu")).fused_step
+            entry = {}
+            for aligned in (True, False):
+                src = triton.compiler.ASTSource(fn=fn, signature=SIGNATURE, constexprs={
+                    "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ALIGNED": aligned})
+                kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+                entry["aligned" if aligned else "unaligned"] = widths(kernel.asm["ptx"])
+            out[f"{name}-{str(dtype).split('.')[1]}"] = entry
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:  # report, so that the test can tell a missing toolchain from a bug
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))

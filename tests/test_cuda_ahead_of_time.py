@@ -1,0 +1,53 @@
+"""Every built-in kernel compiles for sm_90 on a machine without a GPU, and the alignment hints
+turn its parameter, gradient and state accesses into 16-byte vector loads and stores (the H100
+measurement in DESIGN.md: 74 % of copy bandwidth without them, 94 % with them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def ptx_widths(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSEDOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton"))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, os.path.join(HERE, "cuda_ahead_of_time.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    if "error" in result:
+        if any(word in result["error"] for word in ("ptxas", "No such file", "not found", "backend")):
+            pytest.skip(f"this Triton cannot compile for CUDA here: {result['error'][:200]}")
+        raise AssertionError(result["error"])
+    return result
+
+
+def test_every_builtin_kernel_compiles_for_sm90(ptx_widths):
+    assert len(ptx_widths) == 8
+
+
+STATES = {"adam-amsgrad": 3, "adamw": 2, "lion": 1, "sgd-nesterov": 1}
+
+
+def test_alignment_hints_vectorise_every_tensor_access(ptx_widths):
+    # BLOCK 1024 over 128 threads: 8 elements per thread, i.e. two 16-byte vectors of fp32 or one
+    # of bf16. States are fp32. Loads: p, g, states; stores: p, states.
+    for name, entry in ptx_widths.items():
+        rule, dtype = name.rsplit("-", 1)
+        p_vectors = 2 if dtype == "float32" else 1
+        states = 2 * STATES[rule]
+        assert entry["aligned"] == {"v4_loads": 2 * p_vectors + states, "v4_stores": p_vectors + states}, name
+
+
+def test_without_the_hints_no_access_is_vectorised(ptx_widths):
+    for name, entry in ptx_widths.items():
+        assert entry["unaligned"] == {"v4_loads": 0, "v4_stores": 0}, (name, entry)
