@@ -7,7 +7,8 @@ Adam with decoupled weight decay applied to the parameter before the adaptive st
 with m, v (and vmax for amsgrad) updated as in Adam from the undecayed gradient.
 """
 
-from ..dsl import lerp, maximum, rule, sqrt, state
+from ..dsl import rule, sqrt
+from .adam import moments
 
 
 @rule("adamw")
@@ -15,14 +16,6 @@ def adamw(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
           amsgrad=False, maximize=False):
     if maximize:
         g = -g
-    m = state("exp_avg")
-    v = state("exp_avg_sq")
-    m.set(lerp(m, g, 1 - beta1))
-    v.set(beta2 * v + (1 - beta2) * g * g)
-    second = v
-    if amsgrad:
-        vmax = state("max_exp_avg_sq")
-        vmax.set(maximum(vmax, v))
-        second = vmax
+    m, second = moments(g, beta1, beta2, amsgrad)
     p.set(p * (1 - lr * weight_decay)
           - lr / (1 - beta1**t) * m / (sqrt(second) / sqrt(1 - beta2**t) + eps))
