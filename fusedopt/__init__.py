@@ -3,12 +3,13 @@
 from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
 from .optim import FusedOptimizer, kernel_source
-from .torch_compat import SGD, Adam, AdamW, Lion
+from .torch_compat import LAMB, SGD, Adam, AdamW, Lion
 
 __all__ = [
     "Adam",
     "AdamW",
     "FusedOptimizer",
+    "LAMB",
     "Lion",
     "Rule",
     "RuleError",

@@ -186,6 +186,45 @@ def lerp(a, b, w):
     return a + _expr(w) * (_expr(b) - a)
 
 
+# ---- reductions ---------------------------------------------------------------------------------
+
+def _reduce(op: str, x, over: str):
+    if over in ("rows", "cols", "blocks"):
+        raise _misuse(f"reductions over '{over}' are not supported yet", "reduce over 'tensor' or 'group'")
+    if over not in ir.REDUCE_OVER:
+        raise _misuse(f"over={over!r} is not a reduction domain", f"use one of {list(ir.REDUCE_OVER)}")
+    return ir.reduction(op, over)(_expr(x))
+
+
+def total(x, over: str = "tensor"):
+    """Sum of x over every element of the tensor ("tensor") or of every tensor of the group ("group")."""
+    return _reduce("sum", x, over)
+
+
+def amax(x, over: str = "tensor"):
+    """Largest value of x over the tensor or the group."""
+    return _reduce("max", x, over)
+
+
+def mean(x, over: str = "tensor"):
+    """Mean of x over the tensor."""
+    if over == "group":
+        raise _misuse("mean over 'group' is not supported", "use mean(x, over='tensor') or total(x, over='group')")
+    return total(x, over) / ir.symbol(ir.NUMEL)
+
+
+def norm(x, over: str = "tensor"):
+    """L2 norm of x over the tensor or over every tensor of the group (a global norm)."""
+    x = _expr(x)
+    return sympy.sqrt(total(x * x, over))
+
+
+def rms(x, over: str = "tensor"):
+    """Root mean square of x over the tensor."""
+    x = _expr(x)
+    return sympy.sqrt(mean(x * x, over))
+
+
 def eq(a, b):
     """The comparison a == b (Python's == on symbols compares structure, not values)."""
     return sympy.Eq(_expr(a), _expr(b), evaluate=False)
@@ -199,6 +238,9 @@ def where(cond, a, b):
     if not _is_condition(cond):
         raise _misuse(f"where() needs a comparison as its condition, got {cond!r}", "e.g. where(g > 0, a, b)")
     return sympy.Piecewise((_expr(a), cond), (_expr(b), True))
+
+
+CLIP_HPARAM = "max_grad_norm"
 
 
 # ---- the decorator ------------------------------------------------------------------------------
@@ -236,28 +278,40 @@ class Rule:
             raise _fail(self.name, f"hyperparameter '{prm.name}' has the non-numeric default {default!r}",
                         "use a number (a hyperparameter) or a bool (a static option)")
 
-    def program(self, **options: bool) -> ir.Program:
+    def program(self, clip: bool = False, **options: bool) -> ir.Program:
+        """The rule's IR for these static options. ``clip=True`` adds global-norm gradient clipping:
+        the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
+        ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
+        ``max_grad_norm``."""
         for k, v in options.items():
             if k not in self.options:
                 raise _fail(self.name, f"unknown option '{k}'", f"options are {sorted(self.options)}")
             if not isinstance(v, bool):
                 raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
         full = {**self.options, **options}
-        return _build(self, tuple(sorted(full.items())))
+        return _build(self, tuple(sorted(full.items())), bool(clip))
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rule: Rule, options: tuple[tuple[str, bool], ...]) -> ir.Program:
-    known = set(rule.hparams) | {ir.PARAM, ir.GRAD, ir.STEP}
+def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: bool = False) -> ir.Program:
+    hparams = dict(rule.hparams)
+    grad: sympy.Expr = ir.symbol(ir.GRAD)
+    if clip:
+        if CLIP_HPARAM in hparams:
+            raise _fail(rule.name, f"it has its own '{CLIP_HPARAM}'", "rename it, or do not ask for clip=True")
+        hparams[CLIP_HPARAM] = 1.0
+        clip_norm = ir.symbol(CLIP_HPARAM)
+        grad = grad * sympy.Min(1, clip_norm / (sympy.sqrt(ir.SumGroup(grad * grad)) + sympy.Float(1e-6)))
+    known = set(hparams) | {ir.PARAM, ir.GRAD, ir.STEP, ir.NUMEL}
     b = _Builder(rule.name, known)
     kwargs: dict[str, Any] = {h: ir.symbol(h) for h in rule.hparams}
     kwargs.update(dict(options))
     _Builder.active.append(b)
     try:
-        rule.fn(_Handle(b, ir.PARAM), ir.symbol(ir.GRAD), ir.symbol(ir.STEP), **kwargs)
+        rule.fn(_Handle(b, ir.PARAM), grad, ir.symbol(ir.STEP), **kwargs)
     except RuleError:
         raise
     except Exception as exc:
@@ -281,8 +335,8 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...]) -> ir.Program:
                         "abs(exp(g) * g) becomes exp(re(g)): write exp(g) * abs(g)")
     return ir.Program(
         name=rule.name,
-        hparams=tuple(rule.hparams),
-        defaults=tuple(rule.hparams.values()),
+        hparams=tuple(hparams),
+        defaults=tuple(hparams.values()),
         options=options,
         states=tuple(b.states.values()),
         updates=updates,

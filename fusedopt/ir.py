@@ -21,7 +21,11 @@ import sympy
 PARAM = "p"
 GRAD = "g"
 STEP = "t"
-RESERVED = frozenset({PARAM, GRAD, STEP, "param", "grad", "step", "params", "lr_scheduler"})
+NUMEL = "numel"  # the element count of the tensor being updated, a per-tensor scalar
+RESERVED = frozenset({PARAM, GRAD, STEP, NUMEL, "param", "grad", "step", "params", "lr_scheduler"})
+
+REDUCE_OPS = ("sum", "max")
+REDUCE_OVER = ("tensor", "group")  # one value per tensor, or one per group (all tensors of a launch)
 
 STORAGE_DTYPES = ("fp32", "bf16")
 STATE_INITS = ("zeros", "p", "g")
@@ -53,8 +57,16 @@ class Program:
 
     @property
     def scalar_names(self) -> frozenset[str]:
-        """Names whose value is one number per tensor (hyperparameters and the step)."""
-        return frozenset(self.hparams) | {STEP}
+        """Names whose value is one number per tensor (hyperparameters, the step, the size)."""
+        return frozenset(self.hparams) | {STEP, NUMEL}
+
+    @property
+    def has_reductions(self) -> bool:
+        return any(expr.atoms(Reduction) for _, expr in self.updates)
+
+    @property
+    def has_group_reductions(self) -> bool:
+        return any(r.over == "group" for _, expr in self.updates for r in expr.atoms(Reduction))
 
     def update_of(self, target: str) -> sympy.Expr | None:
         return dict(self.updates).get(target)
@@ -103,8 +115,41 @@ def scalar_env_names(program: Program) -> Mapping[str, str]:
     return kinds
 
 
+class Reduction(sympy.Function):
+    """A reduction of an elementwise expression to one value per tensor or per group.
+
+    Concrete classes (``SumTensor``, ``MaxGroup``, ...) come from :func:`reduction`; their names are
+    part of the program text. The value is a scalar for every element that reads it.
+    """
+
+    op = ""
+    over = ""
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg):
+        return None  # never evaluated symbolically
+
+
+_REDUCTIONS: dict[tuple[str, str], type] = {}
+
+
+def reduction(op: str, over: str) -> type:
+    """The sympy function class for ``op`` in REDUCE_OPS over ``over`` in REDUCE_OVER."""
+    key = (op, over)
+    if key not in _REDUCTIONS:
+        name = op.capitalize() + over.capitalize()
+        _REDUCTIONS[key] = type(name, (Reduction,), {"op": op, "over": over})
+    return _REDUCTIONS[key]
+
+
+for _op in REDUCE_OPS:
+    for _over in REDUCE_OVER:
+        globals()[_op.capitalize() + _over.capitalize()] = reduction(_op, _over)
+
+
 # Node kinds every backend can run; anything else in a rule is a definition-time error.
-SUPPORTED_NODES = (
+SUPPORTED_NODES = (Reduction, 
     sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Abs, sympy.sign, sympy.exp,
     sympy.log, sympy.Min, sympy.Max, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair,
     sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan, sympy.Equality,
@@ -127,7 +172,7 @@ def fold_constants(expr: sympy.Basic) -> sympy.Basic:
     """Replace symbol-free numeric subexpressions (exp(-1), sqrt(2), pi) by Floats."""
     if expr.is_Atom and not isinstance(expr, sympy.NumberSymbol):
         return expr
-    if isinstance(expr, sympy.Expr) and not expr.free_symbols:
+    if isinstance(expr, sympy.Expr) and not expr.free_symbols and not expr.atoms(Reduction):
         value = complex(expr.evalf())
         if value.imag != 0:
             raise ValueError(f"the constant `{expr}` is not real")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import torch
 
 from . import ir, reference
-from .dsl import Rule
+from .dsl import CLIP_HPARAM, Rule
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
@@ -37,7 +37,7 @@ class _ParamGroup(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         current = self.get(key)
-        if isinstance(current, torch.Tensor):
+        if isinstance(current, torch.Tensor) and value is not None:
             _write_scalar(current, value)
             return
         if isinstance(current, tuple) and current and all(isinstance(c, torch.Tensor) for c in current):
@@ -106,6 +106,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             names = self.aliases.get(key)
             defaults[key] = tuple(self.rule.hparams[n] for n in names) if names else self.rule.hparams[key]
         defaults.update(self.rule.options)
+        defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -130,6 +131,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._complete_group(group)
+        clip = group.get(CLIP_HPARAM)
+        if clip is not None and not (isinstance(clip, (int, float, torch.Tensor)) and float(clip) > 0):
+            raise ValueError(f"{type(self).__name__}: invalid {CLIP_HPARAM} {clip!r}; expected None or a number > 0")
         for key in self.rule.options:
             if not isinstance(group[key], bool):
                 raise TypeError(f"{type(self).__name__}: option '{key}' must be a bool, got {group[key]!r}")
@@ -139,7 +143,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, value in self.param_groups[-1].items():
             if key in self.aliases:
                 value = tuple(_as_hparam_tensor(v, device) for v in value)
-            elif key in self.rule.hparams:
+            elif key in self.rule.hparams or (key == CLIP_HPARAM and value is not None):
                 value = _as_hparam_tensor(value, device)
             dict.__setitem__(converted, key, value)
         self.param_groups[-1] = converted
@@ -148,10 +152,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _prepared(self, group: Mapping[str, Any]) -> "_Prepared":
         """The group's program in every form a step needs; built eagerly, looked up in step()."""
-        options = tuple(group[k] for k in self.rule.options)
+        options = self._options_of(group)
         prepared = self._prepared_by_options.get(options)
         if prepared is None:
-            program = self.rule.program(**dict(zip(self.rule.options, options)))
+            program = self.rule.program(clip=options[-1], **dict(zip(self.rule.options, options)))
             prepared = _Prepared(program, reference.compile_program(program), {})
             self._prepared_by_options[options] = prepared
         devices = {p.device for p in group["params"]}
@@ -165,9 +169,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _program(self, group: Mapping[str, Any]) -> ir.Program:
         return self._prepared(group).program
 
-    def _hparams(self, group: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    def _options_of(self, group: Mapping[str, Any]) -> tuple:
+        """The static choices of a group: the rule's options, then whether it clips gradients."""
+        return (*(group[k] for k in self.rule.options), group.get(CLIP_HPARAM) is not None)
+
+    def _hparams(self, group: Mapping[str, Any], device: torch.device, program: ir.Program) -> dict:
         out = {}
-        for name in self.rule.hparams:
+        for name in program.hparams:
             if name in self._alias_of:
                 key, i = self._alias_of[name]
                 value = group[key][i]
@@ -214,12 +222,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params))
         for group, params in work:
-            prepared = self._prepared_by_options.get(tuple(group[k] for k in self.rule.options))
+            prepared = self._prepared_by_options.get(self._options_of(group))
             if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
                 prepared = self._prepared(group)
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in params:
                 by_device.setdefault(p.device, []).append(p)
+            if len(by_device) > 1 and prepared.program.has_group_reductions:
+                raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
+                                   f"reduction) has parameters on {sorted(map(str, by_device))}; put each "
+                                   "device's parameters in a group of its own")
             for device, ps in by_device.items():
                 self._step_tensors(prepared, group, device, ps)
         return loss
@@ -228,8 +240,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         program = prepared.program
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
-        hparams = self._hparams(group, device)
-        if self._backend_for(device) == "triton":
+        hparams = self._hparams(group, device, program)
+        if self._backend_for(device) == "triton" and not program.has_reductions:
             from codegen import launch, ops
 
             fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
@@ -249,9 +261,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             params, grads, per_param = [params[i] for i in rest], [grads[i] for i in rest], [per_param[i] for i in rest]
             if not params:
                 return
-        # float64 parameters compute in float64, as torch.optim does; everything else in float32
+        # float64 parameters compute in float64, as torch.optim does; everything else in float32;
+        # a group-wide reduction needs every tensor in one call (in float64 if any is float64)
+        any_wide = any(p.dtype == torch.float64 for p in params)
         for wide in (False, True):
             idx = [i for i, p in enumerate(params) if (p.dtype == torch.float64) == wide]
+            if program.has_group_reductions:
+                idx = list(range(len(params))) if wide == any_wide else []
             if idx:
                 states = {name: [per_param[i][name] for i in idx] for name in program.state_names}
                 reference.step(prepared.reference, [params[i] for i in idx], [grads[i] for i in idx], states,
@@ -375,5 +391,8 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
         program = obj
     else:
         raise TypeError(f"kernel_source takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+    if program.has_reductions:
+        raise NotImplementedError(f"rule '{program.name}' has reductions (or max_grad_norm), which run on the "
+                                  "reference backend: fused reduction kernels are not implemented yet")
     spec = ops.kernel_spec(program, param_dtype, grad_dtype or param_dtype, target)
     return ops.source(spec)

@@ -70,12 +70,17 @@ class Compiled(NamedTuple):
     program: ir.Program
     code: tuple[tuple[str, str, tuple], ...]
     outputs: tuple[tuple[str, str], ...]  # target -> slot
+    # group reductions, computed over every tensor before the per-tensor code runs:
+    # (slot the result goes to, "sum" | "max", code computing the argument per tensor, argument slot)
+    groups: tuple[tuple[str, str, tuple, object], ...] = ()
 
 
 class _Flattener:
-    def __init__(self):
+    def __init__(self, prefix: str = "%"):
         self.code: list[tuple[str, str, tuple]] = []
         self.slots: dict[sympy.Basic, object] = {}
+        self.prefix = prefix
+        self.groups: list[tuple[str, str, tuple, object]] = []
 
     def __call__(self, e: sympy.Basic):
         if e not in self.slots:
@@ -83,7 +88,7 @@ class _Flattener:
         return self.slots[e]
 
     def emit(self, op: str, *args) -> str:
-        out = f"%{len(self.code)}"
+        out = f"{self.prefix}{len(self.code)}"
         self.code.append((op, out, args))
         return out
 
@@ -107,10 +112,36 @@ class _Flattener:
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
             return self.emit("where", self(cond), self(a), self(b))
+        if isinstance(e, ir.Reduction) and e.over == "tensor":
+            return self.emit(f"{e.op}_tensor", self(e.args[0]), ir.PARAM)
+        if isinstance(e, ir.Reduction) and e.over == "group":
+            if e.args[0].atoms(ir.Reduction) - {e}:
+                raise NotImplementedError(f"reference interpreter: a group reduction over another reduction: {e}")
+            inner = _Flattener(prefix=f"%g{len(self.groups)}.")
+            arg = inner(e.args[0])
+            slot = f"%g{len(self.groups)}"
+            self.groups.append((slot, e.op, tuple(inner.code), arg))
+            return slot
         for kind, op in _FUNCTIONS:
             if isinstance(e, kind):
                 return self.emit(op, *[self(a) for a in e.args])
         raise NotImplementedError(f"reference interpreter: no rule for {type(e).__name__} in {e}")
+
+
+def _full(x, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return torch.broadcast_to(x, like.shape)
+    return torch.full(like.shape, x, dtype=like.dtype, device=like.device)
+
+
+def _tensor_sum(x, like: torch.Tensor) -> torch.Tensor:
+    return torch.sum(_full(x, like))
+
+
+def _tensor_max(x, like: torch.Tensor) -> torch.Tensor:
+    if like.numel() == 0:
+        return torch.tensor(float("-inf"), dtype=like.dtype, device=like.device)
+    return torch.amax(_full(x, like))
 
 
 def _relational(op):
@@ -134,6 +165,8 @@ _OPS = {
     "div": operator.truediv,
     "pow": _pow,
     "where": torch.where,
+    "sum_tensor": lambda x, like: _tensor_sum(x, like),
+    "max_tensor": lambda x, like: _tensor_max(x, like),
     "abs": torch.abs,
     "sign": torch.sign,
     "exp": torch.exp,
@@ -153,13 +186,17 @@ _OPS = {
 def compile_program(program: ir.Program) -> Compiled:
     flat = _Flattener()
     outputs = tuple((target, flat(expr)) for target, expr in program.updates)
-    return Compiled(program, tuple(flat.code), outputs)
+    return Compiled(program, tuple(flat.code), outputs, tuple(flat.groups))
 
 
-def _run(compiled: Compiled, env: dict) -> dict:
-    for op, out, args in compiled.code:
+def _run(code: tuple, env: dict) -> dict:
+    for op, out, args in code:
         env[out] = _OPS[op](*[env[a] if isinstance(a, str) else a for a in args])
     return env
+
+
+def _value(env: dict, slot):
+    return env[slot] if isinstance(slot, str) else slot
 
 
 def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,18 +224,29 @@ def step(
     """One optimizer step over every tensor, in place: each step counter += 1, then the update."""
     compiled = program if isinstance(program, Compiled) else compile_program(program)
     state_names = compiled.program.state_names
+    envs = []
     for i, (p, g) in enumerate(zip(params, grads)):
         steps[i].add_(1)
         env: dict[str, object] = dict(hparams)
         env[ir.STEP] = steps[i].to(torch.float64) if compute_dtype == torch.float64 else steps[i]
+        env[ir.NUMEL] = float(p.numel())
         env[ir.PARAM] = p.to(compute_dtype)
         env[ir.GRAD] = g.to(compute_dtype)
         for name in state_names:
             env[name] = states[name][i].to(compute_dtype)
-        env = _run(compiled, env)
+        envs.append(env)
+    for slot, op, code, arg in compiled.groups:  # one value over every tensor of the call
+        reduce = _tensor_sum if op == "sum" else _tensor_max
+        parts = [reduce(_value(_run(code, dict(env)), arg), env[ir.PARAM]) for env in envs]
+        if parts:
+            total = torch.stack(parts).sum() if op == "sum" else torch.stack(parts).amax()
+            for env in envs:
+                env[slot] = total
+    for i, (p, env) in enumerate(zip(params, envs)):
+        env = _run(compiled.code, env)
         # an output that is an unchanged input must not see another output's write
-        values = [env[s].clone() if isinstance(s, str) and not s.startswith("%") else env.get(s, s)
-                  if isinstance(s, str) else s for _, s in compiled.outputs]
+        values = [env[s].clone() if isinstance(s, str) and not s.startswith("%") else _value(env, s)
+                  for _, s in compiled.outputs]
         for (target, _), value in zip(compiled.outputs, values):
             dest = p if target == ir.PARAM else states[target][i]
             if isinstance(value, torch.Tensor):

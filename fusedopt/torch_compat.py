@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .optim import FusedOptimizer
-from .optimizers import adam, adamw, lion, sgd
+from .optimizers import adam, adamw, lamb, lion, sgd
 
 _TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
@@ -46,18 +46,22 @@ class Adam(_AdamFamily):
     """torch.optim.Adam, fused (L2 weight decay; amsgrad; maximize). See fusedopt.optimizers.adam."""
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+                 amsgrad: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,
+                 backend: str | None = None, **torch_flags):
         super().__init__(params, adam, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, backend=backend, **torch_flags)
+                         amsgrad=amsgrad, maximize=maximize, max_grad_norm=max_grad_norm, backend=backend,
+                         **torch_flags)
 
 
 class AdamW(_AdamFamily):
     """torch.optim.AdamW, fused (decoupled weight decay). See fusedopt.optimizers.adamw."""
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+                 amsgrad: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,
+                 backend: str | None = None, **torch_flags):
         super().__init__(params, adamw, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, backend=backend, **torch_flags)
+                         amsgrad=amsgrad, maximize=maximize, max_grad_norm=max_grad_norm, backend=backend,
+                         **torch_flags)
 
 
 class Lion(_AdamFamily):
@@ -66,9 +70,9 @@ class Lion(_AdamFamily):
     passthrough = ()
 
     def __init__(self, params: Iterable, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 maximize: bool = False, backend: str | None = None):
+                 maximize: bool = False, max_grad_norm: float | None = None, backend: str | None = None):
         super().__init__(params, lion, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-                         backend=backend)
+                         max_grad_norm=max_grad_norm, backend=backend)
 
 
 class SGD(FusedOptimizer):
@@ -77,10 +81,11 @@ class SGD(FusedOptimizer):
     passthrough = ("foreach", "differentiable", "fused")
 
     def __init__(self, params: Iterable, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov: bool = False, *, maximize: bool = False, backend: str | None = None, **torch_flags):
+                 nesterov: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,
+                 backend: str | None = None, **torch_flags):
         super().__init__(params, sgd, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, backend=backend,
-                         **torch_flags)
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         max_grad_norm=max_grad_norm, backend=backend, **torch_flags)
 
     def _complete_group(self, group: dict[str, Any]) -> None:
         cls = type(self).__name__
@@ -92,3 +97,17 @@ class SGD(FusedOptimizer):
                      "momentum > 0 and dampening == 0 for Nesterov momentum")
         # momentum == 0 keeps no buffer, as torch.optim.SGD; any other value keeps one.
         group["with_momentum"] = momentum != 0.0
+
+
+class LAMB(_AdamFamily):
+    """LAMB with timm's semantics (per-tensor trust ratio; global gradient clipping to 1.0 by
+    default). See fusedopt.optimizers.lamb."""
+
+    passthrough = ()
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
+                 bias_correction: bool = True, trust_clip: bool = False, always_adapt: bool = False,
+                 max_grad_norm: float | None = 1.0, backend: str | None = None):
+        super().__init__(params, lamb, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         bias_correction=bias_correction, trust_clip=trust_clip, always_adapt=always_adapt,
+                         max_grad_norm=max_grad_norm, backend=backend)

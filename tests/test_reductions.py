@@ -1,0 +1,137 @@
+"""Per-tensor and group-wide reductions in the DSL: LAMB's trust ratio and fused gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import reference
+from fusedopt.dsl import RuleError, amax, mean, norm, rms, rule, total
+
+
+def lamb_by_hand(params, grads_per_step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, wd=0.01, max_norm=1.0):
+    """timm's Lamb written out in float64 torch ops, one step at a time."""
+    ps = [p.double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ps]
+    v = [torch.zeros_like(p) for p in ps]
+    for t, grads in enumerate(grads_per_step, start=1):
+        gs = [g.double() for g in grads]
+        total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+        coef = min(1.0, max_norm / (total_norm.item() + 1e-6))
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            g = g * coef
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            u = (m[i] / (1 - betas[0] ** t)) / (v[i].sqrt() / math.sqrt(1 - betas[1] ** t) + eps) + wd * p
+            w, n = p.norm(), u.norm()
+            ratio = (w / n).item() if w > 0 and n > 0 else 1.0
+            ratio = ratio if wd != 0 else 1.0
+            ps[i] = p - lr * ratio * u
+    return ps
+
+
+@pytest.mark.parametrize("wd", [0.01, 0.0])
+def test_lamb_matches_its_formula(wd):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (7,), (1,), (3, 2, 2)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * 2 for s in shapes] for _ in range(5)]
+    mine = [p.clone().requires_grad_() for p in params]
+    opt = fusedopt.LAMB(mine, lr=0.05, weight_decay=wd)
+    for gs in grads:
+        for p, g in zip(mine, gs):
+            p.grad = g.clone()
+        opt.step()
+    expected = lamb_by_hand(params, grads, lr=0.05, wd=wd)
+    for a, b in zip(mine, expected):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls,torch_cls,kwargs", [
+    (fusedopt.AdamW, torch.optim.AdamW, dict(lr=0.01)),
+    (fusedopt.Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True)),
+    (fusedopt.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+])
+@pytest.mark.parametrize("max_norm", [0.3, 1e3])
+def test_max_grad_norm_equals_clip_grad_norm_then_step(cls, torch_cls, kwargs, max_norm):
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    a = [p.clone().requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    oa = cls(a, max_grad_norm=max_norm, **kwargs)
+    ob = torch_cls(b, foreach=False, **kwargs)
+    for _ in range(4):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen) * 3
+            x.grad, y.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(b, max_norm)
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_is_over_the_group_not_each_tensor():
+    big, small = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = fusedopt.SGD([big, small], lr=1.0, max_grad_norm=1.0)
+    big.grad, small.grad = torch.full((4,), 10.0), torch.full((4,), 0.1)
+    opt.step()
+    norm_ = math.sqrt(4 * 100 + 4 * 0.01)
+    torch.testing.assert_close(small.detach(), torch.full((4,), -0.1 / (norm_ + 1e-6)))
+
+
+def test_max_grad_norm_can_be_switched_on_and_off():
+    p = torch.zeros(3, requires_grad=True)
+    opt = fusedopt.SGD([p], lr=1.0)
+    p.grad = torch.full((3,), 4.0)
+    opt.param_groups[0]["max_grad_norm"] = 1.0
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -1 / math.sqrt(3)), rtol=1e-5, atol=1e-6)
+    opt.param_groups[0]["max_grad_norm"] = None
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -1 / math.sqrt(3) - 4.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, "a"])
+def test_invalid_max_grad_norm_is_rejected_at_construction(bad):
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fusedopt.AdamW([torch.zeros(2, requires_grad=True)], max_grad_norm=bad)
+
+
+def test_tensor_reductions_evaluate_as_written():
+    @rule("normalised")
+    def normalised(p, g, t, lr=0.1):
+        p.set(p - lr * (g - mean(g)) / (rms(g) + amax(abs(g)) + norm(g) + total(g * 0 + 1)))
+
+    gen = torch.Generator().manual_seed(2)
+    p0, g = torch.randn(11, generator=gen, dtype=torch.float64), torch.randn(11, generator=gen, dtype=torch.float64)
+    p = p0.clone()
+    reference.step(normalised.program(), [p], [g], {}, [torch.zeros(())],
+                   {"lr": torch.tensor(0.1, dtype=torch.float64)}, compute_dtype=torch.float64)
+    denom = g.pow(2).mean().sqrt() + g.abs().max() + g.norm() + 11
+    torch.testing.assert_close(p, p0 - 0.1 * (g - g.mean()) / denom, rtol=1e-14, atol=0)
+
+
+def test_reductions_over_unsupported_domains_are_definition_errors():
+    with pytest.raises(RuleError, match=r"rule 'rows'.*'rows'.*not supported yet.*Fix"):
+        @rule("rows")
+        def rows(p, g, t, lr=0.1):
+            p.set(p - lr * g / mean(g * g, over="rows"))
+    with pytest.raises(RuleError, match="over='diagonal'"):
+        @rule("diag")
+        def diag(p, g, t, lr=0.1):
+            p.set(p - lr * total(g, over="diagonal"))
+
+
+def test_a_group_with_clipping_on_two_devices_is_refused_clearly():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, device="cuda", requires_grad=True)
+    opt = fusedopt.SGD([a, b], lr=0.1, max_grad_norm=1.0)
+    a.grad, b.grad = torch.ones(2), torch.ones(2, device="cuda")
+    with pytest.raises(RuntimeError, match="own"):
+        opt.step()
