@@ -85,6 +85,15 @@ class Plan:
         self.chunk_start = on_device(chunk_start, torch.int64)
         self.chunk_count = on_device(counts, torch.int32)
         self.done = torch.zeros(len(numels), dtype=torch.int32, device=device)
+        # reduction accumulators, at their identity (0 for sums, -inf for maxima); the final phase
+        # resets them after reading, so they are ready for the next step
+        reductions = spec.lowered.reductions
+        per_tensor = [_IDENTITY[r.op] for r in reductions if r.over == "tensor"]
+        per_group = [_IDENTITY[r.op] for r in reductions if r.over == "group"]
+        self.acc_tensor = on_device(per_tensor * len(numels) or [0.0], torch.float32)
+        self.acc_group = on_device(per_group or [0.0], torch.float32)
+        self.group_done = torch.zeros(1, dtype=torch.int32, device=device)
+        self.phases = spec.lowered.n_phases
         self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)
         self.hp_table = torch.zeros(max(1, n_hparams), dtype=torch.int64, device=device)
         self.grid = len(chunk_tensor)
@@ -122,11 +131,17 @@ class PlanCache:
         return plan
 
 
-def run(kernel, spec: KernelSpec, plan: Plan) -> None:
+_IDENTITY = {"sum": 0.0, "max": float("-inf")}
+
+
+def run(module, spec: KernelSpec, plan: Plan) -> None:
+    """Every reduction phase, then the updating phase: one launch each, all over the same tables."""
     cfg = plan.config
-    kernel[(plan.grid,)](
-        plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
-        plan.chunk_count, plan.done,
-        BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
-    )
-    launches[spec.lowered.program.name] += 1
+    kernels = [getattr(module, f"reduce_phase_{k}") for k in range(plan.phases)] + [module.fused_step]
+    for kernel in kernels:
+        kernel[(plan.grid,)](
+            plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
+            plan.chunk_count, plan.done, plan.acc_tensor, plan.acc_group, plan.group_done, plan.grid,
+            BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
+        )
+        launches[spec.lowered.program.name] += 1

@@ -84,7 +84,7 @@ def fused_step(
         key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]))
         plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
         plan.refresh(pointers, hp_pointers)
-        launch.run(module.fused_step, spec, plan)
+        launch.run(module, spec, plan)
 
 
 @fused_step.register_fake

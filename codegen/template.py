@@ -80,7 +80,6 @@ def render(spec: KernelSpec) -> str:
     prog = low.program
     scalar = TritonPrinter("scalar", spec.target)
     element = TritonPrinter("element", spec.target)
-    cols = spec.columns
     out = _Lines()
     out.add(0, f"# fusedopt kernel for rule '{prog.name}' (program {prog.key()[:16]})")
     out.add(0, f"# param {spec.param_dtype}, grad {spec.grad_dtype}, target {spec.target}")
@@ -94,48 +93,9 @@ def render(spec: KernelSpec) -> str:
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE.splitlines()
-    out.add(0, "")
-    out.add(0, "")
-    out.add(0, "@triton.jit")
-    out.add(0, "def fused_step(ptrs, hparams, numels, chunk_tensor, chunk_start, chunk_count, done,")
-    out.add(0, "               BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr):")
-    out.add(1, "pid = tl.program_id(0)")
-    out.add(1, "tid = tl.load(chunk_tensor + pid)")
-    out.add(1, "start = tl.load(chunk_start + pid)")
-    out.add(1, "n = tl.load(numels + tid)")
-    out.add(1, f"row = ptrs + tid * {len(cols)}")
-    for i, col in enumerate(cols):
-        out.add(1, f"ptr_{col} = tl.load(row + {i}).to(tl.pointer_type({TRITON_DTYPES[spec.dtype_of(col)]}))")
-    out.add(1, "if ALIGNED:")
-    for col in cols[:-1]:
-        out.add(2, f"ptr_{col} = tl.multiple_of(ptr_{col}, 16)")
-    out.add(2, "start = tl.multiple_of(start, 16)")
-    out.add(1, "# hyperparameters and the step, float64, once per program")
-    for i, name in enumerate(prog.hparams):
-        out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
-    out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
-    for name, expr in low.scalars:
-        out.add(1, f"s_{name} = {scalar(expr)}")
-    booleans: frozenset[str] = frozenset()
-    for name, expr in low.scalars:
-        if is_boolean(expr, booleans):
-            booleans |= {name}
-    for name in (*prog.hparams, ir.STEP, *(n for n, _ in low.scalars)):
-        cast = "" if name in booleans else ".to(tl.float32)"
-        out.add(1, f"v_{name} = s_{name}{cast}")
-    out.add(1, "for i in range(ITERS):")
-    out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
-    # A mask whose value is unknown per 16-byte group blocks vectorised access, so blocks that lie
-    # wholly inside the tensor take an unmasked copy of the body; only the tail is masked.
-    out.add(2, "if start + (i + 1) * BLOCK <= n:")
-    _body(out, spec, element, masked=False)
-    out.add(2, "else:")
-    out.add(3, "mask = offs < n")
-    _body(out, spec, element, masked=True)
-    out.add(1, "# the last program of this tensor to finish advances its step counter")
-    out.add(1, "if tl.atomic_add(done + tid, 1) == tl.load(chunk_count + tid) - 1:")
-    out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
-    out.add(2, "tl.store(done + tid, 0)")
+    for phase in range(low.n_phases):
+        _kernel(out, spec, scalar, element, phase)
+    _kernel(out, spec, scalar, element, None)
     return out.text()
 
 
@@ -158,3 +118,110 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
         else:
             value = f"({value}).to({TRITON_DTYPES[spec.dtype_of(target)]})"
         out.add(3, f"tl.store(ptr_{target} + offs, {value}{mask})")
+
+
+SIGNATURE = ("ptrs, hparams, numels, chunk_tensor, chunk_start, chunk_count, done, acc_tensor, acc_group, "
+             "group_done, n_programs, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr")
+KERNEL_ARGS = tuple(a.split(":")[0].strip() for a in SIGNATURE.split(","))
+
+
+def reduction_slot(spec: KernelSpec, name: str) -> str:
+    """Where a reduction's running value lives: a per-tensor row or the group table."""
+    r = next(r for r in spec.lowered.reductions if r.name == name)
+    same = [x.name for x in spec.lowered.reductions if x.over == r.over]
+    if r.over == "tensor":
+        return f"acc_tensor + tid * {len(same)} + {same.index(name)}"
+    return f"acc_group + {same.index(name)}"
+
+
+def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: TritonPrinter, phase: int | None):
+    """One kernel: reduction phase ``phase``, or the final, updating phase when phase is None."""
+    low = spec.lowered
+    prog = low.program
+    cols = spec.columns
+    final = phase is None
+    level = low.n_phases if final else phase
+    out.add(0, "")
+    out.add(0, "")
+    out.add(0, "@triton.jit")
+    out.add(0, f"def {'fused_step' if final else f'reduce_phase_{phase}'}({SIGNATURE}):")
+    out.add(1, "pid = tl.program_id(0)")
+    out.add(1, "tid = tl.load(chunk_tensor + pid)")
+    out.add(1, "start = tl.load(chunk_start + pid)")
+    out.add(1, "n = tl.load(numels + tid)")
+    out.add(1, f"row = ptrs + tid * {len(cols)}")
+    for i, col in enumerate(cols):
+        out.add(1, f"ptr_{col} = tl.load(row + {i}).to(tl.pointer_type({TRITON_DTYPES[spec.dtype_of(col)]}))")
+    out.add(1, "if ALIGNED:")
+    for col in cols[:-1]:
+        out.add(2, f"ptr_{col} = tl.multiple_of(ptr_{col}, 16)")
+    out.add(2, "start = tl.multiple_of(start, 16)")
+    out.add(1, "# hyperparameters, the step and the size, float64, once per program")
+    for i, name in enumerate(prog.hparams):
+        out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
+    out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
+    out.add(1, f"s_{ir.NUMEL} = n.to(tl.float64)")
+    done_reductions = [r for r in low.reductions if r.phase < level]
+    for r in done_reductions:
+        out.add(1, f"s_{r.name} = tl.load({reduction_slot(spec, r.name)}).to(tl.float64)")
+    scalars = [(n, e) for n, e in low.scalars if low.available_in(n) <= level]
+    for name, expr in scalars:
+        out.add(1, f"s_{name} = {scalar(expr)}")
+    booleans: frozenset[str] = frozenset()
+    for name, expr in scalars:
+        if is_boolean(expr, booleans):
+            booleans |= {name}
+    for name in (*prog.hparams, ir.STEP, ir.NUMEL, *(r.name for r in done_reductions), *(n for n, _ in scalars)):
+        cast = "" if name in booleans else ".to(tl.float32)"
+        out.add(1, f"v_{name} = s_{name}{cast}")
+    if not final:
+        _reduce_body(out, spec, element, [r for r in low.reductions if r.phase == phase])
+        return
+    out.add(1, "for i in range(ITERS):")
+    out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
+    # A mask whose value is unknown per 16-byte group blocks vectorised access, so blocks that lie
+    # wholly inside the tensor take an unmasked copy of the body; only the tail is masked.
+    out.add(2, "if start + (i + 1) * BLOCK <= n:")
+    _body(out, spec, element, masked=False)
+    out.add(2, "else:")
+    out.add(3, "mask = offs < n")
+    _body(out, spec, element, masked=True)
+    out.add(1, "# the last program of this tensor to finish advances its step counter (and resets its")
+    out.add(1, "# reduction accumulators); the last program of all resets the group accumulators")
+    out.add(1, "if tl.atomic_add(done + tid, 1) == tl.load(chunk_count + tid) - 1:")
+    out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
+    out.add(2, "tl.store(done + tid, 0)")
+    for r in low.reductions:
+        if r.over == "tensor":
+            out.add(2, f"tl.store({reduction_slot(spec, r.name)}, {_INIT[r.op]})")
+    group = [r for r in low.reductions if r.over == "group"]
+    if group:
+        out.add(1, "if tl.atomic_add(group_done, 1) == n_programs - 1:")
+        for r in group:
+            out.add(2, f"tl.store({reduction_slot(spec, r.name)}, {_INIT[r.op]})")
+        out.add(2, "tl.store(group_done, 0)")
+
+
+_INIT = {"sum": "0.0", "max": "float('-inf')"}
+
+
+def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductions) -> None:
+    """Partial reductions of this program's chunk, added atomically to the accumulators."""
+    prog = spec.lowered.program
+    for r in reductions:
+        out.add(1, f"acc_{r.name} = tl.full([BLOCK], {_INIT[r.op]}, tl.float32)")
+    out.add(1, "for i in range(ITERS):")
+    out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
+    out.add(2, "mask = offs < n")
+    for col in (ir.PARAM, ir.GRAD, *prog.state_names):
+        out.add(2, f"v_{col} = tl.load(ptr_{col} + offs, mask=mask).to(tl.float32)")
+    for r in reductions:
+        value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
+        if r.op == "sum":
+            out.add(2, f"acc_{r.name} += tl.where(mask, {value}, 0.0)")
+        else:
+            out.add(2, f"acc_{r.name} = tl.maximum(acc_{r.name}, tl.where(mask, {value}, float('-inf')))")
+    for r in reductions:
+        atomic = "tl.atomic_add" if r.op == "sum" else "tl.atomic_max"
+        combine = "tl.sum" if r.op == "sum" else "tl.max"
+        out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0))")

@@ -241,11 +241,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
         hparams = self._hparams(group, device, program)
-        if self._backend_for(device) == "triton" and not program.has_reductions:
+        if self._backend_for(device) == "triton":
             from codegen import launch, ops
 
             fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
                      for p, g, st in zip(params, grads, per_param)]
+            if program.has_group_reductions and not all(fused):
+                fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
             if any(fused):
                 chosen = [i for i, ok in enumerate(fused) if ok]
                 ops.fused_step(
@@ -391,8 +393,5 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
         program = obj
     else:
         raise TypeError(f"kernel_source takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
-    if program.has_reductions:
-        raise NotImplementedError(f"rule '{program.name}' has reductions (or max_grad_norm), which run on the "
-                                  "reference backend: fused reduction kernels are not implemented yet")
     spec = ops.kernel_spec(program, param_dtype, grad_dtype or param_dtype, target)
     return ops.source(spec)

@@ -19,14 +19,40 @@ from . import ir
 
 
 @dataclasses.dataclass(frozen=True)
+class ReductionSpec:
+    """One reduction, computed in reduction phase ``phase`` (0 first) from ``arg``, an elementwise
+    expression that may read the results of reductions of earlier phases."""
+
+    name: str  # the symbol the result is read through: _r0, _r1, ...
+    op: str  # "sum" | "max"
+    over: str  # "tensor" | "group"
+    phase: int
+    arg: sympy.Expr
+
+
+@dataclasses.dataclass(frozen=True)
 class Lowered:
     program: ir.Program
     scalars: tuple[tuple[str, sympy.Expr], ...]  # in dependency order; read hparams, t, earlier scalars
     temps: tuple[tuple[str, sympy.Expr], ...]  # elementwise temporaries, in dependency order
     outputs: tuple[tuple[str, sympy.Expr], ...]  # target -> expression
+    reductions: tuple[ReductionSpec, ...] = ()
+
+    @property
+    def n_phases(self) -> int:
+        """Reduction phases before the final (updating) phase."""
+        return 1 + max((r.phase for r in self.reductions), default=-1)
+
+    def available_in(self, name: str) -> int:
+        """The first phase whose kernel can compute scalar ``name`` (after the reductions it reads)."""
+        deps = dict(self.scalars)[name].free_symbols
+        phases = {r.name: r.phase for r in self.reductions}
+        avail = {n: self.available_in(n) for n, _ in self.scalars if n in {d.name for d in deps}}
+        return max([phases[d.name] + 1 for d in deps if d.name in phases] + list(avail.values()) + [0])
 
     def text(self) -> str:
         lines = [self.program.text().rstrip()]
+        lines += [f"  reduce {r.name} = {r.op} over {r.over} in phase {r.phase} of {r.arg}" for r in self.reductions]
         lines += [f"  scalar {n} = {e}" for n, e in self.scalars]
         lines += [f"  temp {n} = {e}" for n, e in self.temps]
         lines += [f"  out {n} = {e}" for n, e in self.outputs]
@@ -69,12 +95,39 @@ class _Hoister:
         return expr.func(*[self(a) for a in args])
 
 
-def hoist(program: ir.Program) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list[tuple[str, sympy.Expr]]]:
-    """Pull scalar-only subexpressions out of the updates. Returns (scalars, updates)."""
-    h = _Hoister(program.scalar_names)
-    updates = [(target, h(expr)) for target, expr in program.updates]
+def extract_reductions(updates) -> tuple[list[ReductionSpec], list[tuple[str, sympy.Expr]]]:
+    """Replace every reduction by a symbol ``_rK``; innermost first, identical ones shared."""
+    found: list[ReductionSpec] = []
+    names: dict[tuple, sympy.Symbol] = {}
+
+    def visit(e: sympy.Basic) -> sympy.Basic:
+        if e.is_Atom:
+            return e
+        if isinstance(e, sympy.Piecewise):
+            return sympy.Piecewise(*[(visit(v), visit(c)) for v, c in e.args])
+        args = [visit(a) for a in e.args]
+        if not isinstance(e, ir.Reduction):
+            return _rebuild(e, args)
+        key = (e.op, e.over, args[0])
+        if key not in names:
+            deps = [r.phase for r in found if r.name in ir.free_names(args[0])]
+            names[key] = ir.symbol(f"_r{len(found)}")
+            found.append(ReductionSpec(names[key].name, e.op, e.over, 1 + max(deps, default=-1), args[0]))
+        return names[key]
+
+    return found, [(target, visit(expr)) for target, expr in updates]
+
+
+def hoist(program: ir.Program):
+    """Pull scalar-only subexpressions out of the updates and the reduction arguments.
+
+    Returns (scalars, updates, reductions); reduction results count as scalars."""
+    reductions, updates = extract_reductions(program.updates)
+    h = _Hoister(program.scalar_names | {r.name for r in reductions})
+    updates = [(target, h(expr)) for target, expr in updates]
+    reductions = [dataclasses.replace(r, arg=h(r.arg)) for r in reductions]
     scalars = [(sym, expr) for expr, sym in h.hoisted.items()]
-    return scalars, updates
+    return scalars, updates, reductions
 
 
 def _rebuild(e: sympy.Basic, args: list) -> sympy.Basic:
@@ -130,7 +183,7 @@ def cse(exprs: list[sympy.Expr], prefix: str) -> tuple[list[tuple[sympy.Symbol, 
 
 
 def lower(program: ir.Program) -> Lowered:
-    scalar_defs, updates = hoist(program)
+    scalar_defs, updates, reductions = hoist(program)
     s_temps, s_reduced = cse([e for _, e in scalar_defs], "_s")
     scalars = [(s.name, e) for s, e in s_temps]
     scalars += [(sym.name, e) for (sym, _), e in zip(scalar_defs, s_reduced)]
@@ -140,4 +193,5 @@ def lower(program: ir.Program) -> Lowered:
         scalars=tuple(scalars),
         temps=tuple((s.name, e) for s, e in e_temps),
         outputs=tuple((target, e) for (target, _), e in zip(updates, e_reduced)),
+        reductions=tuple(reductions),
     )

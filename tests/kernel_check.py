@@ -93,7 +93,7 @@ def _assert_close(what, got, ref, old, grad, rtol):
 
 def builtin_programs():
     """(id, program, valid hyperparameter ranges) for every built-in rule and option set."""
-    from fusedopt.optimizers import adam, adamw, lion, sgd
+    from fusedopt.optimizers import adam, adamw, lamb, lion, sgd
 
     out = []
     for amsgrad in (False, True):
@@ -105,6 +105,10 @@ def builtin_programs():
     out.append(("sgd-plain", sgd.program()))
     out.append(("lion", lion.program()))
     out.append(("lion-max", lion.program(maximize=True)))
+    out.append(("lamb", lamb.program()))  # per-tensor norms: two reduction phases
+    out.append(("lamb-clip", lamb.program(clip=True)))  # plus a group-wide norm
+    out.append(("adamw-clip", adamw.program(clip=True)))
+    out.append(("sgd-clip", sgd.program(with_momentum=True, clip=True)))
     return out
 
 

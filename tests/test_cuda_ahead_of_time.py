@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def ptx_widths(tmp_path_factory):
+def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FUSEDOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton"))
@@ -31,8 +31,17 @@ def ptx_widths(tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="module")
+def ptx_widths(compiled):
+    return compiled["kernels"]
+
+
 def test_every_builtin_kernel_compiles_for_sm90(ptx_widths):
     assert len(ptx_widths) == 8
+
+
+def test_reduction_phase_kernels_compile_for_sm90(compiled):
+    assert compiled["lamb_clip_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
 
 
 STATES = {"adam-amsgrad": 3, "adamw": 2, "lion": 1, "sgd-nesterov": 1}

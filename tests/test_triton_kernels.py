@@ -63,6 +63,8 @@ def hparams_for(program, draw):
             values[h] = draw(st.sampled_from([1e-8, 1e-6, 1e-3]))
         elif h == "lr":
             values[h] = draw(st.floats(1e-5, 0.5))
+        elif h == "max_grad_norm":
+            values[h] = draw(st.sampled_from([1e-3, 0.5, 10.0, 1e6]))
         else:
             values[h] = draw(st.floats(0.0, 0.2))
     return values
