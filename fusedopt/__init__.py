@@ -2,6 +2,7 @@
 
 from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
+from .monitor import OptimizerMonitor
 from .optim import FusedOptimizer, kernel_source
 from .torch_compat import LAMB, SGD, Adam, AdamW, Lion
 
@@ -11,6 +12,7 @@ __all__ = [
     "FusedOptimizer",
     "LAMB",
     "Lion",
+    "OptimizerMonitor",
     "Rule",
     "RuleError",
     "SGD",
