@@ -15,7 +15,8 @@ from strategies import Case, TensorSpec
 
 import fusedopt
 from fusedopt import reference
-from fusedopt.dsl import lerp, rule, sqrt, state
+from fusedopt.dsl import rule, sqrt
+from fusedopt.optimizers.adam import moments
 
 FP32, FP64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
@@ -47,13 +48,8 @@ def test_oracle_check_covers_every_builtin_option():
 def adam_eps_inside_sqrt(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                          amsgrad=False, maximize=False):
     """Adam with a classic mistake: eps added to v-hat under the square root."""
-    if maximize:
-        g = -g
-    g = g + weight_decay * p
-    m = state("exp_avg")
-    v = state("exp_avg_sq")
-    m.set(lerp(m, g, 1 - beta1))
-    v.set(beta2 * v + (1 - beta2) * g * g)
+    g = (-g if maximize else g) + weight_decay * p
+    m, v = moments(g, beta1, beta2, amsgrad)
     p.set(p - lr / (1 - beta1**t) * m / sqrt(v / (1 - beta2**t) + eps))
 
 
@@ -61,13 +57,8 @@ def adam_eps_inside_sqrt(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, wei
 def adam_off_by_one_bias_correction(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                     amsgrad=False, maximize=False):
     """Adam with the second bias correction one step ahead: 1 - beta2**(t+1)."""
-    if maximize:
-        g = -g
-    g = g + weight_decay * p
-    m = state("exp_avg")
-    v = state("exp_avg_sq")
-    m.set(lerp(m, g, 1 - beta1))
-    v.set(beta2 * v + (1 - beta2) * g * g)
+    g = (-g if maximize else g) + weight_decay * p
+    m, v = moments(g, beta1, beta2, amsgrad)
     p.set(p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2 ** (t + 1)) + eps))
 
 
