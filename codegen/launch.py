@@ -50,6 +50,8 @@ def eligible(param: torch.Tensor, grad: torch.Tensor, states: Sequence[torch.Ten
     """Can the kernel update this tensor in place by flat indexing? (Otherwise: reference backend.)"""
     if param.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
         return False
+    if param.is_contiguous() and grad.is_contiguous() and all(t.is_contiguous() for t in states):
+        return all(t.shape == param.shape and t.device == param.device for t in (grad, *states))
     if not _dense(param):
         return False
     return all(t.stride() == param.stride() and t.device == param.device and t.shape == param.shape

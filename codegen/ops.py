@@ -60,6 +60,10 @@ def fused_step(
     hparams: list[torch.Tensor],
 ) -> None:
     """One step of the registered program over every tensor; states are listed state-major."""
+    _launch(program_key, params, grads, states, steps, hparams)
+
+
+def _launch(program_key, params, grads, states, steps, hparams) -> None:
     low = _PROGRAMS[program_key]
     n = len(params)
     n_states = len(low.program.states)
@@ -85,6 +89,18 @@ def fused_step(
         plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
         plan.refresh(pointers, hp_pointers)
         launch.run(module, spec, plan)
+
+
+def step(program_key: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],
+         steps: list[torch.Tensor], hparams: list[torch.Tensor]) -> None:
+    """What the front end calls. Traced by torch.compile it is the custom op; run eagerly it skips
+    the dispatcher (its per-tensor bookkeeping is a large share of the host time of a step over
+    ~150 tensors) and bumps the version counters of what it wrote, as the op would."""
+    if torch.compiler.is_compiling():
+        fused_step(program_key, params, grads, states, steps, hparams)
+        return
+    _launch(program_key, params, grads, states, steps, hparams)
+    torch.autograd.graph.increment_version(params + states + steps)
 
 
 @fused_step.register_fake

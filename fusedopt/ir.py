@@ -13,6 +13,7 @@ order of statements is already resolved here and backends may load everything, c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Mapping
 
@@ -60,11 +61,11 @@ class Program:
         """Names whose value is one number per tensor (hyperparameters, the step, the size)."""
         return frozenset(self.hparams) | {STEP, NUMEL}
 
-    @property
+    @functools.cached_property
     def has_reductions(self) -> bool:
         return any(expr.atoms(Reduction) for _, expr in self.updates)
 
-    @property
+    @functools.cached_property
     def has_group_reductions(self) -> bool:
         return any(r.over == "group" for _, expr in self.updates for r in expr.atoms(Reduction))
 

@@ -25,6 +25,7 @@ class _Prepared(NamedTuple):
     program: ir.Program
     reference: reference.Compiled
     kernel_keys: dict  # device -> key of the registered fused kernel program
+    group_wide: bool  # has a reduction over the whole group: every tensor in one call
 
 
 class _ParamGroup(dict):
@@ -156,7 +157,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         prepared = self._prepared_by_options.get(options)
         if prepared is None:
             program = self.rule.program(clip=options[-1], **dict(zip(self.rule.options, options)))
-            prepared = _Prepared(program, reference.compile_program(program), {})
+            prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             self._prepared_by_options[options] = prepared
         devices = {p.device for p in group["params"]}
         for device in devices:
@@ -228,7 +229,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in params:
                 by_device.setdefault(p.device, []).append(p)
-            if len(by_device) > 1 and prepared.program.has_group_reductions:
+            if len(by_device) > 1 and prepared.group_wide:
                 raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
                                    f"reduction) has parameters on {sorted(map(str, by_device))}; put each "
                                    "device's parameters in a group of its own")
@@ -246,11 +247,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
             fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
                      for p, g, st in zip(params, grads, per_param)]
-            if program.has_group_reductions and not all(fused):
+            if prepared.group_wide and not all(fused):
                 fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
             if any(fused):
                 chosen = [i for i, ok in enumerate(fused) if ok]
-                ops.fused_step(
+                ops.step(
                     prepared.kernel_keys[device],
                     [params[i] for i in chosen],
                     [grads[i] for i in chosen],
@@ -268,7 +269,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         any_wide = any(p.dtype == torch.float64 for p in params)
         for wide in (False, True):
             idx = [i for i, p in enumerate(params) if (p.dtype == torch.float64) == wide]
-            if program.has_group_reductions:
+            if prepared.group_wide:
                 idx = list(range(len(params))) if wide == any_wide else []
             if idx:
                 states = {name: [per_param[i][name] for i in idx] for name in program.state_names}

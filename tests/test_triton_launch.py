@@ -147,3 +147,19 @@ def test_plan_tables_cover_every_element_exactly_once():
         covered[t] += min(chunk, max(0, numels[t] - s))
     assert covered == numels
     assert plan.chunk_count.tolist() == [max(1, -(-n // chunk)) for n in numels]
+
+
+def test_eager_fused_step_bumps_version_counters_like_an_inplace_op():
+    """The eager path skips the dispatcher, so it must tell autograd what it wrote."""
+    require_kernel_device("cpu")
+    w = torch.randn(5, requires_grad=True)
+    opt = fusedopt.AdamW([w], backend="triton")
+    w.grad = torch.randn(5)
+    x = torch.randn(5, requires_grad=True)
+    loss = (w * x).sum()  # saves w for the gradient of x
+    before = w._version
+    opt.step()
+    assert w._version > before
+    assert all(t._version > 0 for t in opt.state[w].values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
