@@ -100,7 +100,15 @@ def step(program_key: str, params: list[torch.Tensor], grads: list[torch.Tensor]
         fused_step(program_key, params, grads, states, steps, hparams)
         return
     _launch(program_key, params, grads, states, steps, hparams)
-    torch.autograd.graph.increment_version(params + states + steps)
+    _bump_versions(params + states + steps)
+
+
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch releases whose increment_version takes one tensor
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 @fused_step.register_fake
