@@ -44,8 +44,8 @@ def _train(model, opt, sched, x, steps, compiled):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("sched_name", ["onecycle", "cosine"])
-def test_compiled_training_step_with_fused_kernels_never_recompiles(device, sched_name, monkeypatch):
+@pytest.mark.parametrize("sched_name,opt_name", [("onecycle", "adam"), ("cosine", "adam"), ("cosine", "lamb")])
+def test_compiled_training_step_with_fused_kernels_never_recompiles(device, sched_name, opt_name, monkeypatch):
     require_kernel_device(device)
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         pytest.skip("tracing backward inside the graph needs torch >= 2.13")
@@ -59,7 +59,8 @@ def test_compiled_training_step_with_fused_kernels_never_recompiles(device, sche
 
     models = [make(), make()]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [fusedopt.Adam(m.parameters(), lr=0.01, backend="triton") for m in models]
+    cls = {"adam": fusedopt.Adam, "lamb": fusedopt.LAMB}[opt_name]  # LAMB: reduction phases and clipping
+    opts = [cls(m.parameters(), lr=0.01, backend="triton") for m in models]
     if sched_name == "onecycle":  # cycles betas[0] as well as lr
         scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=60) for o in opts]
     else:
