@@ -80,6 +80,12 @@ class _Handle:
             raise _fail(b.rule, f"'{self._name}' is set to a comparison ({expr})",
                         "wrap comparisons in where(cond, a, b)")
         unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
+        if not unknown and self._name in b.states:
+            target = b.states[self._name].layout
+            got = ir.layout_of(expr, {n: s.layout for n, s in b.states.items()})
+            if target != "full" and got not in ("scalar", "batch", target):
+                raise _fail(b.rule, f"state '{self._name}' has layout '{target}' but is set to a value with layout "
+                            f"'{got}'", f"reduce it first, e.g. mean(x, over='{target}')")
         if unknown:
             raise _fail(b.rule, f"'{self._name}' reads undeclared name(s) {unknown}",
                         "declare states with state('name') and hyperparameters as keyword arguments")
@@ -107,8 +113,11 @@ class _Handle:
         return f"<{self._name}>"
 
 
-def state(name: str, init: str = "zeros", dtype: str = "fp32") -> _Handle:
-    """Declare a full-size state (shape of p). ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16"."""
+def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full") -> _Handle:
+    """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16"; ``layout``: "full"
+    (the shape of p), "rows" (one value per row: shape[:-1] + (1,)) or "cols" (one per column:
+    shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors. Row and column layouts
+    need a rule option ``matrix`` (True for tensors of two or more dimensions) to branch on."""
     b = _Builder.current("state()")
     if not isinstance(name, str) or not name.isidentifier():
         raise _fail(b.rule, f"state name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
@@ -121,7 +130,11 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32") -> _Handle:
         raise _fail(b.rule, f"state '{name}' has init={init!r}", f"use one of {list(ir.STATE_INITS)}")
     if dtype not in ir.STORAGE_DTYPES:
         raise _fail(b.rule, f"state '{name}' has dtype={dtype!r}", f"use one of {list(ir.STORAGE_DTYPES)}")
-    b.states[name] = ir.StateSpec(name, init, dtype)
+    if layout not in ir.STATE_LAYOUTS:
+        raise _fail(b.rule, f"state '{name}' has layout={layout!r}", f"use one of {list(ir.STATE_LAYOUTS)}")
+    if layout != "full" and init != "zeros":
+        raise _fail(b.rule, f"state '{name}' with layout {layout!r} has init={init!r}", "use init='zeros'")
+    b.states[name] = ir.StateSpec(name, init, dtype, layout)
     return _Handle(b, name)
 
 
@@ -189,8 +202,8 @@ def lerp(a, b, w):
 # ---- reductions ---------------------------------------------------------------------------------
 
 def _reduce(op: str, x, over: str):
-    if over in ("rows", "cols", "blocks"):
-        raise _misuse(f"reductions over '{over}' are not supported yet", "reduce over 'tensor' or 'group'")
+    if over == "blocks":
+        raise _misuse("reductions over 'blocks' are not supported yet", "reduce over 'tensor', 'group', 'rows' or 'cols'")
     if over not in ir.REDUCE_OVER:
         raise _misuse(f"over={over!r} is not a reduction domain", f"use one of {list(ir.REDUCE_OVER)}")
     return ir.reduction(op, over)(_expr(x))
@@ -207,9 +220,12 @@ def amax(x, over: str = "tensor"):
 
 
 def mean(x, over: str = "tensor"):
-    """Mean of x over the tensor."""
+    """Mean of x over the tensor, or over each row ("rows": the last dim) or column ("cols": the
+    second-to-last dim), keeping the reduced dim as size 1 so that the result broadcasts."""
     if over == "group":
         raise _misuse("mean over 'group' is not supported", "use mean(x, over='tensor') or total(x, over='group')")
+    if over in ("rows", "cols"):
+        return _reduce("mean", x, over)
     return total(x, over) / ir.symbol(ir.NUMEL)
 
 
@@ -261,6 +277,8 @@ class Rule:
         for prm in params[3:]:
             self._add_argument(prm)
         self.program()  # build once now so that mistakes surface at definition time
+        if ir.MATRIX_OPTION in self.options:  # and the per-tensor variant the front end will ask for
+            self.program(**{ir.MATRIX_OPTION: not self.options[ir.MATRIX_OPTION]})
 
     def _add_argument(self, prm: inspect.Parameter) -> None:
         if prm.name in ir.RESERVED or prm.name.startswith("_"):
@@ -321,6 +339,11 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: bool = False
         _Builder.active.pop()
     if ir.PARAM not in b.updates:
         raise _fail(rule.name, "it never sets p", "end the rule with p.set(new_value)")
+    factored = [s.name for s in b.states.values() if s.layout != "full"]
+    if factored and dict(options).get(ir.MATRIX_OPTION) is not True:
+        raise _fail(rule.name, f"states {factored} have row/column layouts but the rule is being built for "
+                    "tensors that may have fewer than two dimensions",
+                    f"add the option {ir.MATRIX_OPTION}=False and declare them under `if {ir.MATRIX_OPTION}:`")
     unset = [s for s in b.states if s not in b.updates]
     if unset:
         raise _fail(rule.name, f"state(s) {unset} are declared but never set", "set them or remove them")

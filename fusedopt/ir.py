@@ -25,11 +25,16 @@ STEP = "t"
 NUMEL = "numel"  # the element count of the tensor being updated, a per-tensor scalar
 RESERVED = frozenset({PARAM, GRAD, STEP, NUMEL, "param", "grad", "step", "params", "lr_scheduler"})
 
-REDUCE_OPS = ("sum", "max")
-REDUCE_OVER = ("tensor", "group")  # one value per tensor, or one per group (all tensors of a launch)
+REDUCE_OPS = ("sum", "max", "mean")
+# tensor: one value per tensor; group: one per group (all tensors of a launch); rows: over the last
+# dim (keeping it as size 1); cols: over the second-to-last dim
+REDUCE_OVER = ("tensor", "group", "rows", "cols")
 
 STORAGE_DTYPES = ("fp32", "bf16")
 STATE_INITS = ("zeros", "p", "g")
+STATE_LAYOUTS = ("full", "rows", "cols")
+# The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
+MATRIX_OPTION = "matrix"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class StateSpec:
     name: str
     init: str = "zeros"  # "zeros", or a copy of "p" or "g" taken when the state is created
     dtype: str = "fp32"  # storage dtype; compute is always fp32 (fp64 in the oracle)
+    layout: str = "full"  # "full" (like p), "rows" (shape[:-1] + (1,)), "cols" (shape[:-2] + (1, m))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,12 @@ class Program:
         return any(expr.atoms(Reduction) for _, expr in self.updates)
 
     @functools.cached_property
+    def needs_reference(self) -> bool:
+        """Row/column layouts and reductions run on the reference backend (no fused kernels yet)."""
+        return any(s.layout != "full" for s in self.states) or any(
+            r.over in ("rows", "cols") or r.op == "mean" for _, e in self.updates for r in e.atoms(Reduction))
+
+    @functools.cached_property
     def has_group_reductions(self) -> bool:
         return any(r.over == "group" for _, expr in self.updates for r in expr.atoms(Reduction))
 
@@ -80,7 +92,8 @@ class Program:
         for name, value in self.options:
             lines.append(f"  option {name} = {value!r}")
         for s in self.states:
-            lines.append(f"  state {s.name}: init={s.init} dtype={s.dtype}")
+            lines.append(f"  state {s.name}: init={s.init} dtype={s.dtype}" + (
+                f" layout={s.layout}" if s.layout != "full" else ""))
         for target, expr in self.updates:
             lines.append(f"  {target} <- {sympy.srepr(expr)}")
         return "\n".join(lines) + "\n"
@@ -182,3 +195,32 @@ def fold_constants(expr: sympy.Basic) -> sympy.Basic:
         return expr
     args = [fold_constants(a) for a in expr.args]
     return expr if args == list(expr.args) else expr.func(*args)
+
+
+_LAYOUT_RANK = {"scalar": 0, "batch": 1, "rows": 2, "cols": 2, "full": 3}
+
+
+def _join(a: str, b: str) -> str:
+    if {a, b} == {"rows", "cols"}:
+        return "full"
+    return a if _LAYOUT_RANK[a] >= _LAYOUT_RANK[b] else b
+
+
+def layout_of(expr: sympy.Basic, states: dict[str, str]) -> str:
+    """Which values an expression has per tensor: "scalar", "batch" (one per leading index),
+    "rows", "cols" or "full" (one per element). ``states`` maps state names to their layouts."""
+    if isinstance(expr, sympy.Symbol):
+        if expr.name in (PARAM, GRAD):
+            return "full"
+        return states.get(expr.name, "scalar")
+    if isinstance(expr, Reduction):
+        inner = layout_of(expr.args[0], states)
+        if expr.over in ("tensor", "group"):
+            return "scalar"
+        kept = "cols" if expr.over == "rows" else "rows"  # what a full input reduces to: the other factor
+        reduced = {"full": "rows" if expr.over == "rows" else "cols", kept: "batch"}
+        return reduced.get(inner, inner)
+    out = "scalar"
+    for arg in expr.args:
+        out = _join(out, layout_of(arg, states))
+    return out

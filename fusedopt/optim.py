@@ -21,6 +21,10 @@ from .dtypes import PARAM_DTYPES, storage_dtype
 BACKENDS = ("reference", "triton")
 
 
+def program_needs_reference(program: ir.Program) -> bool:
+    return program.needs_reference
+
+
 class _Prepared(NamedTuple):
     program: ir.Program
     reference: reference.Compiled
@@ -106,7 +110,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._hparam_keys():
             names = self.aliases.get(key)
             defaults[key] = tuple(self.rule.hparams[n] for n in names) if names else self.rule.hparams[key]
-        defaults.update(self.rule.options)
+        defaults.update({k: v for k, v in self.rule.options.items() if k != ir.MATRIX_OPTION})
         defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
@@ -135,7 +139,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         clip = group.get(CLIP_HPARAM)
         if clip is not None and not (isinstance(clip, (int, float, torch.Tensor)) and float(clip) > 0):
             raise ValueError(f"{type(self).__name__}: invalid {CLIP_HPARAM} {clip!r}; expected None or a number > 0")
-        for key in self.rule.options:
+        for key in self._group_options():
             if not isinstance(group[key], bool):
                 raise TypeError(f"{type(self).__name__}: option '{key}' must be a bool, got {group[key]!r}")
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
@@ -149,30 +153,39 @@ class FusedOptimizer(torch.optim.Optimizer):
             dict.__setitem__(converted, key, value)
         self.param_groups[-1] = converted
         self._groups = list(self.param_groups)
-        self._prepared(converted)
+        for matrix in self._matrix_choices():
+            self._prepared(converted, matrix)
 
-    def _prepared(self, group: Mapping[str, Any]) -> "_Prepared":
+    def _group_options(self) -> list[str]:
+        return [k for k in self.rule.options if k != ir.MATRIX_OPTION]
+
+    def _matrix_choices(self) -> tuple:
+        """Rules with a `matrix` option get one program for tensors of >= 2 dims and one for the rest."""
+        return (False, True) if ir.MATRIX_OPTION in self.rule.options else (None,)
+
+    def _prepared(self, group: Mapping[str, Any], matrix: bool | None = None) -> "_Prepared":
         """The group's program in every form a step needs; built eagerly, looked up in step()."""
-        options = self._options_of(group)
+        options = self._options_of(group, matrix)
         prepared = self._prepared_by_options.get(options)
         if prepared is None:
-            program = self.rule.program(clip=options[-1], **dict(zip(self.rule.options, options)))
+            chosen = dict(zip(self._group_options(), options))
+            if matrix is not None:
+                chosen[ir.MATRIX_OPTION] = matrix
+            program = self.rule.program(clip=options[-1], **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             self._prepared_by_options[options] = prepared
         devices = {p.device for p in group["params"]}
         for device in devices:
-            if self._backend_for(device) == "triton" and device not in prepared.kernel_keys:
+            if self._backend_for(device) == "triton" and device not in prepared.kernel_keys \
+                    and not program_needs_reference(prepared.program):
                 from codegen import ops  # the front end is the one place that reaches codegen
 
                 prepared.kernel_keys[device] = ops.register(prepared.program)
         return prepared
 
-    def _program(self, group: Mapping[str, Any]) -> ir.Program:
-        return self._prepared(group).program
-
-    def _options_of(self, group: Mapping[str, Any]) -> tuple:
-        """The static choices of a group: the rule's options, then whether it clips gradients."""
-        return (*(group[k] for k in self.rule.options), group.get(CLIP_HPARAM) is not None)
+    def _options_of(self, group: Mapping[str, Any], matrix: bool | None) -> tuple:
+        """The static choices: the rule's options, the tensor kind, then whether gradients are clipped."""
+        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None)
 
     def _hparams(self, group: Mapping[str, Any], device: torch.device, program: ir.Program) -> dict:
         out = {}
@@ -223,17 +236,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             if params:
                 work.append((group, params))
         for group, params in work:
-            prepared = self._prepared_by_options.get(self._options_of(group))
-            if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
-                prepared = self._prepared(group)
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            by_kind: dict[tuple, list[torch.Tensor]] = {}
             for p in params:
-                by_device.setdefault(p.device, []).append(p)
-            if len(by_device) > 1 and prepared.group_wide:
-                raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
-                                   f"reduction) has parameters on {sorted(map(str, by_device))}; put each "
-                                   "device's parameters in a group of its own")
-            for device, ps in by_device.items():
+                matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
+                by_kind.setdefault((p.device, matrix), []).append(p)
+            for (device, matrix), ps in by_kind.items():
+                prepared = self._prepared_by_options.get(self._options_of(group, matrix))
+                if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
+                    prepared = self._prepared(group, matrix)
+                if len(by_kind) > 1 and prepared.group_wide:
+                    raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
+                                       "reduction) must have its parameters on one device and, for rules with "
+                                       "per-tensor kinds, of one kind; split the group")
                 self._step_tensors(prepared, group, device, ps)
         return loss
 
@@ -242,7 +256,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
         hparams = self._hparams(group, device, program)
-        if self._backend_for(device) == "triton":
+        if self._backend_for(device) == "triton" and not program_needs_reference(program):
             from codegen import launch, ops
 
             fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
@@ -326,10 +340,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             merged = {**{k: v for k, v in mine.items()}, **{k: v for k, v in saved.items() if k != "params"}}
             merged["params"] = mine["params"]
             self._complete_group(merged)
-            program = self._program(merged)
             new_groups.append((mine, merged))
             for key_id, p in zip(saved["params"], mine["params"]):
-                index[key_id] = (p, program)
+                kind = None if self._matrix_choices() == (None,) else p.dim() >= 2
+                index[key_id] = (p, self._prepared(merged, kind).program)
         new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key_id, values in saved_state.items():
             if key_id not in index:
@@ -354,9 +368,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for spec in program.states:
             value = values[spec.name]
-            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+            expected = reference.state_shape(spec, p.shape)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state '{spec.name}' has shape {shape}, the parameter {tuple(p.shape)}")
+                raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
+                                 f"{tuple(p.shape)} it must be {expected}")
             out[spec.name] = value.detach().to(device=p.device, dtype=storage_dtype(spec.dtype, p.dtype),
                                              copy=True)
         step = values.get("step")
@@ -387,7 +403,7 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
     if isinstance(obj, FusedOptimizer):
         if options:
             raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
-        program = obj._prepared(obj.param_groups[0]).program
+        program = obj._prepared(obj.param_groups[0], obj._matrix_choices()[-1]).program
     elif isinstance(obj, Rule):
         program = obj.program(**options)
     elif isinstance(obj, ir.Program):

@@ -112,8 +112,8 @@ class _Flattener:
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
             return self.emit("where", self(cond), self(a), self(b))
-        if isinstance(e, ir.Reduction) and e.over == "tensor":
-            return self.emit(f"{e.op}_tensor", self(e.args[0]), ir.PARAM)
+        if isinstance(e, ir.Reduction) and e.over in ("tensor", "rows", "cols"):
+            return self.emit(f"{e.op}_{e.over}", self(e.args[0]), ir.PARAM)
         if isinstance(e, ir.Reduction) and e.over == "group":
             if e.args[0].atoms(ir.Reduction) - {e}:
                 raise NotImplementedError(f"reference interpreter: a group reduction over another reduction: {e}")
@@ -132,6 +132,13 @@ def _full(x, like: torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return torch.broadcast_to(x, like.shape)
     return torch.full(like.shape, x, dtype=like.dtype, device=like.device)
+
+
+def _mean_dim(x, dim: int):
+    """Mean over one dim, kept as size 1; a value that is already constant along it is unchanged."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[dim] == 1:
+        return x
+    return x.mean(dim=dim, keepdim=True)
 
 
 def _tensor_sum(x, like: torch.Tensor) -> torch.Tensor:
@@ -165,6 +172,8 @@ _OPS = {
     "div": operator.truediv,
     "pow": _pow,
     "where": torch.where,
+    "mean_rows": lambda x, like: _mean_dim(x, -1),
+    "mean_cols": lambda x, like: _mean_dim(x, -2),
     "sum_tensor": lambda x, like: _tensor_sum(x, like),
     "max_tensor": lambda x, like: _tensor_max(x, like),
     "abs": torch.abs,
@@ -199,12 +208,24 @@ def _value(env: dict, slot):
     return env[slot] if isinstance(slot, str) else slot
 
 
+def state_shape(spec: ir.StateSpec, param_shape) -> tuple[int, ...]:
+    """The shape a state of this layout has for a parameter of ``param_shape``."""
+    shape = list(param_shape)
+    if spec.layout == "rows":
+        shape[-1] = 1
+    elif spec.layout == "cols":
+        shape[-2] = 1
+    return tuple(shape)
+
+
 def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh states for one parameter, in their storage dtypes, on the parameter's device."""
     out = {}
     for spec in program.states:
         dtype = storage_dtype(spec.dtype, param.dtype)
-        if spec.init == "zeros":
+        if spec.layout != "full":
+            out[spec.name] = torch.zeros(state_shape(spec, param.shape), dtype=dtype, device=param.device)
+        elif spec.init == "zeros":
             out[spec.name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         else:
             src = param if spec.init == "p" else grad

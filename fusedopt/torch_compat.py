@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
+
 from .optim import FusedOptimizer
-from .optimizers import adam, adamw, lamb, lion, sgd
+from .optimizers import adafactor, adam, adamw, lamb, lion, sgd
 
 _TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
@@ -111,3 +113,38 @@ class LAMB(_AdamFamily):
         super().__init__(params, lamb, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, trust_clip=trust_clip, always_adapt=always_adapt,
                          max_grad_norm=max_grad_norm, backend=backend)
+
+
+class Adafactor(FusedOptimizer):
+    """torch.optim.Adafactor, fused where it can be (factored row/column second moments for
+    matrices; see fusedopt.optimizers.adafactor). eps=(None, 1e-3): eps1 None means the machine
+    epsilon of the group's first parameter's dtype, as torch."""
+
+    aliases = {"eps": ("eps1", "eps2")}
+    passthrough = ("foreach",)
+
+    def __init__(self, params: Iterable, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
+                 maximize: bool = False, max_grad_norm: float | None = None, backend: str | None = None,
+                 **torch_flags):
+        super().__init__(params, adafactor, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                         weight_decay=weight_decay, maximize=maximize, max_grad_norm=max_grad_norm,
+                         backend=backend, **torch_flags)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        cls = type(self).__name__
+        lr, decay, d = _value(group["lr"]), _value(group["beta2_decay"]), _value(group["d"])
+        _require(cls, "lr", lr, lr >= 0.0, "lr >= 0")
+        _require(cls, "beta2_decay", decay, decay <= 0.0, "beta2_decay <= 0")
+        _require(cls, "d", d, d >= 1.0, "d >= 1")
+        wd = _value(group["weight_decay"])
+        _require(cls, "weight_decay", wd, wd >= 0.0, "weight_decay >= 0")
+        eps1, eps2 = group["eps"]
+        if eps1 is None:
+            params = group["params"]
+            eps1 = torch.finfo(params[0].dtype).eps if params else torch.finfo(torch.float32).eps
+        group["eps"] = (eps1, eps2)
+        _require(cls, "eps", group["eps"], _value(eps1) >= 0.0 and _value(eps2) >= 0.0, "non-negative eps")
+        if group.get("max_grad_norm") is not None:
+            raise NotImplementedError(f"{cls}: max_grad_norm needs one call over every tensor of the group, and "
+                                      "Adafactor runs matrices and vectors as two programs; clip with "
+                                      "torch.nn.utils.clip_grad_norm_ before step() for now")

@@ -117,10 +117,10 @@ def test_tensor_reductions_evaluate_as_written():
 
 
 def test_reductions_over_unsupported_domains_are_definition_errors():
-    with pytest.raises(RuleError, match=r"rule 'rows'.*'rows'.*not supported yet.*Fix"):
-        @rule("rows")
-        def rows(p, g, t, lr=0.1):
-            p.set(p - lr * g / mean(g * g, over="rows"))
+    with pytest.raises(RuleError, match=r"rule 'blocks'.*'blocks'.*not supported yet.*Fix"):
+        @rule("blocks")
+        def blocks(p, g, t, lr=0.1):
+            p.set(p - lr * g / mean(g * g, over="blocks"))
     with pytest.raises(RuleError, match="over='diagonal'"):
         @rule("diag")
         def diag(p, g, t, lr=0.1):

@@ -1,9 +1,10 @@
 """The built-in rules, one per file."""
 
+from .adafactor import adafactor
 from .adam import adam
 from .adamw import adamw
 from .lamb import lamb
 from .lion import lion
 from .sgd import sgd
 
-__all__ = ["adam", "adamw", "lamb", "lion", "sgd"]
+__all__ = ["adafactor", "adam", "adamw", "lamb", "lion", "sgd"]
