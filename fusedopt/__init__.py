@@ -4,11 +4,12 @@ from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
 from .monitor import OptimizerMonitor
 from .optim import FusedOptimizer, kernel_source
-from .torch_compat import LAMB, SGD, Adafactor, Adam, AdamW, Lion
+from .torch_compat import LAMB, SGD, Adafactor, Adam, AdamMini, AdamW, Lion
 
 __all__ = [
     "Adafactor",
     "Adam",
+    "AdamMini",
     "AdamW",
     "FusedOptimizer",
     "LAMB",

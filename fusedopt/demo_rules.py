@@ -17,7 +17,8 @@ from torch import nn
 from . import optimizers
 from .dsl import Rule
 from .optim import FusedOptimizer
-from .torch_compat import LAMB, SGD, Adam, AdamW, Lion
+from .partition import Blocks
+from .torch_compat import LAMB, SGD, Adafactor, Adam, AdamMini, AdamW, Lion
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,20 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adam_mini_for(model: nn.Module, **kwargs) -> AdamMini:
+    """Adam-mini with the model's own head layout; models without a Llama config get one block per
+    output row (one per tensor for vectors)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "num_heads"):
+        return AdamMini(model.named_parameters(), dim=cfg.hidden_size, n_heads=cfg.num_heads,
+                        n_kv_heads=cfg.num_kv_heads, **kwargs)
+
+    def by_rows(name, shape):
+        return Blocks.for_shape("rows" if len(shape) >= 2 else "tensor", shape)
+
+    return AdamMini(model.named_parameters(), dim=1, n_heads=1, partition=by_rows, **kwargs)
+
+
 RULES: dict[str, DemoRule] = {
     rule.name: rule
     for rule in (
@@ -49,6 +64,9 @@ RULES: dict[str, DemoRule] = {
                  "lr 3e-4, betas (0.9, 0.99), wd 1.0"),
         DemoRule("lamb", lambda m: LAMB(decay_groups(m, 0.1), lr=3e-2, betas=(0.9, 0.95)),
                  "lr 3e-2, betas (0.9, 0.95), wd 0.1, clip 1.0"),
+        DemoRule("adam_mini", lambda m: adam_mini_for(m, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
+                 "lr 3e-3, betas (0.9, 0.95), wd 0.1 (not on norms)"),
+        DemoRule("adafactor", lambda m: Adafactor(m.parameters()), "torch's defaults (lr 1e-2)"),
     )
 }
 

@@ -82,7 +82,10 @@ class _Handle:
         unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
         if not unknown and self._name in b.states:
             target = b.states[self._name].layout
-            got = ir.layout_of(expr, {n: s.layout for n, s in b.states.items()})
+            try:
+                got = ir.layout_of(expr, {n: s.layout for n, s in b.states.items()})
+            except ValueError as exc:
+                raise _fail(b.rule, f"'{self._name}' mixes layouts: {exc}", "use one partition per rule") from exc
             if target != "full" and got not in ("scalar", "batch", target):
                 raise _fail(b.rule, f"state '{self._name}' has layout '{target}' but is set to a value with layout "
                             f"'{got}'", f"reduce it first, e.g. mean(x, over='{target}')")
@@ -116,8 +119,9 @@ class _Handle:
 def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full") -> _Handle:
     """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16"; ``layout``: "full"
     (the shape of p), "rows" (one value per row: shape[:-1] + (1,)) or "cols" (one per column:
-    shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors. Row and column layouts
-    need a rule option ``matrix`` (True for tensors of two or more dimensions) to branch on."""
+    shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors, or "blocks" (one value
+    per block of the optimizer's partition, shape (n_blocks, 1)). Row and column layouts need a rule
+    option ``matrix`` (True for tensors of two or more dimensions) to branch on."""
     b = _Builder.current("state()")
     if not isinstance(name, str) or not name.isidentifier():
         raise _fail(b.rule, f"state name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
@@ -202,8 +206,6 @@ def lerp(a, b, w):
 # ---- reductions ---------------------------------------------------------------------------------
 
 def _reduce(op: str, x, over: str):
-    if over == "blocks":
-        raise _misuse("reductions over 'blocks' are not supported yet", "reduce over 'tensor', 'group', 'rows' or 'cols'")
     if over not in ir.REDUCE_OVER:
         raise _misuse(f"over={over!r} is not a reduction domain", f"use one of {list(ir.REDUCE_OVER)}")
     return ir.reduction(op, over)(_expr(x))
@@ -224,7 +226,7 @@ def mean(x, over: str = "tensor"):
     second-to-last dim), keeping the reduced dim as size 1 so that the result broadcasts."""
     if over == "group":
         raise _misuse("mean over 'group' is not supported", "use mean(x, over='tensor') or total(x, over='group')")
-    if over in ("rows", "cols"):
+    if over in ("rows", "cols", "blocks"):
         return _reduce("mean", x, over)
     return total(x, over) / ir.symbol(ir.NUMEL)
 
@@ -339,7 +341,7 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: bool = False
         _Builder.active.pop()
     if ir.PARAM not in b.updates:
         raise _fail(rule.name, "it never sets p", "end the rule with p.set(new_value)")
-    factored = [s.name for s in b.states.values() if s.layout != "full"]
+    factored = [s.name for s in b.states.values() if s.layout in ("rows", "cols")]
     if factored and dict(options).get(ir.MATRIX_OPTION) is not True:
         raise _fail(rule.name, f"states {factored} have row/column layouts but the rule is being built for "
                     "tensors that may have fewer than two dimensions",

@@ -28,11 +28,11 @@ RESERVED = frozenset({PARAM, GRAD, STEP, NUMEL, "param", "grad", "step", "params
 REDUCE_OPS = ("sum", "max", "mean")
 # tensor: one value per tensor; group: one per group (all tensors of a launch); rows: over the last
 # dim (keeping it as size 1); cols: over the second-to-last dim
-REDUCE_OVER = ("tensor", "group", "rows", "cols")
+REDUCE_OVER = ("tensor", "group", "rows", "cols", "blocks")
 
 STORAGE_DTYPES = ("fp32", "bf16")
 STATE_INITS = ("zeros", "p", "g")
-STATE_LAYOUTS = ("full", "rows", "cols")
+STATE_LAYOUTS = ("full", "rows", "cols", "blocks")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
 MATRIX_OPTION = "matrix"
 
@@ -44,7 +44,8 @@ class StateSpec:
     name: str
     init: str = "zeros"  # "zeros", or a copy of "p" or "g" taken when the state is created
     dtype: str = "fp32"  # storage dtype; compute is always fp32 (fp64 in the oracle)
-    layout: str = "full"  # "full" (like p), "rows" (shape[:-1] + (1,)), "cols" (shape[:-2] + (1, m))
+    layout: str = "full"  # "full" (like p), "rows" (shape[:-1] + (1,)), "cols" (shape[:-2] + (1, m)),
+    # "blocks" (n_blocks, 1): one value per block of a partition that views p as (n_blocks, block_numel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,14 @@ class Program:
     def needs_reference(self) -> bool:
         """Row/column layouts and reductions run on the reference backend (no fused kernels yet)."""
         return any(s.layout != "full" for s in self.states) or any(
-            r.over in ("rows", "cols") or r.op == "mean" for _, e in self.updates for r in e.atoms(Reduction))
+            r.over in ("rows", "cols", "blocks") or r.op == "mean" for _, e in self.updates
+            for r in e.atoms(Reduction))
+
+    @functools.cached_property
+    def uses_blocks(self) -> bool:
+        """Needs a per-tensor block view (a partition) to run."""
+        return any(s.layout == "blocks" for s in self.states) or any(
+            r.over == "blocks" for _, e in self.updates for r in e.atoms(Reduction))
 
     @functools.cached_property
     def has_group_reductions(self) -> bool:
@@ -197,12 +205,14 @@ def fold_constants(expr: sympy.Basic) -> sympy.Basic:
     return expr if args == list(expr.args) else expr.func(*args)
 
 
-_LAYOUT_RANK = {"scalar": 0, "batch": 1, "rows": 2, "cols": 2, "full": 3}
+_LAYOUT_RANK = {"scalar": 0, "batch": 1, "rows": 2, "cols": 2, "blocks": 2, "full": 3}
 
 
 def _join(a: str, b: str) -> str:
     if {a, b} == {"rows", "cols"}:
         return "full"
+    if "blocks" in (a, b) and {a, b} & {"rows", "cols", "batch"}:
+        raise ValueError(f"a '{a}' value and a '{b}' value cannot be combined")
     return a if _LAYOUT_RANK[a] >= _LAYOUT_RANK[b] else b
 
 
@@ -217,6 +227,8 @@ def layout_of(expr: sympy.Basic, states: dict[str, str]) -> str:
         inner = layout_of(expr.args[0], states)
         if expr.over in ("tensor", "group"):
             return "scalar"
+        if expr.over == "blocks":
+            return "scalar" if inner == "scalar" else "blocks"
         kept = "cols" if expr.over == "rows" else "rows"  # what a full input reduces to: the other factor
         reduced = {"full": "rows" if expr.over == "rows" else "cols", kept: "batch"}
         return reduced.get(inner, inner)

@@ -173,6 +173,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 chosen[ir.MATRIX_OPTION] = matrix
             program = self.rule.program(clip=options[-1], **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
+            program.needs_reference, program.uses_blocks  # computed now, read cheaply (and traceably) later
             self._prepared_by_options[options] = prepared
         devices = {p.device for p in group["params"]}
         for device in devices:
@@ -208,7 +209,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         missing = [s.name for s in program.states if s.name not in st]
         if missing:
-            fresh = reference.init_state(program, p, g)
+            fresh = reference.init_state(program, p, g, self._block_view(p) if program.uses_blocks else None)
             for name in missing:
                 st[name] = fresh[name]
         return st
@@ -287,9 +288,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 idx = list(range(len(params))) if wide == any_wide else []
             if idx:
                 states = {name: [per_param[i][name] for i in idx] for name in program.state_names}
+                views = [self._block_view(params[i]) for i in idx] if program.uses_blocks else None
                 reference.step(prepared.reference, [params[i] for i in idx], [grads[i] for i in idx], states,
                                [per_param[i]["step"] for i in idx], hparams,
-                               compute_dtype=torch.float64 if wide else torch.float32)
+                               compute_dtype=torch.float64 if wide else torch.float32, views=views)
+
+    def _block_view(self, p: torch.Tensor) -> tuple[int, int] | None:
+        """The (n_blocks, block_numel) view of ``p`` for rules with block layouts; see AdamMini."""
+        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
@@ -368,7 +374,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for spec in program.states:
             value = values[spec.name]
-            expected = reference.state_shape(spec, p.shape)
+            expected = reference.state_shape(spec, p.shape, self._block_view(p) if program.uses_blocks else None)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "

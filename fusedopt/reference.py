@@ -112,7 +112,7 @@ class _Flattener:
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
             return self.emit("where", self(cond), self(a), self(b))
-        if isinstance(e, ir.Reduction) and e.over in ("tensor", "rows", "cols"):
+        if isinstance(e, ir.Reduction) and e.over in ("tensor", "rows", "cols", "blocks"):
             return self.emit(f"{e.op}_{e.over}", self(e.args[0]), ir.PARAM)
         if isinstance(e, ir.Reduction) and e.over == "group":
             if e.args[0].atoms(ir.Reduction) - {e}:
@@ -173,6 +173,7 @@ _OPS = {
     "pow": _pow,
     "where": torch.where,
     "mean_rows": lambda x, like: _mean_dim(x, -1),
+    "mean_blocks": lambda x, like: _mean_dim(x, -1),  # in the (n_blocks, block_numel) view
     "mean_cols": lambda x, like: _mean_dim(x, -2),
     "sum_tensor": lambda x, like: _tensor_sum(x, like),
     "max_tensor": lambda x, like: _tensor_max(x, like),
@@ -208,8 +209,14 @@ def _value(env: dict, slot):
     return env[slot] if isinstance(slot, str) else slot
 
 
-def state_shape(spec: ir.StateSpec, param_shape) -> tuple[int, ...]:
-    """The shape a state of this layout has for a parameter of ``param_shape``."""
+def state_shape(spec: ir.StateSpec, param_shape, view: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The shape a state of this layout has for a parameter of ``param_shape`` (``view``: the
+    parameter's (n_blocks, block_numel) block view, for the "blocks" layout)."""
+    if spec.layout == "blocks":
+        if view is None:
+            raise ValueError(f"state '{spec.name}' has the blocks layout, which needs a partition of the "
+                             "parameter (use fusedopt.AdamMini, or an optimizer that provides block views)")
+        return (view[0], 1)
     shape = list(param_shape)
     if spec.layout == "rows":
         shape[-1] = 1
@@ -218,13 +225,14 @@ def state_shape(spec: ir.StateSpec, param_shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor,
+               view: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Fresh states for one parameter, in their storage dtypes, on the parameter's device."""
     out = {}
     for spec in program.states:
         dtype = storage_dtype(spec.dtype, param.dtype)
         if spec.layout != "full":
-            out[spec.name] = torch.zeros(state_shape(spec, param.shape), dtype=dtype, device=param.device)
+            out[spec.name] = torch.zeros(state_shape(spec, param.shape, view), dtype=dtype, device=param.device)
         elif spec.init == "zeros":
             out[spec.name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         else:
@@ -241,20 +249,29 @@ def step(
     steps: Sequence[torch.Tensor],
     hparams: Mapping[str, torch.Tensor],
     compute_dtype: torch.dtype = torch.float32,
+    views: Sequence[tuple[int, int] | None] | None = None,
 ) -> None:
-    """One optimizer step over every tensor, in place: each step counter += 1, then the update."""
+    """One optimizer step over every tensor, in place: each step counter += 1, then the update.
+
+    ``views``: per tensor, the (n_blocks, block_numel) view its full-size tensors take for block
+    layouts and reductions (None: the tensor's own shape)."""
     compiled = program if isinstance(program, Compiled) else compile_program(program)
-    state_names = compiled.program.state_names
+    full = {s.name for s in compiled.program.states if s.layout == "full"}
     envs = []
     for i, (p, g) in enumerate(zip(params, grads)):
         steps[i].add_(1)
+        view = views[i] if views is not None else None
+
+        def load(x: torch.Tensor, is_full: bool = True) -> torch.Tensor:
+            return (x.reshape(view) if view is not None and is_full else x).to(compute_dtype)
+
         env: dict[str, object] = dict(hparams)
         env[ir.STEP] = steps[i].to(torch.float64) if compute_dtype == torch.float64 else steps[i]
         env[ir.NUMEL] = float(p.numel())
-        env[ir.PARAM] = p.to(compute_dtype)
-        env[ir.GRAD] = g.to(compute_dtype)
-        for name in state_names:
-            env[name] = states[name][i].to(compute_dtype)
+        env[ir.PARAM] = load(p)
+        env[ir.GRAD] = load(g)
+        for name in compiled.program.state_names:
+            env[name] = load(states[name][i], name in full)
         envs.append(env)
     for slot, op, code, arg in compiled.groups:  # one value over every tensor of the call
         reduce = _tensor_sum if op == "sum" else _tensor_max
@@ -271,6 +288,8 @@ def step(
         for (target, _), value in zip(compiled.outputs, values):
             dest = p if target == ir.PARAM else states[target][i]
             if isinstance(value, torch.Tensor):
+                if value.dim() and value.shape != dest.shape and value.numel() == dest.numel():
+                    value = value.reshape(dest.shape)  # computed in a block view
                 dest.copy_(value)
             else:
                 dest.fill_(value)

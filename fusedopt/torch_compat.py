@@ -7,7 +7,8 @@ from typing import Any, Iterable
 import torch
 
 from .optim import FusedOptimizer
-from .optimizers import adafactor, adam, adamw, lamb, lion, sgd
+from . import partition as partitions
+from .optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd
 
 _TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
@@ -148,3 +149,30 @@ class Adafactor(FusedOptimizer):
             raise NotImplementedError(f"{cls}: max_grad_norm needs one call over every tensor of the group, and "
                                       "Adafactor runs matrices and vectors as two programs; clip with "
                                       "torch.nn.utils.clip_grad_norm_ before step() for now")
+
+
+class AdamMini(_AdamFamily):
+    """Adam-mini (official v1.1.1 math): takes ``model.named_parameters()`` and the model's ``dim``,
+    ``n_heads`` and ``n_kv_heads``; blocks come from :func:`fusedopt.partition.adam_mini_partition`
+    (or ``partition=``, a function (name, shape) -> Blocks). Weight decay is off for names containing
+    "norm", "ln" or "bias", as the official code. See fusedopt.optimizers.adam_mini."""
+
+    passthrough = ()
+
+    def __init__(self, named_parameters: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 dim: int, n_heads: int, n_kv_heads: int | None = None, partition=None,
+                 max_grad_norm: float | None = None, backend: str | None = None):
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if not named or not all(isinstance(n, str) for n, _ in named):
+            raise TypeError("AdamMini takes model.named_parameters(): (name, parameter) pairs")
+        blocks = partitions.partition_model(named, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                            partition=partition)
+        self._views = {p: blocks[n].view_shape(tuple(p.shape)) for n, p in named}
+        decay = [p for n, p in named if partitions.weight_decay_applies(n)]
+        no_decay = [p for n, p in named if not partitions.weight_decay_applies(n)]
+        groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        super().__init__(groups, adam_mini, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         max_grad_norm=max_grad_norm, backend=backend)
+
+    def _block_view(self, p: torch.Tensor) -> tuple[int, int]:
+        return self._views[p]

@@ -117,10 +117,15 @@ def test_tensor_reductions_evaluate_as_written():
 
 
 def test_reductions_over_unsupported_domains_are_definition_errors():
-    with pytest.raises(RuleError, match=r"rule 'blocks'.*'blocks'.*not supported yet.*Fix"):
-        @rule("blocks")
-        def blocks(p, g, t, lr=0.1):
-            p.set(p - lr * g / mean(g * g, over="blocks"))
+    from fusedopt.dsl import state
+
+    with pytest.raises(RuleError, match=r"rule 'mixed'.*mixes layouts.*Fix"):
+        @rule("mixed")
+        def mixed(p, g, t, lr=0.1, matrix=False):
+            if matrix:
+                r = state("r", layout="rows")
+                r.set(mean(g * g, over="rows") + mean(g * g, over="blocks"))
+            p.set(p - lr * g)
     with pytest.raises(RuleError, match="over='diagonal'"):
         @rule("diag")
         def diag(p, g, t, lr=0.1):
