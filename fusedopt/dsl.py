@@ -206,6 +206,8 @@ def lerp(a, b, w):
 # ---- reductions ---------------------------------------------------------------------------------
 
 def _reduce(op: str, x, over: str):
+    if op != "mean" and over in ("rows", "cols", "blocks"):
+        raise _misuse(f"{op} over {over!r} is not supported yet", f"use mean(x, over={over!r})")
     if over not in ir.REDUCE_OVER:
         raise _misuse(f"over={over!r} is not a reduction domain", f"use one of {list(ir.REDUCE_OVER)}")
     return ir.reduction(op, over)(_expr(x))
