@@ -401,10 +401,13 @@ def plot(results: Sequence[RunResult], path: str, title: str) -> str:
     names = [r.rule for r in ok]
     per_param = [r.bytes_per_param for r in ok]
     bars = ax_mem.bar(names, per_param, color=[colors[i % len(colors)] for i in range(len(ok))])
+    crowded = len(ok) > 5
     for bar, r in zip(bars, ok):
-        ax_mem.annotate(f"{r.bytes_per_param:.2f} B/param\n{format_bytes(r.state_bytes)}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+        label = f"{r.bytes_per_param:.2f}" if crowded else f"{r.bytes_per_param:.2f} B/param\n{format_bytes(r.state_bytes)}"
+        ax_mem.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=8, xytext=(0, 2), textcoords="offset points")
+    if crowded:
+        ax_mem.tick_params(axis="x", labelrotation=35, labelsize=8)
     ax_mem.set_ylabel("optimizer state bytes per parameter")
     ax_mem.set_title("optimizer state memory")
     ax_mem.set_ylim(0, max(per_param + [1.0]) * 1.25)
