@@ -416,5 +416,8 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
         program = obj
     else:
         raise TypeError(f"kernel_source takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+    if program.needs_reference:
+        raise NotImplementedError(f"rule '{program.name}' ({dict(program.options)}) uses row, column or block "
+                                  "layouts, which run on the reference backend: there is no fused kernel to show")
     spec = ops.kernel_spec(program, param_dtype, grad_dtype or param_dtype, target)
     return ops.source(spec)

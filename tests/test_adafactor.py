@@ -104,3 +104,9 @@ def test_row_states_need_the_matrix_option():
 def test_max_grad_norm_is_refused_clearly_for_adafactor():
     with pytest.raises(NotImplementedError, match="clip_grad_norm_"):
         fusedopt.Adafactor([torch.zeros(2, 2, requires_grad=True)], max_grad_norm=1.0)
+
+
+def test_kernel_source_says_factored_layouts_have_no_fused_kernel_yet():
+    with pytest.raises(NotImplementedError, match="reference backend"):
+        fusedopt.kernel_source(fusedopt.optimizers.adafactor, matrix=True)
+    assert "def fused_step" in fusedopt.kernel_source(fusedopt.optimizers.adafactor, matrix=False)
