@@ -181,6 +181,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     and not program_needs_reference(prepared.program):
                 from codegen import ops  # the front end is the one place that reaches codegen
 
+                ops.target_for(device)  # a device the kernels cannot run on fails here, not in step()
                 prepared.kernel_keys[device] = ops.register(prepared.program)
         return prepared
 

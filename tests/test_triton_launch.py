@@ -163,3 +163,9 @@ def test_eager_fused_step_bumps_version_counters_like_an_inplace_op():
     assert all(t._version > 0 for t in opt.state[w].values())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_triton_backend_on_a_device_it_cannot_use_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        fusedopt.AdamW([torch.zeros(3, requires_grad=True)], backend="triton")
