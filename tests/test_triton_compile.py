@@ -9,6 +9,10 @@ import fusedopt
 from codegen import ops
 from kernel_check import KERNEL_DEVICES, fresh_states, hparam_tensors, require_kernel_device
 
+import torch._dynamo  # noqa: E402  (the config below must be read after dynamo is imported)
+
+HAS_BACKWARD_IN_GRAPH = hasattr(torch._dynamo.config, "trace_autograd_ops")  # torch >= 2.13
+
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "lion"])
@@ -45,11 +49,16 @@ def _train(model, opt, sched, x, steps, compiled):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("sched_name,opt_name", [("onecycle", "adam"), ("cosine", "adam"), ("cosine", "lamb")])
-def test_compiled_training_step_with_fused_kernels_never_recompiles(device, sched_name, opt_name, monkeypatch):
+def test_compiled_training_step_with_fused_kernels_never_recompiles(device, sched_name, opt_name):
     require_kernel_device(device)
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+    if not HAS_BACKWARD_IN_GRAPH:
         pytest.skip("tracing backward inside the graph needs torch >= 2.13")
-    monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
+    # config.patch, not monkeypatch: undoing a monkeypatched dynamo config can delete the option
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        _check_no_recompiles(device, sched_name, opt_name)
+
+
+def _check_no_recompiles(device, sched_name, opt_name):
     torch._dynamo.reset()
     torch.manual_seed(0)
 
