@@ -197,6 +197,7 @@ def measure(rule: str, impl: str, params: list[torch.nn.Parameter], grads: list[
         "ms_median": timing.median_ms,
         "ms_p20": timing.p20_ms,
         "ms_p80": timing.p80_ms,
+        "host_ms_median": timing.host_median_ms,
         "first_step_s": timing.first_s,
         "init_s": init_s,
         "bytes_per_step": traffic.bytes_per_step,

@@ -50,6 +50,13 @@ def quantile(values: Sequence[float], q: float) -> float:
 class Timing:
     first_s: float  # the first step alone, in seconds: compiles and cold caches included
     times_ms: list[float] = field(default_factory=list)  # the timed steps, in milliseconds
+    # host time of each timed step: until step() returns, before the device sync (on a GPU, the
+    # Python and launch overhead; when it nears times_ms the step is host-bound)
+    host_ms: list[float] = field(default_factory=list)
+
+    @property
+    def host_median_ms(self) -> float:
+        return statistics.median(self.host_ms)
 
     @property
     def median_ms(self) -> float:
@@ -83,8 +90,10 @@ def time_steps(step: Callable[[], Any], before_step: Callable[[], Any], device: 
         sync(device)
         t0 = time.perf_counter()
         step()
+        t_host = time.perf_counter()
         sync(device)
         timing.times_ms.append((time.perf_counter() - t0) * 1e3)
+        timing.host_ms.append((t_host - t0) * 1e3)
     return timing
 
 
@@ -176,7 +185,7 @@ TORCH_IMPLS = ("torch-foreach", "torch-fused", "torch-compiled")
 
 COLUMNS = (
     "date", "device", "torch", "triton", "shapes", "n_params", "n_tensors", "dtype", "rule", "impl",
-    "baseline", "steps", "ms_median", "ms_p20", "ms_p80", "first_step_s", "init_s",
+    "baseline", "steps", "ms_median", "ms_p20", "ms_p80", "host_ms_median", "first_step_s", "init_s",
     "speedup_vs_torch_foreach", "speedup_vs_torch_fused", "speedup_vs_torch_compiled",
     "bytes_per_step", "gbps", "copy_gbps", "copy_limit_ms", "pct_copy_bw", "state_bytes_per_param",
     "launches_per_step", "grads",
@@ -210,7 +219,7 @@ def num(value: float | None) -> str:
 def format_table(rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = list(rows)
     head = (f"{'params':<8} {'dtype':<5} {'rule':<6} {'impl':<19} {'ms median':>10} {'[p20 - p80]':>19} "
-            f"{'first s':>8} {'vs foreach':>10} {'vs fused':>9} {'vs compiled':>11} {'GB/s':>8} "
+            f"{'host ms':>8} {'first s':>8} {'vs foreach':>10} {'vs fused':>9} {'vs compiled':>11} {'GB/s':>8} "
             f"{'% copy':>7} {'state B/p':>9} {'launch/step':>11}")
     lines = [
         f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}",
@@ -229,11 +238,12 @@ def format_table(rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> str:
         band = f"[{r['ms_p20']:.3f} - {r['ms_p80']:.3f}]"
         lines.append(
             f"{r['shapes']:<8} {r['dtype']:<5} {r['rule']:<6} {impl:<19} {r['ms_median']:>10.3f} {band:>19} "
-            f"{r['first_step_s']:>8.3f} {num(r['speedup_vs_torch_foreach']):>10} "
+            f"{r['host_ms_median']:>8.3f} {r['first_step_s']:>8.3f} {num(r['speedup_vs_torch_foreach']):>10} "
             f"{num(r['speedup_vs_torch_fused']):>9} {num(r['speedup_vs_torch_compiled']):>11} "
             f"{num(r['gbps']):>8} {num(r['pct_copy_bw']) + '%':>7} {r['state_bytes_per_param']:>9.2f} "
             f"{num(r['launches_per_step']):>11}")
-    lines.append("vs X = torch X median / this median (above 1: faster than torch X); "
+    lines.append("host ms = time until step() returns, before the device sync (Python and launch overhead); "
+                 "vs X = torch X median / this median (above 1: faster than torch X); "
                  "% copy = bytes the step must move / time / copy bandwidth.")
     if has_lion_baseline:
         lines.append("* torch.optim has no such rule: 'vs' columns compare with torch.optim.AdamW "
