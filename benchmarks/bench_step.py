@@ -55,7 +55,11 @@ RULES = {
     "adam": RuleSpec(fusedopt.Adam, torch.optim.Adam, "adam", lr=1e-3),
     "sgd": RuleSpec(fusedopt.SGD, torch.optim.SGD, "sgd", lr=1e-3, momentum=0.9),
     "lion": RuleSpec(fusedopt.Lion, None, "adamw", lr=1e-4, weight_decay=1e-1),
+    "lamb": RuleSpec(fusedopt.LAMB, None, "adamw", lr=1e-3),  # two reduction phases + global clipping
+    "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
 }
+# torch.optim classes without a fused=True implementation: no torch-fused row for them
+NO_TORCH_FUSED = {"adafactor"}
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -215,6 +219,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
         torch_rule = rule if spec.torch_cls is not None else spec.baseline
         for impl in args.impl_names:
             pair = (rule, impl) if impl.startswith("fusedopt-") else (torch_rule, impl)
+            if impl == "torch-fused" and pair[0] in NO_TORCH_FUSED:
+                continue
             if pair not in plan:
                 plan.append(pair)
     return plan
