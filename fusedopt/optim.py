@@ -21,10 +21,6 @@ from .dtypes import PARAM_DTYPES, storage_dtype
 BACKENDS = ("reference", "triton")
 
 
-def program_needs_reference(program: ir.Program) -> bool:
-    return program.needs_reference
-
-
 class _Prepared(NamedTuple):
     program: ir.Program
     reference: reference.Compiled
@@ -178,7 +174,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in group["params"]}
         for device in devices:
             if self._backend_for(device) == "triton" and device not in prepared.kernel_keys \
-                    and not program_needs_reference(prepared.program):
+                    and not prepared.program.needs_reference:
                 from codegen import ops  # the front end is the one place that reaches codegen
 
                 ops.target_for(device)  # a device the kernels cannot run on fails here, not in step()
@@ -258,7 +254,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
         hparams = self._hparams(group, device, program)
-        if self._backend_for(device) == "triton" and not program_needs_reference(program):
+        if self._backend_for(device) == "triton" and not program.needs_reference:
             from codegen import launch, ops
 
             fused = [launch.eligible(p, g, [st[n] for n in program.state_names])

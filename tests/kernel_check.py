@@ -23,6 +23,14 @@ def require_kernel_device(device: str) -> None:
         pytest.skip("CPU kernels need TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
 
 
+def any_kernel_device() -> str:
+    """The device fused kernels can run on here: CUDA, else the CPU through the interpreter (or skip)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    require_kernel_device("cpu")
+    return "cpu"
+
+
 def fresh_states(program, params, grads):
     per = [reference.init_state(program, p, g) for p, g in zip(params, grads)]
     return {name: [st[name] for st in per] for name in program.state_names}
@@ -112,5 +120,5 @@ def builtin_programs():
     return out
 
 
-__all__ = ["KERNEL_DEVICES", "builtin_programs", "compare_step", "fresh_states", "fusedopt", "hparam_tensors",
+__all__ = ["KERNEL_DEVICES", "any_kernel_device", "builtin_programs", "compare_step", "fresh_states", "fusedopt", "hparam_tensors",
            "require_kernel_device", "run_one_step", "tolerance"]

@@ -181,8 +181,7 @@ def test_random_rules_match_reference():
         for gs in grads:
             params, states, steps = compare_step(program, params, gs, states, steps, hp, rtol=1e-5)
 
-    if __import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs the Triton interpreter on CPU")
+    require_kernel_device("cpu")
     check()
 
 
@@ -194,8 +193,7 @@ def test_symbolic_exponent_rule_matches_reference():
     def odd(p, g, t, lr=0.1, power=1.5):
         p.set(p - lr * where(eq(t, 1), g, absolute(g) ** power * sympy.sign(g)))
 
-    if __import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs the Triton interpreter on CPU")
+    require_kernel_device("cpu")
     program = odd.program()
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(100, generator=gen)]
