@@ -136,14 +136,23 @@ class PlanCache:
 _IDENTITY = {"sum": 0.0, "max": float("-inf")}
 
 
-def run(module, spec: KernelSpec, plan: Plan) -> None:
-    """Every reduction phase, then the updating phase: one launch each, all over the same tables."""
-    cfg = plan.config
-    kernels = [getattr(module, f"reduce_phase_{k}") for k in range(plan.phases)] + [module.fused_step]
-    for kernel in kernels:
-        kernel[(plan.grid,)](
-            plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
-            plan.chunk_count, plan.done, plan.acc_tensor, plan.acc_group, plan.group_done, plan.grid,
-            BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
-        )
-        launches[spec.lowered.program.name] += 1
+def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
+    """Every reduction phase, then the updating phase: one launch per phase and dtype signature.
+
+    Tensors of one group with different dtypes run as separate kernels (one per signature), phase
+    by phase, so that a group-wide reduction sums over all of them before any final phase reads it:
+    every kernel of the step then shares the first plan's group accumulators and completion counter,
+    which the last program of the final phase (of all kernels) resets.
+    """
+    first = kernels[0][2]
+    n_programs = sum(plan.grid for _, _, plan in kernels)
+    for phase in range(first.phases + 1):
+        for module, spec, plan in kernels:
+            kernel = getattr(module, f"reduce_phase_{phase}") if phase < plan.phases else module.fused_step
+            cfg = plan.config
+            kernel[(plan.grid,)](
+                plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
+                plan.chunk_count, plan.done, plan.acc_tensor, first.acc_group, first.group_done, n_programs,
+                BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
+            )
+            launches[spec.lowered.program.name] += 1

@@ -77,6 +77,7 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
     for i, (p, g) in enumerate(zip(params, grads)):
         by_signature.setdefault((p.dtype, g.dtype, p.device), []).append(i)
     hp_pointers = [h.data_ptr() for h in hparams]
+    kernels = []
     for (p_dtype, g_dtype, device), idx in by_signature.items():
         spec = KernelSpec(low, dtype_name(p_dtype), dtype_name(g_dtype), target_for(device))
         module = cache.load(source(spec), device)
@@ -88,7 +89,11 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
         key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]))
         plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
         plan.refresh(pointers, hp_pointers)
-        launch.run(module, spec, plan)
+        kernels.append((module, spec, plan))
+    if low.program.has_group_reductions and len({p.device for p in params}) > 1:
+        raise ValueError(f"rule '{low.program.name}' reduces over the whole group, whose tensors lie on "
+                         f"{sorted(str(d) for d in {p.device for p in params})}; put a group on one device")
+    launch.run(kernels)
 
 
 def step(program_key: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],

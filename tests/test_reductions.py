@@ -168,3 +168,26 @@ def test_fused_reductions_launch_one_kernel_per_phase_and_match_clip_grad_norm()
     assert launch.launches["lamb"] - before == 3 * 3  # two reduction phases and the update, per step
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_spans_tensors_of_different_dtypes():
+    """A group mixing fp32 and bf16 parameters runs one kernel per dtype signature; the clipping
+    norm must still cover every tensor of the group, not each signature's share."""
+    from kernel_check import any_kernel_device
+
+    device = any_kernel_device()
+    gen = torch.Generator().manual_seed(11)
+    base = [(torch.randn(40, generator=gen), torch.float32), (torch.randn(3, 7, generator=gen), torch.bfloat16),
+            (torch.randn(5, generator=gen), torch.float32)]
+    a = [p.to(device, dtype).requires_grad_() for p, dtype in base]
+    b = [p.to(device, dtype).requires_grad_() for p, dtype in base]
+    oa = fusedopt.SGD(a, lr=0.5, max_grad_norm=0.01, backend="triton")
+    ob = fusedopt.SGD(b, lr=0.5, max_grad_norm=0.01, backend="reference")
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen).to(device, x.dtype)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5 if x.dtype == torch.float32 else 8e-3, atol=1e-6)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: environment, the GPU tests, then benchmarks. Usage (repository root):
+#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b [OUTDIR]
+# Logs and result files go to OUTDIR (default $OUT, else benchmarks/out); the summary is printed last.
+set -uo pipefail
+parts=${1:-tests,gpt2}
+out=${2:-${OUT:-benchmarks/out}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FUSEDOPT_CACHE_DIR=${FUSEDOPT_CACHE_DIR:-/tmp/fusedopt-cache}
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+} | tee "$out/env.txt"
+for part in ${parts//,/ }; do
+  case $part in
+    tests) timeout 300 python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+    gpt2|llama1b) timeout 420 python3 -m benchmarks.bench_step --shapes "$part" ${BENCH_ARGS:-} --out "$out" \
+                    > "$out/bench_$part.txt" 2> "$out/bench_$part.err"; echo "bench $part rc=$?"; tail -5 "$out/bench_$part.err" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+for f in "$out"/bench_*.txt; do [ -f "$f" ] && cat "$f"; done
