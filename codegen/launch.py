@@ -110,7 +110,9 @@ class Plan:
             _upload(self.ptr_table, pointers)
             self.pointers = pointers
             # the step column (last) is read as a scalar and needs no alignment
-            self.aligned = all(ptr % 16 == 0 for i, ptr in enumerate(pointers) if (i + 1) % self.n_cols)
+            data = list(pointers)
+            del data[self.n_cols - 1:: self.n_cols]
+            self.aligned = not any(map((15).__and__, data))
         if hp_pointers != self.hp_pointers:
             _upload(self.hp_table, hp_pointers or [0])
             self.hp_pointers = hp_pointers
@@ -144,6 +146,8 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
     every kernel of the step then shares the first plan's group accumulators and completion counter,
     which the last program of the final phase (of all kernels) resets.
     """
+    if not kernels:
+        return
     first = kernels[0][2]
     n_programs = sum(plan.grid for _, _, plan in kernels)
     for phase in range(first.phases + 1):

@@ -64,6 +64,11 @@ def fused_step(
 
 
 def _launch(program_key, params, grads, states, steps, hparams) -> None:
+    launch.run(_kernels(program_key, params, grads, states, steps, hparams)[0])
+
+
+def _kernels(program_key, params, grads, states, steps, hparams):
+    """(module, spec, plan) per dtype signature, pointer tables refreshed; and each one's tensor indices."""
     low = _PROGRAMS[program_key]
     n = len(params)
     n_states = len(low.program.states)
@@ -72,10 +77,13 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
                          f"{len(low.program.hparams)} hparams; got {len(grads)}, {len(states)}, {len(steps)}, "
                          f"{len(hparams)}")
     if n == 0:
-        return
+        return [], []
     by_signature: dict[tuple[torch.dtype, torch.dtype, torch.device], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         by_signature.setdefault((p.dtype, g.dtype, p.device), []).append(i)
+    if low.program.has_group_reductions and len({device for _, _, device in by_signature}) > 1:
+        raise ValueError(f"rule '{low.program.name}' reduces over the whole group, whose tensors lie on "
+                         f"{sorted(str(d) for d in {p.device for p in params})}; put a group on one device")
     hp_pointers = [h.data_ptr() for h in hparams]
     kernels = []
     for (p_dtype, g_dtype, device), idx in by_signature.items():
@@ -90,10 +98,39 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
         plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
-    if low.program.has_group_reductions and len({p.device for p in params}) > 1:
-        raise ValueError(f"rule '{low.program.name}' reduces over the whole group, whose tensors lie on "
-                         f"{sorted(str(d) for d in {p.device for p in params})}; put a group on one device")
-    launch.run(kernels)
+    return kernels, list(by_signature.values())
+
+
+class EagerStep:
+    """An eager fused step bound to one list of tensors, for front ends that call it every step.
+
+    Built once (what :func:`step` does per call: grouping by dtype, pointer tables), then
+    :meth:`run` launches again with only the gradients' addresses compared, so a step over ~150
+    tensors costs little more than the launches. The caller guarantees that params, states, steps
+    and hparams are the same tensors, at the same addresses, as when it was built, and that new
+    gradients have the dtype, shape and layout of the ones it was built with.
+    """
+
+    def __init__(self, program_key: str, params, grads, states, steps, hparams):
+        self.kernels, self.indices = _kernels(program_key, params, grads, states, steps, hparams)
+        self.grad_pointers = [g.data_ptr() for g in grads]
+        self.written = [*params, *states, *steps]
+
+    def run(self, grads: list[torch.Tensor] | None = None) -> None:
+        """Launch; ``grads``: new gradient tensors (None: the same ones as last time)."""
+        if grads is not None:
+            pointers = [g.data_ptr() for g in grads]
+            if pointers != self.grad_pointers:
+                for (_, spec, plan), idx in zip(self.kernels, self.indices):
+                    table = list(plan.pointers)
+                    n_cols = len(spec.columns)
+                    for row, i in enumerate(idx):
+                        table[row * n_cols + 1] = pointers[i]
+                    plan.refresh(table, plan.hp_pointers)
+                self.grad_pointers = pointers
+        if self.kernels:
+            launch.run(self.kernels)
+        _bump_versions(self.written)
 
 
 def step(program_key: str, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor],

@@ -10,6 +10,7 @@ This module is the one place that joins the rule side (dsl, ir, reference) with 
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
@@ -26,6 +27,50 @@ class _Prepared(NamedTuple):
     reference: reference.Compiled
     kernel_keys: dict  # device -> key of the registered fused kernel program
     group_wide: bool  # has a reduction over the whole group: every tensor in one call
+
+
+class _FastGroup:
+    """What a group's last eager step launched, replayed while nothing it depends on has changed.
+
+    A step over ~150 tensors otherwise spends milliseconds of Python per call regrouping tensors,
+    checking eligibility and rebuilding pointer lists. The replay checks, per step: the same
+    parameter objects at the same addresses, the same static options, and gradients that are either
+    the same objects or new ones with the same dtype, shape, strides and device (new addresses are
+    patched into the device tables). Anything else (a missing gradient, a replaced parameter, a
+    loaded checkpoint) takes the full path, which records the group again.
+    """
+
+    def __init__(self, group: "_ParamGroup", options: tuple, calls: list):
+        self.params_list = group["params"]
+        self.params = list(self.params_list)
+        self.param_pointers = [p.data_ptr() for p in self.params]
+        self.grads = [p.grad for p in self.params]
+        self.layouts = [(g.dtype, g.shape, g.stride(), g.device) for g in self.grads]
+        self.options = options
+        self.calls = calls  # (ops.EagerStep, positions of its tensors in the group)
+        self.new_grads: list | None = None
+
+    def ready(self, opt: "FusedOptimizer", group: "_ParamGroup") -> bool:
+        params = group["params"]
+        if params is not self.params_list or len(params) != len(self.params) \
+                or not all(map(operator.is_, params, self.params)) or opt._options_of(group, None) != self.options:
+            return False
+        grads = [p.grad for p in params]
+        self.new_grads = None
+        if not all(map(operator.is_, grads, self.grads)):
+            for g, (dtype, shape, stride, device) in zip(grads, self.layouts):
+                if g is None or g.dtype != dtype or g.shape != shape or g.stride() != stride \
+                        or g.device != device or g.is_sparse:
+                    return False
+            self.new_grads = grads
+        return [p.data_ptr() for p in params] == self.param_pointers
+
+    def run(self) -> None:
+        grads = self.new_grads
+        for call, positions in self.calls:
+            call.run(None if grads is None else [grads[i] for i in positions])
+        if grads is not None:
+            self.grads = grads
 
 
 class _ParamGroup(dict):
@@ -92,6 +137,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults = self._defaults(hparams)
         self._groups: list[_ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
+        self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
         super().__init__(params, defaults)
         self._opt_called = True  # step() is never wrapped by LR schedulers (see below)
 
@@ -223,8 +269,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        eager = not torch.compiler.is_compiling()
+        work: list[tuple[_ParamGroup, Any]] = []
         for group in self._groups:
+            fast = self._fast.get(id(group)) if eager else None
+            if fast is not None and fast.ready(self, group):
+                work.append((group, fast))
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
@@ -233,23 +284,35 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        "nn.Embedding(..., sparse=False)")
             if params:
                 work.append((group, params))
-        for group, params in work:
-            by_kind: dict[tuple, list[torch.Tensor]] = {}
-            for p in params:
-                matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
-                by_kind.setdefault((p.device, matrix), []).append(p)
-            for (device, matrix), ps in by_kind.items():
-                prepared = self._prepared_by_options.get(self._options_of(group, matrix))
-                if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
-                    prepared = self._prepared(group, matrix)
-                if len(by_kind) > 1 and prepared.group_wide:
-                    raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
-                                       "reduction) must have its parameters on one device and, for rules with "
-                                       "per-tensor kinds, of one kind; split the group")
-                self._step_tensors(prepared, group, device, ps)
+        for group, item in work:
+            if isinstance(item, _FastGroup):
+                item.run()
+            else:
+                self._step_group(group, item, eager)
         return loss
 
-    def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list) -> None:
+    def _step_group(self, group: _ParamGroup, params: list, eager: bool) -> None:
+        by_kind: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
+            by_kind.setdefault((p.device, matrix), []).append(i)
+        calls = []
+        for (device, matrix), idx in by_kind.items():
+            prepared = self._prepared_by_options.get(self._options_of(group, matrix))
+            if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
+                prepared = self._prepared(group, matrix)
+            if len(by_kind) > 1 and prepared.group_wide:
+                raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
+                                   "reduction) must have its parameters on one device and, for rules with "
+                                   "per-tensor kinds, of one kind; split the group")
+            call = self._step_tensors(prepared, group, device, [params[i] for i in idx], eager)
+            calls.append((call, idx))
+        self._fast.pop(id(group), None)
+        if eager and len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
+            self._fast[id(group)] = _FastGroup(group, self._options_of(group, None), calls)
+
+    def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):
+        """Steps ``params``; returns the bound eager call when one fused call did all of it, else None."""
         program = prepared.program
         grads = [p.grad for p in params]
         per_param = [self._state_for(program, p, g) for p, g in zip(params, grads)]
@@ -263,19 +326,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
             if any(fused):
                 chosen = [i for i, ok in enumerate(fused) if ok]
-                ops.step(
-                    prepared.kernel_keys[device],
-                    [params[i] for i in chosen],
-                    [grads[i] for i in chosen],
-                    [per_param[i][n] for n in program.state_names for i in chosen],
-                    [per_param[i]["step"] for i in chosen],
-                    [hparams[h] for h in program.hparams],
-                )
+                args = (prepared.kernel_keys[device], [params[i] for i in chosen], [grads[i] for i in chosen],
+                        [per_param[i][n] for n in program.state_names for i in chosen],
+                        [per_param[i]["step"] for i in chosen], [hparams[h] for h in program.hparams])
+                if eager and len(chosen) == len(params):
+                    call = ops.EagerStep(*args)
+                    call.run()
+                    return call
+                ops.step(*args)
             # tensors the kernel cannot index flatly (e.g. non-dense views, float64) run eagerly
             rest = [i for i, ok in enumerate(fused) if not ok]
             params, grads, per_param = [params[i] for i in rest], [grads[i] for i in rest], [per_param[i] for i in rest]
             if not params:
-                return
+                return None
         # float64 parameters compute in float64, as torch.optim does; everything else in float32;
         # a group-wide reduction needs every tensor in one call (in float64 if any is float64)
         any_wide = any(p.dtype == torch.float64 for p in params)
@@ -289,6 +352,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 reference.step(prepared.reference, [params[i] for i in idx], [grads[i] for i in idx], states,
                                [per_param[i]["step"] for i in idx], hparams,
                                compute_dtype=torch.float64 if wide else torch.float32, views=views)
+        return None
 
     def _block_view(self, p: torch.Tensor) -> tuple[int, int] | None:
         """The (n_blocks, block_numel) view of ``p`` for rules with block layouts; see AdamMini."""
@@ -359,6 +423,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     mine[key] = value
         self.state.clear()
         self.state.update(new_state)
+        self._fast.clear()
 
     def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any]) -> dict:
         expected = set(program.state_names)
@@ -387,6 +452,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._groups = list(self.param_groups)
+        self._fast = {}
 
 
 # LR schedulers wrap `optimizer.step` in a closure over a weakref that dynamo cannot trace; this

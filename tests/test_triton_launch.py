@@ -169,3 +169,87 @@ def test_triton_backend_on_a_device_it_cannot_use_fails_at_construction(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend='reference'"):
         fusedopt.AdamW([torch.zeros(3, requires_grad=True)], backend="triton")
+
+
+def _replay_pair(device, shapes=((33,), (5, 7), (300,)), rule=fusedopt.Adam, **kw):
+    a, b = pair(shapes, device)
+    return a, b, rule(a, lr=0.05, backend="triton", **kw), rule(b, lr=0.05, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_replayed_steps_see_a_replaced_parameter_storage(device):
+    """The eager replay keys on parameter addresses: ``p.data = ...`` must not write to the old storage."""
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(4):
+        set_grads(a, b, gen)
+        if step == 2:
+            old = a[1].data
+            a[1].data = a[1].data.clone()
+            b[1].data = b[1].data.clone()
+            frozen = old.clone()
+        oa.step()
+        ob.step()
+    assert torch.equal(old, frozen)  # the replaced storage was left alone
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_replayed_steps_follow_missing_and_relaid_gradients(device):
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        set_grads(a, b, gen)
+        if step == 2:  # one parameter without a gradient: it must not move
+            a[0].grad = b[0].grad = None
+        if step == 4:  # a gradient with another memory layout (transposed storage)
+            g = torch.randn(7, 5, generator=gen).to(device).t()
+            a[1].grad, b[1].grad = g.clone().t().contiguous().t(), g.clone()
+            assert not a[1].grad.is_contiguous()
+        before = a[0].detach().clone()
+        oa.step()
+        ob.step()
+        if step == 2:
+            assert torch.equal(a[0], before)
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_replayed_steps_use_loaded_states_and_changed_options(device):
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        set_grads(a, b, gen)
+        if step == 2:
+            saved = ob.state_dict()
+            oa.load_state_dict(saved)  # fresh state tensors: the replay must not keep the old ones
+            for x, y in zip(a, b):
+                x.data.copy_(y.data)
+        if step == 4:
+            for o in (oa, ob):
+                o.param_groups[0]["amsgrad"] = True
+        oa.step()
+        ob.step()
+        assert_same(a, b)
+    assert "max_exp_avg_sq" in oa.state[a[0]]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_replayed_steps_with_the_same_gradient_objects(device):
+    """zero_grad(set_to_none=False) keeps gradient tensors: the replay relaunches without any refresh."""
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device)
+    gen = torch.Generator().manual_seed(5)
+    set_grads(a, b, gen)
+    for _ in range(4):
+        oa.step()
+        ob.step()
+        for x, y in zip(a, b):  # new values, same tensors
+            g = torch.randn(x.shape, generator=gen).to(x.device)
+            x.grad.copy_(g)
+            y.grad.copy_(g)
+    assert_same(a, b)
+    assert len(oa._fast) == 1
