@@ -17,7 +17,13 @@ for part in ${parts//,/ }; do
     tests) timeout 300 python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     gpt2|llama1b) timeout 420 python3 -m benchmarks.bench_step --shapes "$part" ${BENCH_ARGS:-} --out "$out" \
                     > "$out/bench_$part.txt" 2> "$out/bench_$part.err"; echo "bench $part rc=$?"; tail -5 "$out/bench_$part.err" ;;
+    tune) for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=4096,ITERS=1,num_warps=8 \
+                     BLOCK=1024,ITERS=8,num_warps=4 BLOCK=2048,ITERS=4,num_warps=8 BLOCK=512,ITERS=8,num_warps=4; do
+            FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules adamw \
+              --impls fusedopt-triton --steps 10 --warmup 2 --out "$out/tune" 2>/dev/null | grep "fusedopt-triton" \
+              | sed "s/^/$cfg  /" | tee -a "$out/tune.txt"
+          done ;;
     *) echo "unknown part $part" ;;
   esac
 done
-for f in "$out"/bench_*.txt; do [ -f "$f" ] && cat "$f"; done
+for f in "$out"/bench_*.txt "$out"/tune.txt; do [ -f "$f" ] && cat "$f"; done

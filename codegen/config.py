@@ -21,3 +21,24 @@ def dump_dir() -> Path | None:
 def interpreting() -> bool:
     """TRITON_INTERPRET=1 runs kernels on the CPU with Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_override() -> dict[str, int]:
+    """FUSEDOPT_LAUNCH="BLOCK=2048,ITERS=2,num_warps=8": replaces the CUDA launch configuration (for tuning).
+
+    BLOCK (elements per block) must be a power of two; BLOCK * ITERS elements make one program's chunk.
+    """
+    value = os.environ.get("FUSEDOPT_LAUNCH", "").strip()
+    if not value:
+        return {}
+    out = {}
+    for item in value.split(","):
+        key, _, number = item.partition("=")
+        key = key.strip()
+        if key not in ("BLOCK", "ITERS", "num_warps") or not number.strip().isdigit() or int(number) < 1:
+            raise ValueError(f"FUSEDOPT_LAUNCH={value!r}: expected comma-separated BLOCK=, ITERS=, num_warps= "
+                             f"with positive integers, got {item!r}")
+        out[key] = int(number)
+    if "BLOCK" in out and out["BLOCK"] & (out["BLOCK"] - 1):
+        raise ValueError(f"FUSEDOPT_LAUNCH={value!r}: BLOCK must be a power of two, got {out['BLOCK']}")
+    return out

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import triton
 
+from . import config
 from .template import KernelSpec
 
 # Elements per block and blocks per program. CUDA figures are untuned defaults; the interpreter
@@ -28,11 +29,14 @@ launches = collections.Counter()  # kernel launches by rule name, for tests and 
 
 
 def config_for(target: str) -> dict[str, int]:
-    return dict(_CONFIG[target])
+    cfg = dict(_CONFIG[target])
+    if target == "cuda":
+        cfg.update(config.launch_override())
+    return cfg
 
 
 def chunk_elements(target: str) -> int:
-    cfg = _CONFIG[target]
+    cfg = config_for(target)
     return cfg["BLOCK"] * cfg["ITERS"]
 
 
