@@ -1,6 +1,6 @@
 """One optimizer step over a model-sized parameter list: fusedopt against torch.optim, same process.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.bench_step [--shapes llama1b,gpt2] [--rules adamw,adam,sgd,lion]
+    PYTHONPATH=$PWD python3 -m benchmarks.bench_step [--shapes llama1b,gpt2] [--rules adamw,adam,sgd,lion,lamb,adafactor]
         [--steps 20] [--warmup 3] [--dtype fp32|bf16] [--impls ...] [--grads fixed|fresh]
         [--quick] [--out DIR]
 
@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", help=f"comma-separated parameter lists from {', '.join(shapes.SHAPES)} "
                         "(default llama1b,gpt2; tiny with --quick)")
-    parser.add_argument("--rules", default="adamw,adam,sgd,lion",
+    parser.add_argument("--rules", default=",".join(RULES),
                         help=f"comma-separated rules from {', '.join(RULES)} (default: all)")
     parser.add_argument("--impls", help=f"comma-separated implementations from {', '.join(IMPLS)} (default: "
                         "fusedopt-triton and every torch one on CUDA; fusedopt-reference, fusedopt-triton "

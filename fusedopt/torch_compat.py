@@ -117,38 +117,122 @@ class LAMB(_AdamFamily):
 
 
 class Adafactor(FusedOptimizer):
-    """torch.optim.Adafactor, fused where it can be (factored row/column second moments for
-    matrices; see fusedopt.optimizers.adafactor). eps=(None, 1e-3): eps1 None means the machine
-    epsilon of the group's first parameter's dtype, as torch."""
+    """torch.optim.Adafactor by default; HF transformers' Adafactor with ``hf=True``. Fused where it
+    can be (factored row/column second moments for matrices run on the reference backend); the math of
+    both variants and the argument mapping are in fusedopt.optimizers.adafactor.
+
+    torch's arguments keep their meaning: ``lr`` None means torch's 1e-2; ``eps=(eps1, eps2)`` with
+    eps1 None meaning the machine epsilon of the group's first parameter's dtype. HF's names map to
+    torch's: decay_rate is ``beta2_decay`` (1 - beta2_t = t^decay_rate), clip_threshold is ``d``.
+
+    ``beta1``: None keeps no first moment; a float keeps HF's ``exp_avg`` (an EMA of the clipped,
+    lr-scaled update), in either variant. With ``hf=True``: eps1 sits inside the square
+    (g^2 + eps1) and None means HF's 1e-30; weight decay is scaled by the step's lr_t;
+    ``relative_step`` (default True, as HF) takes lr_t from the step, min(1e-2, 1/sqrt(t)), or
+    min(1e-6 t, 1/sqrt(t)) with ``warmup_init``, and then ``lr`` must not be given (the group's lr
+    holds NaN, unused); ``relative_step=False`` needs an ``lr``; ``scale_parameter`` (default True)
+    multiplies lr_t by max(eps2, RMS(p)). HF's recipe for external schedules is
+    ``Adafactor(params, hf=True, relative_step=False, scale_parameter=False, lr=1e-3)``.
+    """
 
     aliases = {"eps": ("eps1", "eps2")}
     passthrough = ("foreach",)
+    _HF_NAMES = {"decay_rate": "beta2_decay", "clip_threshold": "d"}
 
-    def __init__(self, params: Iterable, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
-                 maximize: bool = False, max_grad_norm: float | None = None, backend: str | None = None,
-                 **torch_flags):
+    def __init__(self, params: Iterable, lr: float | None = None, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, maximize: bool = False, beta1: float | None = None, hf: bool = False,
+                 relative_step: bool | None = None, scale_parameter: bool | None = None, warmup_init: bool = False,
+                 max_grad_norm: float | None = None, backend: str | None = None, **torch_flags):
+        for name, ours in self._HF_NAMES.items():
+            if name in torch_flags:
+                raise TypeError(f"Adafactor: {name} is HF's name for {ours}, got {name}={torch_flags[name]!r}. "
+                                f"Fix: pass {ours}={torch_flags[name]!r} (same meaning)")
+        if not hf:
+            for name, value, torch_value in (("relative_step", relative_step, None),
+                                             ("scale_parameter", scale_parameter, True),
+                                             ("warmup_init", warmup_init, False)):
+                if value is not None and value != torch_value:  # torch's rho = min(lr, 1/sqrt(t)) is neither
+                    raise self._bad(f"{name} is an option of HF transformers' variant", f"{name}={value!r} with "
+                                    "hf=False", f"pass hf=True as well, or leave {name} unset for "
+                                    "torch.optim.Adafactor's semantics")
+        # None: resolved per group in _complete_group (torch's or HF's default)
         super().__init__(params, adafactor, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
-                         weight_decay=weight_decay, maximize=maximize, max_grad_norm=max_grad_norm,
-                         backend=backend, **torch_flags)
+                         weight_decay=weight_decay, beta1=beta1, maximize=maximize, hf=hf,
+                         relative_step=relative_step, scale_parameter=scale_parameter, warmup_init=warmup_init,
+                         use_first_moment=None, max_grad_norm=max_grad_norm, backend=backend, **torch_flags)
+
+    @staticmethod
+    def _bad(problem: str, got: str, fix: str) -> ValueError:
+        return ValueError(f"Adafactor: {problem}, got {got}. Fix: {fix}")
 
     def _complete_group(self, group: dict[str, Any]) -> None:
+        """Resolve the None defaults of this group's variant and check the combination. Runs again on
+        the group's own output when a checkpoint loads, so every resolved value must pass."""
         cls = type(self).__name__
-        lr, decay, d = _value(group["lr"]), _value(group["beta2_decay"]), _value(group["d"])
-        _require(cls, "lr", lr, lr >= 0.0, "lr >= 0")
+        hf = group["hf"]
+        if group["relative_step"] is None:
+            group["relative_step"] = bool(hf)
+        if group["scale_parameter"] is None:
+            group["scale_parameter"] = True
+        relative, scale, warmup = group["relative_step"], group["scale_parameter"], group["warmup_init"]
+        hf_only = {"relative_step": True, "scale_parameter": False, "warmup_init": True}  # values torch lacks
+        for name, value in hf_only.items():
+            if not hf and group[name] is value:
+                raise self._bad(f"{name} is an option of HF transformers' variant", f"{name}={value!r} with hf=False",
+                                "set hf=True in this group as well")
+        if warmup is True and relative is not True:
+            raise self._bad("warmup_init=True ramps the relative step size and needs relative_step=True",
+                            f"relative_step={relative!r}", "pass relative_step=True (or drop warmup_init)")
+        self._complete_lr(group, hf and relative is True)
+        decay, d = _value(group["beta2_decay"]), _value(group["d"])
         _require(cls, "beta2_decay", decay, decay <= 0.0, "beta2_decay <= 0")
-        _require(cls, "d", d, d >= 1.0, "d >= 1")
+        if hf:
+            _require(cls, "d", d, d > 0.0, "d (HF's clip_threshold) > 0")
+        else:
+            _require(cls, "d", d, d >= 1.0, "d >= 1")
         wd = _value(group["weight_decay"])
         _require(cls, "weight_decay", wd, wd >= 0.0, "weight_decay >= 0")
         eps1, eps2 = group["eps"]
         if eps1 is None:
             params = group["params"]
-            eps1 = torch.finfo(params[0].dtype).eps if params else torch.finfo(torch.float32).eps
+            eps1 = 1e-30 if hf else torch.finfo(params[0].dtype if params else torch.float32).eps
         group["eps"] = (eps1, eps2)
         _require(cls, "eps", group["eps"], _value(eps1) >= 0.0 and _value(eps2) >= 0.0, "non-negative eps")
+        self._complete_beta1(group)
         if group.get("max_grad_norm") is not None:
             raise NotImplementedError(f"{cls}: max_grad_norm needs one call over every tensor of the group, and "
                                       "Adafactor runs matrices and vectors as two programs; clip with "
                                       "torch.nn.utils.clip_grad_norm_ before step() for now")
+
+    def _complete_lr(self, group: dict[str, Any], relative: bool) -> None:
+        lr = group["lr"]
+        given = lr is not None and _value(lr) == _value(lr)  # NaN: what a relative-step group stores
+        if relative:
+            if given:
+                raise self._bad("relative_step=True computes the learning rate from the step and ignores lr (HF "
+                                "refuses both)", f"lr={_value(lr)!r}",
+                                "drop lr, or pass relative_step=False (and scale_parameter=False for an external "
+                                "schedule)")
+            group["lr"] = float("nan")
+            return
+        if lr is None:
+            if group["hf"]:
+                raise self._bad("relative_step=False takes its learning rate from lr", "lr=None",
+                                "pass lr=..., e.g. lr=1e-3, or relative_step=True")
+            lr = group["lr"] = 1e-2  # torch.optim.Adafactor's default
+        _require(type(self).__name__, "lr", _value(lr), _value(lr) >= 0.0, "lr >= 0")
+
+    def _complete_beta1(self, group: dict[str, Any]) -> None:
+        beta1, first = group["beta1"], group["use_first_moment"]
+        if first is None:  # at construction: a first moment exactly when beta1 is given, as HF
+            first = group["use_first_moment"] = beta1 is not None
+        if beta1 is None:
+            if first:
+                raise self._bad("use_first_moment=True needs beta1", "beta1=None", "pass beta1=..., e.g. 0.9")
+            group["beta1"] = 0.0  # unused
+        elif not (isinstance(beta1, (int, float, torch.Tensor)) and 0.0 <= _value(beta1) < 1.0):
+            raise self._bad("beta1 is the first moment's decay and must be None or in [0, 1)", f"beta1={beta1!r}",
+                            "pass e.g. beta1=0.9, or beta1=None for no first moment")
 
 
 class AdamMini(_AdamFamily):
