@@ -94,8 +94,11 @@ def _kernels(program_key, params, grads, states, steps, hparams):
             pointers += [params[i].data_ptr(), grads[i].data_ptr()]
             pointers += [states[k * n + i].data_ptr() for k in range(n_states)]
             pointers.append(steps[i].data_ptr())
-        key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]))
-        plan = _PLANS.get(key, lambda: launch.Plan(spec, [params[i].numel() for i in idx], len(hparams), device))
+        numels = [params[i].numel() for i in idx]
+        # by address and size: a new tensor at a freed one's address needs its own chunk tables
+        key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]),
+               tuple(numels))
+        plan = _PLANS.get(key, lambda: launch.Plan(spec, numels, len(hparams), device))
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
     return kernels, list(by_signature.values())

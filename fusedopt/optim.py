@@ -34,7 +34,7 @@ class _FastGroup:
 
     A step over ~150 tensors otherwise spends milliseconds of Python per call regrouping tensors,
     checking eligibility and rebuilding pointer lists. The replay checks, per step: the same
-    parameter objects at the same addresses, the same static options, and gradients that are either
+    parameter objects with the same addresses and shapes, the same static options, and gradients that are either
     the same objects or new ones with the same dtype, shape, strides and device (new addresses are
     patched into the device tables). Anything else (a missing gradient, a replaced parameter, a
     loaded checkpoint) takes the full path, which records the group again.
@@ -43,7 +43,7 @@ class _FastGroup:
     def __init__(self, group: "_ParamGroup", options: tuple, calls: list):
         self.params_list = group["params"]
         self.params = list(self.params_list)
-        self.param_pointers = [p.data_ptr() for p in self.params]
+        self.param_layouts = [(p.data_ptr(), p.shape) for p in self.params]
         self.grads = [p.grad for p in self.params]
         self.layouts = [(g.dtype, g.shape, g.stride(), g.device) for g in self.grads]
         self.options = options
@@ -63,7 +63,7 @@ class _FastGroup:
                         or g.device != device or g.is_sparse:
                     return False
             self.new_grads = grads
-        return [p.data_ptr() for p in params] == self.param_pointers
+        return [(p.data_ptr(), p.shape) for p in params] == self.param_layouts
 
     def run(self) -> None:
         grads = self.new_grads
@@ -307,8 +307,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                    "per-tensor kinds, of one kind; split the group")
             call = self._step_tensors(prepared, group, device, [params[i] for i in idx], eager)
             calls.append((call, idx))
+        if not eager:
+            return
         self._fast.pop(id(group), None)
-        if eager and len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
+        if len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
             self._fast[id(group)] = _FastGroup(group, self._options_of(group, None), calls)
 
     def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):

@@ -265,3 +265,17 @@ def test_launch_override_is_parsed_and_checked(monkeypatch):
         monkeypatch.setenv("FUSEDOPT_LAUNCH", bad)
         with pytest.raises(ValueError, match="FUSEDOPT_LAUNCH"):
             config.launch_override()
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_a_new_tensor_at_an_old_address_gets_its_own_tables(device):
+    """Plans are cached by address; a tensor of another size at a freed tensor's address (the caching
+    allocator does this all the time) must not reuse the old chunk tables."""
+    require_kernel_device(device)
+    base = torch.zeros(5000, device=device)
+    for n in (100, 4000):
+        p = base[:n].requires_grad_()  # same address, another size
+        p.grad = torch.ones(n, device=device)
+        fusedopt.SGD([p], lr=1.0, backend="triton").step()
+    assert torch.equal(base[:100], torch.full((100,), -2.0, device=device))
+    assert torch.equal(base[100:4000], torch.full((3900,), -1.0, device=device))
