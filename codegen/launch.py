@@ -96,8 +96,8 @@ class Plan:
         reductions = spec.lowered.reductions
         per_tensor = [_IDENTITY[r.op] for r in reductions if r.over == "tensor"]
         per_group = [_IDENTITY[r.op] for r in reductions if r.over == "group"]
-        self.acc_tensor = on_device(per_tensor * len(numels) or [0.0], torch.float32)
-        self.acc_group = on_device(per_group or [0.0], torch.float32)
+        self.acc_tensor = on_device(per_tensor * len(numels) or [0.0], torch.float64)
+        self.acc_group = on_device(per_group or [0.0], torch.float64)
         self.group_done = torch.zeros(1, dtype=torch.int32, device=device)
         self.phases = spec.lowered.n_phases
         self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)

@@ -224,4 +224,6 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductio
     for r in reductions:
         atomic = "tl.atomic_add" if r.op == "sum" else "tl.atomic_max"
         combine = "tl.sum" if r.op == "sum" else "tl.max"
-        out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0))")
+        # float64 atomics: float32 ones flush subnormal values to zero (a squared norm of tiny
+        # updates would vanish) and lose digits over a billion elements
+        out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0).to(tl.float64))")

@@ -20,10 +20,11 @@ import triton  # noqa: E402
 
 import fusedopt  # noqa: E402
 from codegen import cache, launch  # noqa: E402
+from fusedopt.dsl import absolute, amax, rule  # noqa: E402
 from fusedopt.optimizers import adam, adamw, lamb, lion, sgd  # noqa: E402
 
 SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64",
-             "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp32", "acc_group": "*fp32",
+             "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64", "acc_group": "*fp64",
              "group_done": "*i32", "n_programs": "i32", "BLOCK": "constexpr", "ITERS": "constexpr",
              "ALIGNED": "constexpr"}
 PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program(), "lion": lion.program(),
@@ -51,14 +52,22 @@ def main() -> None:
                 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
                 entry["aligned" if aligned else "unaligned"] = widths(kernel.asm["ptx"])
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
-    # a rule with reductions: every phase kernel (atomics, block sums) compiles too
-    module = cache.load(fusedopt.kernel_source(lamb.program(clip=True), target="cuda"), torch.device("cpu"))
-    names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
-    for n in names:
-        src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE, constexprs={
-            "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ALIGNED": True})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print(json.dumps({"kernels": out, "lamb_clip_kernels_compiled": sorted(names)}))
+    # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
+    compiled = {}
+    for name, program in {"lamb_clip": lamb.program(clip=True), "max_scaled": max_scaled.program()}.items():
+        module = cache.load(fusedopt.kernel_source(program, target="cuda"), torch.device("cpu"))
+        names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
+        for n in names:
+            src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE, constexprs={
+                "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ALIGNED": True})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        compiled[f"{name}_kernels_compiled"] = sorted(names)
+    print(json.dumps({"kernels": out, **compiled}))
+
+
+@rule("max_scaled")
+def max_scaled(p, g, t, lr=0.1):
+    p.set(p - lr * g / (amax(absolute(g), over="group") + amax(absolute(p), over="tensor") + 1.0))
 
 
 if __name__ == "__main__":

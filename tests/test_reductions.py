@@ -10,6 +10,7 @@ import torch
 import fusedopt
 from fusedopt import reference
 from fusedopt.dsl import RuleError, amax, mean, norm, rms, rule, total
+from kernel_check import KERNEL_DEVICES, require_kernel_device
 
 
 def lamb_by_hand(params, grads_per_step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, wd=0.01, max_norm=1.0):
@@ -191,3 +192,20 @@ def test_group_norm_spans_tensors_of_different_dtypes():
         ob.step()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5 if x.dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_norms_of_subnormal_squares_are_not_flushed(device):
+    """LAMB's trust ratio divides by the norm of the update; with tiny gradients the squares are
+    float32 subnormals, which float32 atomics on a GPU flush to zero (a ratio of 1 instead of 1e20).
+    The kernels accumulate in float64."""
+    require_kernel_device(device)
+    a = torch.tensor([1.541], device=device, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    for x in (a, b):
+        x.grad = torch.tensor([1.541e-28], device=device)
+    kw = dict(lr=0.5, betas=(0.0, 0.0), eps=1e-8, weight_decay=1e-30, max_grad_norm=None)
+    fusedopt.LAMB([a], backend="triton", **kw).step()
+    fusedopt.LAMB([b], backend="reference", **kw).step()
+    assert abs(b.item() - 1.541 * 0.5) < 1e-3  # the ratio took the update to |p| * lr
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
