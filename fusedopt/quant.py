@@ -1,0 +1,215 @@
+"""Blockwise quantized storage for optimizer states (8-bit and 4-bit), in plain torch.
+
+A state tensor of ``n`` elements is cut into blocks of ``block`` consecutive elements (in flat,
+row-major order; the last block may be partial). Each block keeps one float32 scale, its
+``absmax`` (the largest magnitude in the block), and each element keeps the index of the entry of a
+small sorted table of values in [-1, 1] (the *map*) that is nearest to ``x / absmax``. Decoding is
+``map[code] * absmax``.
+
+Formats (:data:`Q8`, :data:`Q4`; pick one by name with :func:`format_for`):
+
+* ``q8``: blocks of 256, one code per byte. Both states use the dynamic-exponent map of
+  bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: the signed map
+  for the first moment (it has 0 and 1.0 but not -1.0; its most negative value is -0.99297), the
+  unsigned map (0 to 1.0) for the second moment. Bytes per element and state: 1 + 4/256.
+* ``q4``: blocks of 128, two codes per byte, as torchao's 4-bit AdamW: the first moment uses the
+  signed dynamic map with 3 exponent bits (16 values, -0.8875 to 1.0), the second moment the linear
+  map *without zero*, {k/16 : k = 1..16}. Bytes per element and state: 1/2 + 4/128.
+  Packing: element ``2i`` goes in the low nibble of byte ``i``, element ``2i+1`` in the high nibble
+  (torchao puts the first element in the high nibble, so packed bytes are not interchangeable).
+
+Rounding: the code of ``y = float32(x / absmax)`` is the nearest map value; the midpoints between
+neighbouring map values are exact (taken in float64), and a ``y`` exactly on a midpoint takes the
+lower code. An all-zero block has ``absmax = 0``: every element gets the code nearest 0 (the code of
+0 itself where the map has one; 1/16 for the q4 unsigned map) and decodes to exactly 0.
+
+Non-finite policy: these torch functions raise ``ValueError`` on NaN or +-Inf input (including
+values that overflow float32 when a float64 tensor is converted) instead of producing codes that
+decode to garbage; a fused kernel is expected to skip the update of such elements instead.
+
+All math is float32 (``x`` may be any floating dtype; it is converted first). Maps are built
+deterministically with torch on the CPU, in the same float32 steps as the reference libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+# ---- maps ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dynamic_values(signed: bool, max_exponent_bits: int, total_bits: int) -> tuple[float, ...]:
+    # Exponent level i (i = 0 .. E-1) covers the decade [10^(i-E+1) / 10, 10^(i-E+1)): it holds the
+    # midpoints of consecutive points of an even grid of [0.1, 1] (float32 linspace) scaled by that
+    # decade's power of ten. Each higher level doubles the number of grid intervals; the unsigned map
+    # spends the sign bit on one more doubling. 0 and 1.0 complete the table.
+    fraction_bits = total_bits - 1 - max_exponent_bits
+    if fraction_bits != 0:
+        raise ValueError("only maps with total_bits == max_exponent_bits + 1 are supported")
+    values: list[float] = [0.0, 1.0]
+    for i in range(max_exponent_bits):
+        intervals = 2 ** (i if signed else i + 1)
+        grid = torch.linspace(0.1, 1.0, intervals + 1, dtype=torch.float32)
+        mids = (grid[:-1] + grid[1:]) / 2.0
+        level = (10.0 ** (i - (max_exponent_bits - 1))) * mids  # float32 product, as the references
+        values += level.tolist()
+        if signed:
+            values += (-level).tolist()
+    if len(values) != 2**total_bits:
+        raise AssertionError(f"dynamic map has {len(values)} values, expected {2**total_bits}")
+    return tuple(sorted(values))
+
+
+def dynamic_map(signed: bool, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The dynamic-exponent map (bitsandbytes' ``create_dynamic_map``): sorted float32 values."""
+    return torch.tensor(_dynamic_values(bool(signed), max_exponent_bits, total_bits), dtype=torch.float32)
+
+
+def linear_map_4bit() -> torch.Tensor:
+    """torchao's 4-bit map for the second moment: k/16 for k = 1..16 (zero is not representable)."""
+    return torch.arange(1, 17, dtype=torch.float32) / 16
+
+
+def signed_map_4bit() -> torch.Tensor:
+    """torchao's 4-bit map for the first moment: the signed dynamic map with 3 exponent bits."""
+    return dynamic_map(True, max_exponent_bits=3, total_bits=4)
+
+
+# ---- formats -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """A storage format: bits per code, block size, and the maps (as tuples of float32 values) for
+    signed states (first moment) and non-negative states (second moment)."""
+
+    name: str
+    bits: int
+    block: int
+    signed_map: tuple[float, ...] = dataclasses.field(repr=False)
+    unsigned_map: tuple[float, ...] = dataclasses.field(repr=False)
+
+    def code(self, signed: bool) -> torch.Tensor:
+        """The map for a signed or a non-negative state, as a float32 CPU tensor."""
+        return torch.tensor(self.signed_map if signed else self.unsigned_map, dtype=torch.float32)
+
+
+Q8 = QuantFormat("q8", 8, 256, tuple(dynamic_map(True).tolist()), tuple(dynamic_map(False).tolist()))
+Q4 = QuantFormat("q4", 4, 128, tuple(signed_map_4bit().tolist()), tuple(linear_map_4bit().tolist()))
+FORMATS = {f.name: f for f in (Q8, Q4)}
+
+
+def format_for(name: str | QuantFormat) -> QuantFormat:
+    """The format called ``name`` ("q8" or "q4"); a QuantFormat is returned unchanged."""
+    if isinstance(name, QuantFormat):
+        return name
+    if name not in FORMATS:
+        raise ValueError(f"unknown quantized storage {name!r}; use 'q8' or 'q4'")
+    return FORMATS[name]
+
+
+def state_bytes(numel: int, fmt: str | QuantFormat) -> int:
+    """Bytes that one state of ``numel`` elements takes in ``fmt``: codes plus float32 absmax."""
+    fmt = format_for(fmt)
+    code_bytes = numel if fmt.bits == 8 else (numel + 1) // 2
+    return code_bytes + 4 * math.ceil(numel / fmt.block)
+
+
+# ---- quantize / dequantize -----------------------------------------------------------------------
+
+
+def _check_code(code: torch.Tensor) -> None:
+    if code.ndim != 1 or not 2 <= code.numel() <= 256 or not code.is_floating_point():
+        raise ValueError(f"a map is a 1-D float tensor of 2 to 256 values, got {tuple(code.shape)} {code.dtype}")
+    if not bool((code[1:] > code[:-1]).all()):
+        raise ValueError("a map must be sorted strictly increasing")
+
+
+def _blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """``flat`` zero-padded to whole blocks, as (n_blocks, block)."""
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    pad = -flat.numel() % block
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8, flat, ``x.numel()`` of them) and per-block absmax (float32, ceil(n/block)).
+
+    Raises ValueError if ``x`` has a NaN or an infinity (see the module docstring)."""
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_blockwise takes a floating tensor, got {x.dtype}")
+    _check_code(code)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot quantize a tensor with NaN or Inf values (or values beyond the float32 range)")
+    xb = _blocks(flat, block)
+    absmax = xb.abs().amax(dim=1)
+    # An all-zero block divides by 1 instead of 0: y is 0 there, so no 0/0.
+    y = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    c64 = code.to(device=x.device, dtype=torch.float64)
+    midpoints = (c64[:-1] + c64[1:]) / 2
+    # The number of midpoints strictly below y is the index of the nearest code; a y equal to a
+    # midpoint counts it as not below, so ties go to the lower code.
+    idx = torch.searchsorted(midpoints, y.to(torch.float64).reshape(-1), right=False)
+    return idx[: flat.numel()].to(torch.uint8), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int,
+                         shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``code[codes] * absmax`` of each element's block, in float32, reshaped to ``shape``, cast to
+    ``dtype``."""
+    _check_code(code)
+    n = math.prod(shape)
+    if codes.numel() != n or absmax.numel() != math.ceil(n / block):
+        raise ValueError(f"{codes.numel()} codes and {absmax.numel()} absmax values do not fit shape "
+                         f"{tuple(shape)} in blocks of {block}")
+    values = code.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1).long()]
+    out = _blocks(values, block) * absmax.to(torch.float32).reshape(-1, 1)
+    return out.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+# ---- 4-bit packing -------------------------------------------------------------------------------
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, element 2i in the low nibble of byte i; ceil(n/2) bytes (an odd
+    count leaves the last high nibble 0)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() and int(flat.max()) > 15:
+        raise ValueError("pack_nibbles takes codes in [0, 15]")
+    flat = torch.nn.functional.pad(flat, (0, flat.numel() % 2))
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` codes that :func:`pack_nibbles` packed into ``packed``."""
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{n} codes take {(n + 1) // 2} bytes, got {packed.numel()}")
+    flat = packed.reshape(-1)
+    return torch.stack((flat & 15, flat >> 4), dim=1).reshape(-1)[:n]
+
+
+# ---- dense converters (checkpoints) --------------------------------------------------------------
+
+
+def from_dense(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored codes (packed for 4-bit) and absmax of the dense state ``x``."""
+    fmt = format_for(fmt)
+    codes, absmax = quantize_blockwise(x, fmt.code(signed), fmt.block)
+    return (pack_nibbles(codes) if fmt.bits == 4 else codes), absmax
+
+
+def to_dense(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, signed: bool,
+             shape) -> torch.Tensor:
+    """The float32 state of ``shape`` that stored ``codes`` (packed for 4-bit) and absmax decode to."""
+    fmt = format_for(fmt)
+    shape = tuple(shape)
+    if fmt.bits == 4:
+        codes = unpack_nibbles(codes, math.prod(shape))
+    return dequantize_blockwise(codes, absmax, fmt.code(signed), fmt.block, shape)
