@@ -141,49 +141,53 @@ class Adafactor(FusedOptimizer):
 
     def __init__(self, params: Iterable, lr: float | None = None, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                  weight_decay=0.0, *, maximize: bool = False, beta1: float | None = None, hf: bool = False,
-                 relative_step: bool | None = None, scale_parameter: bool | None = None, warmup_init: bool = False,
-                 max_grad_norm: float | None = None, backend: str | None = None, **torch_flags):
+                 relative_step: bool | None = None, scale_parameter: bool | None = None,
+                 warmup_init: bool = False, max_grad_norm: float | None = None, backend: str | None = None,
+                 **torch_flags):
         for name, ours in self._HF_NAMES.items():
             if name in torch_flags:
-                raise TypeError(f"Adafactor: {name} is HF's name for {ours}, got {name}={torch_flags[name]!r}. "
-                                f"Fix: pass {ours}={torch_flags[name]!r} (same meaning)")
-        if not hf:
+                value = torch_flags[name]
+                raise TypeError(f"Adafactor: {name} is HF's name for {ours}, got {name}={value!r}. "
+                                f"Fix: pass {ours}={value!r} (same meaning)")
+        if not hf:  # torch's rho = min(lr, 1/sqrt(t)) is neither relative_step=True nor False
             for name, value, torch_value in (("relative_step", relative_step, None),
                                              ("scale_parameter", scale_parameter, True),
                                              ("warmup_init", warmup_init, False)):
-                if value is not None and value != torch_value:  # torch's rho = min(lr, 1/sqrt(t)) is neither
-                    raise self._bad(f"{name} is an option of HF transformers' variant", f"{name}={value!r} with "
-                                    "hf=False", f"pass hf=True as well, or leave {name} unset for "
+                if value is not None and value != torch_value:
+                    raise self._bad(f"{name} is an option of HF transformers' variant",
+                                    f"{name}={value!r} with hf=False",
+                                    f"pass hf=True as well, or leave {name} unset for "
                                     "torch.optim.Adafactor's semantics")
-        # None: resolved per group in _complete_group (torch's or HF's default)
+        # the None defaults are resolved per group, for the group's variant, in _complete_group
         super().__init__(params, adafactor, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                          weight_decay=weight_decay, beta1=beta1, maximize=maximize, hf=hf,
-                         relative_step=relative_step, scale_parameter=scale_parameter, warmup_init=warmup_init,
-                         use_first_moment=None, max_grad_norm=max_grad_norm, backend=backend, **torch_flags)
+                         relative_step=relative_step, scale_parameter=scale_parameter,
+                         warmup_init=warmup_init, use_first_moment=None, max_grad_norm=max_grad_norm,
+                         backend=backend, **torch_flags)
 
     @staticmethod
     def _bad(problem: str, got: str, fix: str) -> ValueError:
         return ValueError(f"Adafactor: {problem}, got {got}. Fix: {fix}")
 
     def _complete_group(self, group: dict[str, Any]) -> None:
-        """Resolve the None defaults of this group's variant and check the combination. Runs again on
-        the group's own output when a checkpoint loads, so every resolved value must pass."""
+        """Resolve the None defaults for the group's variant and check the combination. This runs again
+        on the group's own output when a checkpoint loads, so every resolved value must pass it."""
         cls = type(self).__name__
         hf = group["hf"]
         if group["relative_step"] is None:
             group["relative_step"] = bool(hf)
         if group["scale_parameter"] is None:
             group["scale_parameter"] = True
-        relative, scale, warmup = group["relative_step"], group["scale_parameter"], group["warmup_init"]
-        hf_only = {"relative_step": True, "scale_parameter": False, "warmup_init": True}  # values torch lacks
-        for name, value in hf_only.items():
-            if not hf and group[name] is value:
-                raise self._bad(f"{name} is an option of HF transformers' variant", f"{name}={value!r} with hf=False",
-                                "set hf=True in this group as well")
-        if warmup is True and relative is not True:
+        for name, value in (("relative_step", True), ("scale_parameter", False), ("warmup_init", True)):
+            if not hf and group[name] is value:  # values torch.optim.Adafactor has no formula for
+                raise self._bad(f"{name} is an option of HF transformers' variant",
+                                f"{name}={value!r} with hf=False", "set hf=True in this group as well")
+        relative = group["relative_step"] is True
+        if group["warmup_init"] is True and not relative:
             raise self._bad("warmup_init=True ramps the relative step size and needs relative_step=True",
-                            f"relative_step={relative!r}", "pass relative_step=True (or drop warmup_init)")
-        self._complete_lr(group, hf and relative is True)
+                            f"relative_step={group['relative_step']!r}",
+                            "pass relative_step=True (or drop warmup_init)")
+        self._complete_lr(group, bool(hf) and relative)
         decay, d = _value(group["beta2_decay"]), _value(group["d"])
         _require(cls, "beta2_decay", decay, decay <= 0.0, "beta2_decay <= 0")
         if hf:
@@ -209,10 +213,10 @@ class Adafactor(FusedOptimizer):
         given = lr is not None and _value(lr) == _value(lr)  # NaN: what a relative-step group stores
         if relative:
             if given:
-                raise self._bad("relative_step=True computes the learning rate from the step and ignores lr (HF "
-                                "refuses both)", f"lr={_value(lr)!r}",
-                                "drop lr, or pass relative_step=False (and scale_parameter=False for an external "
-                                "schedule)")
+                raise self._bad("relative_step=True computes the learning rate from the step and ignores lr "
+                                "(HF refuses both)", f"lr={_value(lr)!r}",
+                                "drop lr, or pass relative_step=False (and scale_parameter=False for an "
+                                "external schedule)")
             group["lr"] = float("nan")
             return
         if lr is None:
@@ -231,8 +235,8 @@ class Adafactor(FusedOptimizer):
                 raise self._bad("use_first_moment=True needs beta1", "beta1=None", "pass beta1=..., e.g. 0.9")
             group["beta1"] = 0.0  # unused
         elif not (isinstance(beta1, (int, float, torch.Tensor)) and 0.0 <= _value(beta1) < 1.0):
-            raise self._bad("beta1 is the first moment's decay and must be None or in [0, 1)", f"beta1={beta1!r}",
-                            "pass e.g. beta1=0.9, or beta1=None for no first moment")
+            raise self._bad("beta1 is the first moment's decay and must be None or in [0, 1)",
+                            f"beta1={beta1!r}", "pass e.g. beta1=0.9, or beta1=None for no first moment")
 
 
 class AdamMini(_AdamFamily):

@@ -89,11 +89,11 @@ def _hf_update(p, g, t, lr, beta2_decay, eps1, eps2, d, matrix, relative_step, s
 
 
 def _check_options(hf, relative_step, scale_parameter, warmup_init):
-    hf_only = [name for name, on in (("relative_step", relative_step), ("scale_parameter=False", not scale_parameter),
-                                      ("warmup_init", warmup_init)) if on]
+    hf_only = [name for name, on in (("relative_step", relative_step), ("warmup_init", warmup_init),
+                                      ("scale_parameter=False", not scale_parameter)) if on]
     if hf_only and not hf:
-        raise RuleError(f"rule 'adafactor': {', '.join(hf_only)} belong(s) to HF transformers' variant, not to "
-                        "torch.optim.Adafactor's. Fix: also set hf=True")
+        raise RuleError(f"rule 'adafactor': {', '.join(hf_only)} belong(s) to HF transformers' variant, "
+                        "not to torch.optim.Adafactor's. Fix: also set hf=True")
     if warmup_init and not relative_step:
         raise RuleError("rule 'adafactor': warmup_init ramps the relative step size and needs relative_step. "
                         "Fix: set relative_step=True, or drop warmup_init")
