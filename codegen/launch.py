@@ -17,7 +17,7 @@ import torch
 import triton
 
 from . import config
-from .template import KernelSpec
+from .template import QUANT_BLOCK, KernelSpec
 
 # Elements per block and blocks per program. CUDA figures are untuned defaults; the interpreter
 # uses small chunks so that tests cross chunk boundaries with small tensors.
@@ -77,6 +77,10 @@ class Plan:
     def __init__(self, spec: KernelSpec, numels: Sequence[int], n_hparams: int, device: torch.device):
         cfg = config_for(spec.target)
         chunk = cfg["BLOCK"] * cfg["ITERS"]
+        if spec.lowered.program.has_quantized_states and cfg["BLOCK"] % QUANT_BLOCK:
+            raise ValueError(f"rule '{spec.lowered.program.name}' has q8 states, which a program requantizes "
+                             f"in whole blocks of {QUANT_BLOCK}: BLOCK={cfg['BLOCK']} must be a multiple of it "
+                             "(see FUSEDOPT_LAUNCH)")
         # an empty tensor still gets one (fully masked) program, so that its step advances
         counts = [max(1, triton.cdiv(n, chunk)) for n in numels]
         chunk_tensor = [i for i, c in enumerate(counts) for _ in range(c)]

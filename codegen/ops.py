@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from fusedopt import ir
+from fusedopt import ir, quant
 from fusedopt.passes import Lowered, lower
 
 from . import cache, config, launch
@@ -67,11 +67,22 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
     launch.run(_kernels(program_key, params, grads, states, steps, hparams)[0])
 
 
+@functools.lru_cache(maxsize=None)
+def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The q8 maps (float32) and their midpoints (float64, exact), signed then unsigned, on ``device``;
+    kept for the life of the process, read by kernels through the hyperparameter table."""
+    out = []
+    for signed in (True, False):
+        code = torch.tensor(quant.Q8.code(signed).tolist(), dtype=torch.float64)
+        out += [code.to(torch.float32).to(device), ((code[:-1] + code[1:]) / 2).to(device)]
+    return tuple(out)
+
+
 def _kernels(program_key, params, grads, states, steps, hparams):
     """(module, spec, plan) per dtype signature, pointer tables refreshed; and each one's tensor indices."""
     low = _PROGRAMS[program_key]
     n = len(params)
-    n_states = len(low.program.states)
+    n_states = len(low.program.storage_names)
     if len(grads) != n or len(steps) != n or len(states) != n * n_states or len(hparams) != len(low.program.hparams):
         raise ValueError(f"fused_step: {n} params need {n} grads, {n * n_states} states, {n} steps and "
                          f"{len(low.program.hparams)} hparams; got {len(grads)}, {len(states)}, {len(steps)}, "
@@ -85,6 +96,8 @@ def _kernels(program_key, params, grads, states, steps, hparams):
         raise ValueError(f"rule '{low.program.name}' reduces over the whole group, whose tensors lie on "
                          f"{sorted(str(d) for d in {p.device for p in params})}; put a group on one device")
     hp_pointers = [h.data_ptr() for h in hparams]
+    if low.program.has_quantized_states:
+        hp_pointers += [t.data_ptr() for t in _quant_tables(params[0].device)]
     kernels = []
     for (p_dtype, g_dtype, device), idx in by_signature.items():
         spec = KernelSpec(low, dtype_name(p_dtype), dtype_name(g_dtype), target_for(device))
@@ -98,7 +111,7 @@ def _kernels(program_key, params, grads, states, steps, hparams):
         # by address and size: a new tensor at a freed one's address needs its own chunk tables
         key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]),
                tuple(numels))
-        plan = _PLANS.get(key, lambda: launch.Plan(spec, numels, len(hparams), device))
+        plan = _PLANS.get(key, lambda: launch.Plan(spec, numels, len(hp_pointers), device))
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
     return kernels, list(by_signature.values())

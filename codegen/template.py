@@ -24,7 +24,8 @@ from fusedopt.passes import Lowered
 
 from .printer import TritonPrinter, is_boolean
 
-TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16"}
+TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16", "q8": "tl.uint8"}
+QUANT_BLOCK = 256  # elements per absmax of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
@@ -40,14 +41,14 @@ class KernelSpec:
     @property
     def columns(self) -> tuple[str, ...]:
         """Pointer-table columns, in order."""
-        return (ir.PARAM, ir.GRAD, *self.lowered.program.state_names, ir.STEP)
+        return (ir.PARAM, ir.GRAD, *self.lowered.program.storage_names, ir.STEP)
 
     def dtype_of(self, column: str) -> str:
         if column == ir.PARAM:
             return self.param_dtype
         if column == ir.GRAD:
             return self.grad_dtype
-        if column == ir.STEP:
+        if column == ir.STEP or column not in self.lowered.program.state_names:  # the step, an absmax
             return "fp32"
         return next(s.dtype for s in self.lowered.program.states if s.name == column)
 
@@ -62,6 +63,46 @@ def _to_bf16_rne(x):
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"""
+
+
+def _q8_store_source() -> str:
+    """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and absmax.
+
+    Per block of 256: absmax = max |x|; y = x / absmax (x / 1 for an all-zero block); the code is the
+    number of map midpoints (float64, exact) strictly below y, found by binary search over the 255
+    midpoints; a block holding NaN or Inf stores absmax NaN and the codes of 0, so it decodes to NaN.
+    The same rounding as fusedopt.quant.encode_state."""
+    lines = [
+        "", "", "@triton.jit",
+        "def _q8_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr):",
+        f"    blocks = tl.reshape(x, [BLOCK // {QUANT_BLOCK}, {QUANT_BLOCK}])",
+        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
+        "    amax = tl.max(tl.abs(blocks), axis=1)",
+        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
+        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK]).to(tl.float64)",
+        "    code = tl.zeros([BLOCK], tl.int32)",
+    ]
+    for bit in range(7, -1, -1):
+        step = 1 << bit
+        lines.append(f"    mid = tl.load(qmid + code + {step - 1}, mask=code + {step} <= 255, other=float('inf'))")
+        lines.append(f"    code = tl.where(mid < y, code + {step}, code)")
+    lines += [
+        "    tl.store(codes_ptr + offs, code.to(tl.uint8), mask=offs < n)",
+        f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
+        f"    tl.store(absmax_ptr + index, tl.where(finite == 1, amax, float('nan')), mask=index * {QUANT_BLOCK} < n)",
+    ]
+    return "\n".join(lines)
+
+
+def _load(spec: KernelSpec, col: str, mask: str) -> str:
+    """The float32 value of column ``col`` at ``offs``; q8 states are decoded through their map."""
+    state = next((s for s in spec.lowered.program.states if s.name == col), None)
+    if state is not None and state.quantized:
+        table = "qmap_u" if state.nonnegative else "qmap_s"
+        other = ", other=0" if mask else ""
+        return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
+                f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT_BLOCK}{mask}{other}))")
+    return f"tl.load(ptr_{col} + offs{mask}).to(tl.float32)"
 
 
 class _Lines:
@@ -93,6 +134,8 @@ def render(spec: KernelSpec) -> str:
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE.splitlines()
+    if prog.has_quantized_states:
+        out.lines += _q8_store_source().splitlines()
     for phase in range(low.n_phases):
         _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
@@ -105,7 +148,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
     prog = low.program
     mask = ", mask=mask" if masked else ""
     for col in (ir.PARAM, ir.GRAD, *prog.state_names):
-        out.add(3, f"v_{col} = tl.load(ptr_{col} + offs{mask}).to(tl.float32)")
+        out.add(3, f"v_{col} = {_load(spec, col, mask)}")
     for name, expr in low.temps:
         out.add(3, f"v_{name} = {element(expr)}")
     per_element = {ir.PARAM, ir.GRAD, *prog.state_names, *(n for n, _ in low.temps)}
@@ -113,6 +156,13 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
         value = element(expr)
         if not ir.free_names(expr) & per_element:  # a per-tensor constant: broadcast it to the block
             value = f"tl.broadcast_to({value}, [BLOCK])"
+        if spec.dtype_of(target) == "q8":
+            if masked:
+                value = f"tl.where(mask, {value}, 0.0)"
+            state = next(s for s in prog.states if s.name == target)
+            out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, "
+                       f"{'qmid_u' if state.nonnegative else 'qmid_s'}, offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
+            continue
         if spec.dtype_of(target) == "bf16":
             value = f"_to_bf16_rne({value})"
         else:
@@ -159,6 +209,11 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     out.add(1, "# hyperparameters, the step and the size, float64, once per program")
     for i, name in enumerate(prog.hparams):
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
+    if prog.has_quantized_states:  # the q8 maps and their midpoints follow the hyperparameters
+        h = len(prog.hparams)
+        for k, (name, dtype) in enumerate((("qmap_s", "float32"), ("qmid_s", "float64"), ("qmap_u", "float32"),
+                                           ("qmid_u", "float64"))):
+            out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")
     out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
     out.add(1, f"s_{ir.NUMEL} = n.to(tl.float64)")
     done_reductions = [r for r in low.reductions if r.phase < level]
@@ -214,7 +269,7 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductio
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
     out.add(2, "mask = offs < n")
     for col in (ir.PARAM, ir.GRAD, *prog.state_names):
-        out.add(2, f"v_{col} = tl.load(ptr_{col} + offs, mask=mask).to(tl.float32)")
+        out.add(2, f"v_{col} = {_load(spec, col, ', mask=mask')}")
     for r in reductions:
         value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
         if r.op == "sum":

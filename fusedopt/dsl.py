@@ -21,6 +21,7 @@ Mistakes are reported when the decorator runs, naming the rule, the offending na
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable
@@ -116,8 +117,12 @@ class _Handle:
         return f"<{self._name}>"
 
 
-def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full") -> _Handle:
-    """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16"; ``layout``: "full"
+def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full",
+          nonnegative: bool = False) -> _Handle:
+    """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16" or "q8" (8-bit
+    blockwise, see fusedopt.quant; ``Rule.program(state_dtype=...)`` switches every full-size fp32
+    state of a rule at once); ``nonnegative``: the state is never negative (a second moment), so a
+    quantized storage uses the unsigned map (values below 0 would be stored as 0); ``layout``: "full"
     (the shape of p), "rows" (one value per row: shape[:-1] + (1,)) or "cols" (one per column:
     shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors, or "blocks" (one value
     per block of the optimizer's partition, shape (n_blocks, 1)). Row and column layouts need a rule
@@ -138,7 +143,12 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
         raise _fail(b.rule, f"state '{name}' has layout={layout!r}", f"use one of {list(ir.STATE_LAYOUTS)}")
     if layout != "full" and init != "zeros":
         raise _fail(b.rule, f"state '{name}' with layout {layout!r} has init={init!r}", "use init='zeros'")
-    b.states[name] = ir.StateSpec(name, init, dtype, layout)
+    if layout != "full" and dtype in ir.QUANTIZED:
+        raise _fail(b.rule, f"state '{name}' with layout {layout!r} has dtype={dtype!r}",
+                    "quantize full-size states only (factored and per-block states are already small)")
+    if not isinstance(nonnegative, bool):
+        raise _fail(b.rule, f"state '{name}' has nonnegative={nonnegative!r}", "pass True or False")
+    b.states[name] = ir.StateSpec(name, init, dtype, layout, nonnegative)
     return _Handle(b, name)
 
 
@@ -300,21 +310,35 @@ class Rule:
             raise _fail(self.name, f"hyperparameter '{prm.name}' has the non-numeric default {default!r}",
                         "use a number (a hyperparameter) or a bool (a static option)")
 
-    def program(self, clip: bool = False, **options: bool) -> ir.Program:
+    def program(self, clip: bool = False, state_dtype: str | None = None, **options: bool) -> ir.Program:
         """The rule's IR for these static options. ``clip=True`` adds global-norm gradient clipping:
         the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
-        ``max_grad_norm``."""
+        ``max_grad_norm``. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
+        that the rule declares as fp32 in that dtype instead."""
+        if state_dtype is not None and state_dtype not in ir.STORAGE_DTYPES:
+            raise _fail(self.name, f"state_dtype={state_dtype!r} is not a storage dtype",
+                        f"use one of {list(ir.STORAGE_DTYPES)}")
         for k, v in options.items():
             if k not in self.options:
                 raise _fail(self.name, f"unknown option '{k}'", f"options are {sorted(self.options)}")
             if not isinstance(v, bool):
                 raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
         full = {**self.options, **options}
-        return _build(self, tuple(sorted(full.items())), bool(clip))
+        program = _build(self, tuple(sorted(full.items())), bool(clip))
+        if state_dtype in (None, "fp32"):
+            return program
+        return _with_state_dtype(program, state_dtype)
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
+
+
+@functools.lru_cache(maxsize=None)
+def _with_state_dtype(program: ir.Program, dtype: str) -> ir.Program:
+    states = tuple(dataclasses.replace(s, dtype=dtype) if s.layout == "full" and s.dtype == "fp32" else s
+                   for s in program.states)
+    return dataclasses.replace(program, states=states)
 
 
 @functools.lru_cache(maxsize=None)

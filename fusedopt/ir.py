@@ -30,7 +30,11 @@ REDUCE_OPS = ("sum", "max", "mean")
 # dim (keeping it as size 1); cols: over the second-to-last dim
 REDUCE_OVER = ("tensor", "group", "rows", "cols", "blocks")
 
-STORAGE_DTYPES = ("fp32", "bf16")
+STORAGE_DTYPES = ("fp32", "bf16", "q8")
+# Blockwise-quantized storages (see fusedopt.quant): a state is kept as codes (one byte per element,
+# shaped like the state) plus one float32 absmax per block, stored under "<state>_absmax".
+QUANTIZED = ("q8",)
+ABSMAX_SUFFIX = "_absmax"
 STATE_INITS = ("zeros", "p", "g")
 STATE_LAYOUTS = ("full", "rows", "cols", "blocks")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
@@ -46,6 +50,11 @@ class StateSpec:
     dtype: str = "fp32"  # storage dtype; compute is always fp32 (fp64 in the oracle)
     layout: str = "full"  # "full" (like p), "rows" (shape[:-1] + (1,)), "cols" (shape[:-2] + (1, m)),
     # "blocks" (n_blocks, 1): one value per block of a partition that views p as (n_blocks, block_numel)
+    nonnegative: bool = False  # never negative (a second moment): quantized with the unsigned map
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,15 @@ class Program:
     @property
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.states)
+
+    @property
+    def storage_names(self) -> tuple[str, ...]:
+        """The tensors kept per parameter: each state, and after a quantized one its absmax."""
+        return tuple(n for s in self.states for n in ((s.name, s.name + ABSMAX_SUFFIX) if s.quantized else (s.name,)))
+
+    @property
+    def has_quantized_states(self) -> bool:
+        return any(s.quantized for s in self.states)
 
     @property
     def scalar_names(self) -> frozenset[str]:
@@ -101,7 +119,7 @@ class Program:
             lines.append(f"  option {name} = {value!r}")
         for s in self.states:
             lines.append(f"  state {s.name}: init={s.init} dtype={s.dtype}" + (
-                f" layout={s.layout}" if s.layout != "full" else ""))
+                f" layout={s.layout}" if s.layout != "full" else "") + (" nonnegative" if s.nonnegative else ""))
         for target, expr in self.updates:
             lines.append(f"  {target} <- {sympy.srepr(expr)}")
         return "\n".join(lines) + "\n"

@@ -15,8 +15,11 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from . import ir, reference
+from . import ir, quant, reference
 from .dsl import CLIP_HPARAM, Rule
+
+STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
+QUANT_THRESHOLD = "quant_threshold"
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
@@ -53,7 +56,7 @@ class _FastGroup:
     def ready(self, opt: "FusedOptimizer", group: "_ParamGroup") -> bool:
         params = group["params"]
         if params is not self.params_list or len(params) != len(self.params) \
-                or not all(map(operator.is_, params, self.params)) or opt._options_of(group, None) != self.options:
+                or not all(map(operator.is_, params, self.params)) or opt._static_options(group) != self.options:
             return False
         grads = [p.grad for p in params]
         self.new_grads = None
@@ -154,6 +157,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             defaults[key] = tuple(self.rule.hparams[n] for n in names) if names else self.rule.hparams[key]
         defaults.update({k: v for k, v in self.rule.options.items() if k != ir.MATRIX_OPTION})
         defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
+        defaults[STATE_DTYPE] = "fp32"  # storage of full-size states: "fp32", "bf16" or "q8"
+        defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under "q8"
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -184,6 +189,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._group_options():
             if not isinstance(group[key], bool):
                 raise TypeError(f"{type(self).__name__}: option '{key}' must be a bool, got {group[key]!r}")
+        if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
+            raise ValueError(f"{type(self).__name__}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
+                             f"of {list(ir.STORAGE_DTYPES)}")
+        threshold = group[QUANT_THRESHOLD]
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(f"{type(self).__name__}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
+                             "with fewer elements keep float32 states)")
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
         device = params[0].device if params else torch.device("cpu")
         converted = _ParamGroup()
@@ -196,7 +208,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.param_groups[-1] = converted
         self._groups = list(self.param_groups)
         for matrix in self._matrix_choices():
-            self._prepared(converted, matrix)
+            for storage in {converted[STATE_DTYPE], "fp32"}:
+                self._prepared(converted, matrix, storage)
 
     def _group_options(self) -> list[str]:
         return [k for k in self.rule.options if k != ir.MATRIX_OPTION]
@@ -205,15 +218,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Rules with a `matrix` option get one program for tensors of >= 2 dims and one for the rest."""
         return (False, True) if ir.MATRIX_OPTION in self.rule.options else (None,)
 
-    def _prepared(self, group: Mapping[str, Any], matrix: bool | None = None) -> "_Prepared":
+    def _prepared(self, group: Mapping[str, Any], matrix: bool | None = None, storage: str = "fp32") -> "_Prepared":
         """The group's program in every form a step needs; built eagerly, looked up in step()."""
-        options = self._options_of(group, matrix)
+        options = self._options_of(group, matrix, storage)
         prepared = self._prepared_by_options.get(options)
         if prepared is None:
             chosen = dict(zip(self._group_options(), options))
             if matrix is not None:
                 chosen[ir.MATRIX_OPTION] = matrix
-            program = self.rule.program(clip=options[-1], **chosen)
+            program = self.rule.program(clip=options[-2], state_dtype=storage, **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             program.needs_reference, program.uses_blocks  # computed now, read cheaply (and traceably) later
             self._prepared_by_options[options] = prepared
@@ -227,9 +240,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 prepared.kernel_keys[device] = ops.register(prepared.program)
         return prepared
 
-    def _options_of(self, group: Mapping[str, Any], matrix: bool | None) -> tuple:
-        """The static choices: the rule's options, the tensor kind, then whether gradients are clipped."""
-        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None)
+    def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
+        """The static choices: the rule's options, the tensor kind, whether gradients are clipped, and
+        the state storage."""
+        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None, storage)
+
+    def _static_options(self, group: Mapping[str, Any]) -> tuple:
+        """Everything static about a group, whatever its tensors."""
+        return self._options_of(group, None, group[STATE_DTYPE]) + (group[QUANT_THRESHOLD],)
+
+    def _kind_of(self, group: Mapping[str, Any], p: torch.Tensor) -> tuple[bool | None, str]:
+        """The per-tensor static choices: matrix or not (rules with a matrix option), and the state
+        storage (quantized storage only for tensors of at least quant_threshold elements)."""
+        matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
+        storage = group[STATE_DTYPE]
+        if storage in ir.QUANTIZED and p.numel() < group[QUANT_THRESHOLD]:
+            storage = "fp32"
+        return matrix, storage
 
     def _hparams(self, group: Mapping[str, Any], device: torch.device, program: ir.Program) -> dict:
         out = {}
@@ -250,7 +277,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         st = self.state[p]
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        missing = [s.name for s in program.states if s.name not in st]
+        missing = [n for n in program.storage_names if n not in st]
         if missing:
             fresh = reference.init_state(program, p, g, self._block_view(p) if program.uses_blocks else None)
             for name in missing:
@@ -294,13 +321,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: _ParamGroup, params: list, eager: bool) -> None:
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
-            by_kind.setdefault((p.device, matrix), []).append(i)
+            by_kind.setdefault((p.device, *self._kind_of(group, p)), []).append(i)
         calls = []
-        for (device, matrix), idx in by_kind.items():
-            prepared = self._prepared_by_options.get(self._options_of(group, matrix))
+        for (device, matrix, storage), idx in by_kind.items():
+            prepared = self._prepared_by_options.get(self._options_of(group, matrix, storage))
             if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
-                prepared = self._prepared(group, matrix)
+                prepared = self._prepared(group, matrix, storage)
             if len(by_kind) > 1 and prepared.group_wide:
                 raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
                                    "reduction) must have its parameters on one device and, for rules with "
@@ -311,7 +337,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         self._fast.pop(id(group), None)
         if len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
-            self._fast[id(group)] = _FastGroup(group, self._options_of(group, None), calls)
+            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls)
 
     def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):
         """Steps ``params``; returns the bound eager call when one fused call did all of it, else None."""
@@ -329,7 +355,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if any(fused):
                 chosen = [i for i, ok in enumerate(fused) if ok]
                 args = (prepared.kernel_keys[device], [params[i] for i in chosen], [grads[i] for i in chosen],
-                        [per_param[i][n] for n in program.state_names for i in chosen],
+                        [per_param[i][n] for n in program.storage_names for i in chosen],
                         [per_param[i]["step"] for i in chosen], [hparams[h] for h in program.hparams])
                 if eager and len(chosen) == len(params):
                     call = ops.EagerStep(*args)
@@ -349,7 +375,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if prepared.group_wide:
                 idx = list(range(len(params))) if wide == any_wide else []
             if idx:
-                states = {name: [per_param[i][name] for i in idx] for name in program.state_names}
+                states = {name: [per_param[i][name] for i in idx] for name in program.storage_names}
                 views = [self._block_view(params[i]) for i in idx] if program.uses_blocks else None
                 reference.step(prepared.reference, [params[i] for i in idx], [grads[i] for i in idx], states,
                                [per_param[i]["step"] for i in idx], hparams,
@@ -377,9 +403,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout; hyperparameter tensors are saved as Python floats."""
+    def state_dict(self, dense: bool = False) -> dict[str, Any]:
+        """torch.optim's layout; hyperparameter tensors are saved as Python floats.
+
+        Quantized states are saved compact (uint8 codes under the state's name, float32 scales under
+        "<name>_absmax"). ``dense=True`` decodes them to float32 states of the parameter's shape: the
+        form torch.optim (and every other library) keeps, so ``torch.optim.AdamW.load_state_dict``
+        takes it. Either form loads back into any fusedopt optimizer of the same rule, whatever its
+        ``state_dtype``."""
         sd = super().state_dict()
+        if dense:
+            params = [p for group in self._groups for p in group["params"]]
+            groups = {p: group for group in self._groups for p in group["params"]}
+            for index, values in list(sd["state"].items()):
+                p = params[index]
+                program = self._prepared(groups[p], *self._kind_of(groups[p], p)).program
+                sd["state"][index] = _dense_state(program, values)
         for group in sd["param_groups"]:
             for key, value in group.items():
                 if isinstance(value, torch.Tensor):
@@ -406,13 +445,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(f"param group {i}: state_dict has {len(saved['params'])} params, this "
                                  f"optimizer has {len(mine['params'])}")
-            merged = {**{k: v for k, v in mine.items()}, **{k: v for k, v in saved.items() if k != "params"}}
+            # storage is this optimizer's choice, not the checkpoint's: states are converted to it
+            merged = {**{k: v for k, v in mine.items()},
+                      **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD)}}
             merged["params"] = mine["params"]
             self._complete_group(merged)
             new_groups.append((mine, merged))
             for key_id, p in zip(saved["params"], mine["params"]):
-                kind = None if self._matrix_choices() == (None,) else p.dim() >= 2
-                index[key_id] = (p, self._prepared(merged, kind).program)
+                index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program)
         new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key_id, values in saved_state.items():
             if key_id not in index:
@@ -428,23 +468,47 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._fast.clear()
 
     def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any]) -> dict:
+        """One parameter's saved state in this optimizer's storage. A state may come compact (q8
+        codes plus "<name>_absmax") or dense (float, as torch.optim keeps it): either is converted
+        to what this program stores, so checkpoints move between storages and libraries."""
         expected = set(program.state_names)
-        unknown = set(values) - expected - {"step"}
+        absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
+        unknown = set(values) - expected - absmax - {"step"}
         missing = expected - set(values)
         if unknown or missing:
             raise ValueError(f"state for a parameter of shape {tuple(p.shape)} does not fit rule "
                              f"'{program.name}': missing {sorted(missing)}, unexpected {sorted(unknown)}; "
                              "load a checkpoint of the same algorithm and options")
+        view = self._block_view(p) if program.uses_blocks else None
         out = {}
         for spec in program.states:
             value = values[spec.name]
-            expected = reference.state_shape(spec, p.shape, self._block_view(p) if program.uses_blocks else None)
+            expected = reference.state_shape(spec, p.shape, view)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
                                  f"{tuple(p.shape)} it must be {expected}")
-            out[spec.name] = value.detach().to(device=p.device, dtype=storage_dtype(spec.dtype, p.dtype),
-                                             copy=True)
+            value = value.detach().to(p.device)
+            saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
+            if saved_absmax is not None:  # compact (q8 is the only quantized storage)
+                blocks = -(-p.numel() // quant.Q8.block)
+                if value.dtype != torch.uint8 or not isinstance(saved_absmax, torch.Tensor) \
+                        or tuple(saved_absmax.shape) != (blocks,):
+                    raise ValueError(f"state '{spec.name}' comes with an absmax, so it must hold uint8 codes and "
+                                     f"{blocks} float32 scales; got {value.dtype} and {saved_absmax!r:.60}")
+                if spec.quantized:  # the same storage: the codes as they are (re-encoding is not exact)
+                    out[spec.name] = value.to(torch.uint8, copy=True).contiguous()
+                    out[spec.name + ir.ABSMAX_SUFFIX] = saved_absmax.detach().to(p.device, torch.float32, copy=True)
+                    continue
+                value = quant.decode_state(value, saved_absmax.to(p.device), "q8", signed=not spec.nonnegative)
+            elif not value.is_floating_point():
+                raise ValueError(f"state '{spec.name}' holds {value.dtype} without '{spec.name}{ir.ABSMAX_SUFFIX}'; "
+                                 "a quantized state needs its absmax")
+            if spec.quantized:
+                codes, scale = quant.encode_state(value, spec.dtype, signed=not spec.nonnegative)
+                out[spec.name], out[spec.name + ir.ABSMAX_SUFFIX] = codes.contiguous(), scale
+            else:
+                out[spec.name] = value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)
         step = values.get("step")
         if step is None:  # torch.optim.SGD keeps no step: a buffer means at least one step was taken
             step = 1.0 if program.states else 0.0
@@ -455,6 +519,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._groups = list(self.param_groups)
         self._fast = {}
+
+
+def _dense_state(program: ir.Program, values: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for spec in program.states:
+        if spec.quantized and spec.name in out:
+            absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX)
+            out[spec.name] = quant.decode_state(out[spec.name], absmax, spec.dtype, signed=not spec.nonnegative)
+    return out
 
 
 # LR schedulers wrap `optimizer.step` in a closure over a weakref that dynamo cannot trace; this
@@ -474,7 +547,8 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
     if isinstance(obj, FusedOptimizer):
         if options:
             raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
-        program = obj._prepared(obj.param_groups[0], obj._matrix_choices()[-1]).program
+        group = obj.param_groups[0]
+        program = obj._prepared(group, obj._matrix_choices()[-1], group[STATE_DTYPE]).program
     elif isinstance(obj, Rule):
         program = obj.program(**options)
     elif isinstance(obj, ir.Program):

@@ -213,3 +213,31 @@ def to_dense(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, 
     if fmt.bits == 4:
         codes = unpack_nibbles(codes, math.prod(shape))
     return dequantize_blockwise(codes, absmax, fmt.code(signed), fmt.block, shape)
+
+
+# ---- optimizer states (the policy the fused kernels share) ---------------------------------------
+
+
+def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (unpacked, uint8, shaped like ``x``) and absmax of an optimizer state, as the kernels store it.
+
+    Unlike :func:`quantize_blockwise` this never raises: a block holding a NaN or an infinity gets
+    absmax NaN and the codes of 0, so the whole block decodes to NaN. Non-finite values propagate,
+    as they would through a float32 state, and never turn into finite garbage. A negative value
+    under an unsigned map takes the code of 0.
+    """
+    fmt = format_for(fmt)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    blocks = _blocks(flat, fmt.block)
+    finite = torch.isfinite(blocks).all(dim=1)
+    clean = torch.where(finite[:, None], blocks, torch.zeros_like(blocks)).reshape(-1)[: flat.numel()]
+    codes, absmax = quantize_blockwise(clean, fmt.code(signed).to(x.device), fmt.block)
+    absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
+    return codes.reshape(x.shape), absmax
+
+
+def decode_state(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, signed: bool,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense state that :func:`encode_state` codes stand for, shaped like ``codes``."""
+    fmt = format_for(fmt)
+    return dequantize_blockwise(codes, absmax, fmt.code(signed).to(codes.device), fmt.block, codes.shape, dtype)

@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import sympy
 import torch
 
-from . import ir
+from . import ir, quant
 from .dtypes import storage_dtype
 
 
@@ -225,11 +225,30 @@ def state_shape(spec: ir.StateSpec, param_shape, view: tuple[int, int] | None = 
     return tuple(shape)
 
 
+def storage_shapes(program: ir.Program, param: torch.Tensor,
+                   view: tuple[int, int] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every tensor kept for ``param`` (see ``Program.storage_names``)."""
+    out = {}
+    for spec in program.states:
+        shape = state_shape(spec, param.shape, view)
+        out[spec.name] = (shape, storage_dtype(spec.dtype, param.dtype))
+        if spec.quantized:
+            out[spec.name + ir.ABSMAX_SUFFIX] = ((-(-param.numel() // quant.format_for(spec.dtype).block),),
+                                                 torch.float32)
+    return out
+
+
 def init_state(program: ir.Program, param: torch.Tensor, grad: torch.Tensor,
                view: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Fresh states for one parameter, in their storage dtypes, on the parameter's device."""
     out = {}
     for spec in program.states:
+        if spec.quantized:
+            dense = torch.zeros_like(param, dtype=torch.float32) if spec.init == "zeros" else \
+                (param if spec.init == "p" else grad).detach().to(torch.float32)
+            codes, absmax = quant.encode_state(dense, spec.dtype, signed=not spec.nonnegative)
+            out[spec.name], out[spec.name + ir.ABSMAX_SUFFIX] = codes.contiguous(), absmax
+            continue
         dtype = storage_dtype(spec.dtype, param.dtype)
         if spec.layout != "full":
             out[spec.name] = torch.zeros(state_shape(spec, param.shape, view), dtype=dtype, device=param.device)
@@ -257,6 +276,7 @@ def step(
     layouts and reductions (None: the tensor's own shape)."""
     compiled = program if isinstance(program, Compiled) else compile_program(program)
     full = {s.name for s in compiled.program.states if s.layout == "full"}
+    quantized = {s.name: s for s in compiled.program.states if s.quantized}
     envs = []
     for i, (p, g) in enumerate(zip(params, grads)):
         steps[i].add_(1)
@@ -270,8 +290,12 @@ def step(
         env[ir.NUMEL] = float(p.numel())
         env[ir.PARAM] = load(p)
         env[ir.GRAD] = load(g)
-        for name in compiled.program.state_names:
-            env[name] = load(states[name][i], name in full)
+        for spec in compiled.program.states:
+            stored = states[spec.name][i]
+            if spec.quantized:
+                stored = quant.decode_state(stored, states[spec.name + ir.ABSMAX_SUFFIX][i], spec.dtype,
+                                            signed=not spec.nonnegative)
+            env[spec.name] = load(stored, spec.name in full)
         envs.append(env)
     for slot, op, code, arg in compiled.groups:  # one value over every tensor of the call
         reduce = _tensor_sum if op == "sum" else _tensor_max
@@ -287,6 +311,14 @@ def step(
                   for _, s in compiled.outputs]
         for (target, _), value in zip(compiled.outputs, values):
             dest = p if target == ir.PARAM else states[target][i]
+            spec = quantized.get(target)
+            if spec is not None:  # blockwise: codes and absmax from the new float32 value
+                dense = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                dense = dense.to(torch.float32).expand(dest.shape) if dense.numel() == 1 else dense
+                codes, absmax = quant.encode_state(dense.reshape(dest.shape), spec.dtype, not spec.nonnegative)
+                dest.copy_(codes)
+                states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
+                continue
             if isinstance(value, torch.Tensor):
                 if value.dim() and value.shape != dest.shape and value.numel() == dest.numel():
                     value = value.reshape(dest.shape)  # computed in a block view

@@ -26,7 +26,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_out")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result = bench_step.main(["--quick", "--out", str(out)])
+        result = bench_step.main(["--quick", "--rules", "adamw,adam,sgd,lion", "--out", str(out)])
     return result, stdout.getvalue(), stderr.getvalue()
 
 

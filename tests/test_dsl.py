@@ -21,7 +21,7 @@ def test_adamw_builds_the_expected_program():
     assert prog.hparams == ("lr", "beta1", "beta2", "eps", "weight_decay")
     assert prog.defaults == (1e-3, 0.9, 0.999, 1e-8, 1e-2)
     assert prog.options == (("amsgrad", False), ("maximize", False))
-    assert prog.states == (ir.StateSpec("exp_avg", "zeros", "fp32"), ir.StateSpec("exp_avg_sq", "zeros", "fp32"))
+    assert prog.states == (ir.StateSpec("exp_avg", "zeros", "fp32"), ir.StateSpec("exp_avg_sq", "zeros", "fp32", nonnegative=True))
     assert [t for t, _ in prog.updates] == ["p", "exp_avg", "exp_avg_sq"]
 
     p, g, t, m, v = S("p"), S("g"), S("t"), S("exp_avg"), S("exp_avg_sq")

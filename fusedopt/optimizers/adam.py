@@ -14,12 +14,12 @@ from ..dsl import lerp, maximum, rule, sqrt, state
 def moments(g, beta1, beta2, amsgrad):
     """Declare and update Adam's states; returns (m, the second moment the step divides by)."""
     m = state("exp_avg")
-    v = state("exp_avg_sq")
+    v = state("exp_avg_sq", nonnegative=True)
     m.set(lerp(m, g, 1 - beta1))
     v.set(beta2 * v + (1 - beta2) * g * g)
     if not amsgrad:
         return m, v
-    vmax = state("max_exp_avg_sq")
+    vmax = state("max_exp_avg_sq", nonnegative=True)
     vmax.set(maximum(vmax, v))
     return m, vmax
 

@@ -18,7 +18,7 @@ from ..dsl import eq, lerp, minimum, norm, rule, sqrt, state, where
 def lamb(p, g, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
          bias_correction=True, trust_clip=False, always_adapt=False):
     m = state("exp_avg")
-    v = state("exp_avg_sq")
+    v = state("exp_avg_sq", nonnegative=True)
     m.set(lerp(m, g, 1 - beta1))
     v.set(beta2 * v + (1 - beta2) * g * g)
     if bias_correction:
