@@ -1,6 +1,6 @@
 """One optimizer step over a model-sized parameter list: fusedopt against torch.optim, same process.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.bench_step [--shapes llama1b,gpt2] [--rules adamw,adam,sgd,lion,lamb,adafactor]
+    PYTHONPATH=$PWD python3 -m benchmarks.bench_step [--shapes llama1b,gpt2] [--rules adamw,adam,...]
         [--steps 20] [--warmup 3] [--dtype fp32|bf16] [--impls ...] [--grads fixed|fresh]
         [--quick] [--out DIR]
 
@@ -57,6 +57,9 @@ RULES = {
     "lion": RuleSpec(fusedopt.Lion, None, "adamw", lr=1e-4, weight_decay=1e-1),
     "lamb": RuleSpec(fusedopt.LAMB, None, "adamw", lr=1e-3),  # two reduction phases + global clipping
     "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
+    # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW
+    "adamw8bit": RuleSpec(fusedopt.AdamW8bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
+    "adamw-bf16state": RuleSpec(fusedopt.AdamW, None, "adamw", lr=1e-3, weight_decay=1e-2, state_dtype="bf16"),
 }
 # torch.optim classes without a fused=True implementation: no torch-fused row for them
 NO_TORCH_FUSED = {"adafactor"}

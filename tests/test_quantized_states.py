@@ -15,7 +15,7 @@ from benchmarks import shapes as bench_shapes
 from codegen import ops, template
 from fusedopt import quant, reference
 from fusedopt.dsl import rule, state
-from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device
+from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device, tolerance
 
 RULES = {
     "adamw": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -52,10 +52,17 @@ def run_pair(name, shapes, steps, device, seed=0, threshold=0):
         for x, y in zip(a, b):
             g = torch.randn(x.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, (), generator=gen))
             x.grad, y.grad = g.to(device), g.clone()
+        old = [y.detach().clone() for y in b]
         oa.step()
         ob.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-7)
+        for x, y, before in zip(a, b, old):
+            # float32 rounding relative to the magnitudes that enter the update (kernel_check's rule),
+            # 32 units: 8-bit moments make updates of order lr from tiny parameters and gradients,
+            # where Adam's ratio m / sqrt(v) carries ~10 units of rounding (seen: 11)
+            allowed = tolerance(y.detach(), before, y.grad, torch.float32, 32 * 2.0**-24)
+            bad = (x.detach().cpu() - y.detach()).abs() > allowed
+            assert not bool(bad.any()), (f"{name} step {step}: params {x.detach().cpu()[bad][:3].tolist()} vs "
+                                         f"{y.detach()[bad][:3].tolist()} (before {before[bad][:3].tolist()})")
             assert_same_storage({k: v.cpu() for k, v in oa.state[x].items()}, ob.state[y], f"{name} step {step}")
             # the next step starts from identical storage, so one off-by-one code cannot grow
             for key, value in oa.state[x].items():
