@@ -94,6 +94,10 @@ def _q8_store_source() -> str:
     return "\n".join(lines)
 
 
+def _rounds_stochastically(spec: KernelSpec) -> bool:
+    return spec.lowered.program.stochastic_rounding and spec.param_dtype == "bf16"
+
+
 def _load(spec: KernelSpec, col: str, mask: str) -> str:
     """The float32 value of column ``col`` at ``offs``; q8 states are decoded through their map."""
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
@@ -103,6 +107,29 @@ def _load(spec: KernelSpec, col: str, mask: str) -> str:
         return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
                 f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT_BLOCK}{mask}{other}))")
     return f"tl.load(ptr_{col} + offs{mask}).to(tl.float32)"
+
+
+# Stochastic rounding to bfloat16: the bits of fusedopt.rounding (murmur3's finalizer over the seed,
+# the step, the tensor size and the element index), added below the 16 kept bits before truncating.
+_BF16_SR = """
+
+@triton.jit
+def _mix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _to_bf16_sr(x, seed, step, n, offs):
+    key = _mix32(seed.to(tl.uint32) ^ _mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
+    noise = _mix32(offs.to(tl.uint32) ^ key) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"""
 
 
 class _Lines:
@@ -134,6 +161,8 @@ def render(spec: KernelSpec) -> str:
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE.splitlines()
+    if _rounds_stochastically(spec):
+        out.lines += _BF16_SR.splitlines()
     if prog.has_quantized_states:
         out.lines += _q8_store_source().splitlines()
     for phase in range(low.n_phases):
@@ -163,7 +192,9 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, "
                        f"{'qmid_u' if state.nonnegative else 'qmid_s'}, offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
             continue
-        if spec.dtype_of(target) == "bf16":
+        if target == ir.PARAM and _rounds_stochastically(spec):
+            value = f"_to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
+        elif spec.dtype_of(target) == "bf16":
             value = f"_to_bf16_rne({value})"
         else:
             value = f"({value}).to({TRITON_DTYPES[spec.dtype_of(target)]})"

@@ -310,12 +310,15 @@ class Rule:
             raise _fail(self.name, f"hyperparameter '{prm.name}' has the non-numeric default {default!r}",
                         "use a number (a hyperparameter) or a bool (a static option)")
 
-    def program(self, clip: bool = False, state_dtype: str | None = None, **options: bool) -> ir.Program:
+    def program(self, clip: bool = False, state_dtype: str | None = None, stochastic_rounding: bool = False,
+                **options: bool) -> ir.Program:
         """The rule's IR for these static options. ``clip=True`` adds global-norm gradient clipping:
         the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
         ``max_grad_norm``. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
-        that the rule declares as fp32 in that dtype instead."""
+        that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
+        bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
+        ``sr_seed``."""
         if state_dtype is not None and state_dtype not in ir.STORAGE_DTYPES:
             raise _fail(self.name, f"state_dtype={state_dtype!r} is not a storage dtype",
                         f"use one of {list(ir.STORAGE_DTYPES)}")
@@ -326,9 +329,11 @@ class Rule:
                 raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
         full = {**self.options, **options}
         program = _build(self, tuple(sorted(full.items())), bool(clip))
-        if state_dtype in (None, "fp32"):
-            return program
-        return _with_state_dtype(program, state_dtype)
+        if state_dtype not in (None, "fp32"):
+            program = _with_state_dtype(program, state_dtype)
+        if stochastic_rounding:
+            program = _with_stochastic_rounding(program)
+        return program
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
@@ -339,6 +344,14 @@ def _with_state_dtype(program: ir.Program, dtype: str) -> ir.Program:
     states = tuple(dataclasses.replace(s, dtype=dtype) if s.layout == "full" and s.dtype == "fp32" else s
                    for s in program.states)
     return dataclasses.replace(program, states=states)
+
+
+@functools.lru_cache(maxsize=None)
+def _with_stochastic_rounding(program: ir.Program) -> ir.Program:
+    if ir.SR_SEED in program.hparams:
+        raise _fail(program.name, f"it has its own '{ir.SR_SEED}'", "rename it to use stochastic rounding")
+    return dataclasses.replace(program, hparams=program.hparams + (ir.SR_SEED,), defaults=program.defaults + (0.0,),
+                               stochastic_rounding=True)
 
 
 @functools.lru_cache(maxsize=None)

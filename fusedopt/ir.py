@@ -35,6 +35,7 @@ STORAGE_DTYPES = ("fp32", "bf16", "q8")
 # shaped like the state) plus one float32 absmax per block, stored under "<state>_absmax".
 QUANTIZED = ("q8",)
 ABSMAX_SUFFIX = "_absmax"
+SR_SEED = "sr_seed"  # the hyperparameter a program with stochastic rounding gains
 STATE_INITS = ("zeros", "p", "g")
 STATE_LAYOUTS = ("full", "rows", "cols", "blocks")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
@@ -67,6 +68,8 @@ class Program:
     options: tuple[tuple[str, bool], ...]
     states: tuple[StateSpec, ...]
     updates: tuple[tuple[str, sympy.Expr], ...]  # target ("p" or a state name) -> new value
+    # bf16 parameters are written with stochastic rounding (hyperparameter SR_SEED seeds the stream)
+    stochastic_rounding: bool = False
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -122,6 +125,8 @@ class Program:
                 f" layout={s.layout}" if s.layout != "full" else "") + (" nonnegative" if s.nonnegative else ""))
         for target, expr in self.updates:
             lines.append(f"  {target} <- {sympy.srepr(expr)}")
+        if self.stochastic_rounding:
+            lines.append("  stochastic_rounding")
         return "\n".join(lines) + "\n"
 
     def pretty(self) -> str:

@@ -20,6 +20,7 @@ from .dsl import CLIP_HPARAM, Rule
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
+STOCHASTIC_ROUNDING = "stochastic_rounding"
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
@@ -159,6 +160,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
         defaults[STATE_DTYPE] = "fp32"  # storage of full-size states: "fp32", "bf16" or "q8"
         defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under "q8"
+        defaults[STOCHASTIC_ROUNDING] = False  # bf16 parameters written with stochastic rounding
+        defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -192,6 +195,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
             raise ValueError(f"{type(self).__name__}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
                              f"of {list(ir.STORAGE_DTYPES)}")
+        if not isinstance(group[STOCHASTIC_ROUNDING], bool):
+            raise TypeError(f"{type(self).__name__}: stochastic_rounding must be a bool, got "
+                            f"{group[STOCHASTIC_ROUNDING]!r}")
+        seed = group[ir.SR_SEED]
+        if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32:
+            raise ValueError(f"{type(self).__name__}: sr_seed={seed!r}; expected an int in [0, 2**32)")
         threshold = group[QUANT_THRESHOLD]
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"{type(self).__name__}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
@@ -202,7 +211,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, value in self.param_groups[-1].items():
             if key in self.aliases:
                 value = tuple(_as_hparam_tensor(v, device) for v in value)
-            elif key in self.rule.hparams or (key == CLIP_HPARAM and value is not None):
+            elif key in self.rule.hparams or key == ir.SR_SEED or (key == CLIP_HPARAM and value is not None):
                 value = _as_hparam_tensor(value, device)
             dict.__setitem__(converted, key, value)
         self.param_groups[-1] = converted
@@ -226,7 +235,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             chosen = dict(zip(self._group_options(), options))
             if matrix is not None:
                 chosen[ir.MATRIX_OPTION] = matrix
-            program = self.rule.program(clip=options[-2], state_dtype=storage, **chosen)
+            program = self.rule.program(clip=options[-3], state_dtype=storage, stochastic_rounding=options[-1],
+                                        **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             program.needs_reference, program.uses_blocks  # computed now, read cheaply (and traceably) later
             self._prepared_by_options[options] = prepared
@@ -241,9 +251,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return prepared
 
     def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
-        """The static choices: the rule's options, the tensor kind, whether gradients are clipped, and
-        the state storage."""
-        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None, storage)
+        """The static choices: the rule's options, the tensor kind, whether gradients are clipped, the
+        state storage, and whether bf16 parameters are rounded stochastically."""
+        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None, storage,
+                group[STOCHASTIC_ROUNDING])
 
     def _static_options(self, group: Mapping[str, Any]) -> tuple:
         """Everything static about a group, whatever its tensors."""

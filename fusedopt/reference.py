@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import sympy
 import torch
 
-from . import ir, quant
+from . import ir, quant, rounding
 from .dtypes import storage_dtype
 
 
@@ -318,6 +318,11 @@ def step(
                 codes, absmax = quant.encode_state(dense.reshape(dest.shape), spec.dtype, not spec.nonnegative)
                 dest.copy_(codes)
                 states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
+                continue
+            if target == ir.PARAM and compiled.program.stochastic_rounding and dest.dtype == torch.bfloat16:
+                dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device).expand(dest.shape)
+                dest.copy_(rounding.to_bf16_stochastic(dense.reshape(dest.shape), int(env[ir.SR_SEED]),
+                                                       int(steps[i])))
                 continue
             if isinstance(value, torch.Tensor):
                 if value.dim() and value.shape != dest.shape and value.numel() == dest.numel():

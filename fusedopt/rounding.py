@@ -1,0 +1,47 @@
+"""Stochastic rounding of float32 values to bfloat16, reproducible bit for bit on every backend.
+
+A value is rounded up (away from zero) with probability equal to the fraction of a bf16 step that it
+lies past the bf16 value below it, so the rounding is unbiased: E[round(x)] = x. The random 16 bits
+come from a counter-based integer hash (murmur3's 32-bit finalizer) of the seed, the step, the
+tensor's element count and the element's flat index, so a step is deterministic under a seed, no
+generator state is kept, and the Triton kernel (codegen/template.py) computes the same bits as this
+torch version. NaN stays NaN; a value within a step of the largest bf16 may round to infinity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor | int, c: int):
+    """(h * c) mod 2**32 without int64 overflow (h < 2**32)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+
+
+def mix32(h):
+    """murmur3's finalizer: a bijection of 32-bit integers that spreads every input bit."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def stream_key(seed: int, step: int, numel: int) -> int:
+    """The per-(seed, step, tensor size) key that every element's random bits derive from."""
+    return mix32((seed & _MASK) ^ mix32((_mul32(step & _MASK, 0x9E3779B9) + (numel & _MASK)) & _MASK))
+
+
+def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """``x`` (float32) rounded stochastically to bfloat16, with the bits the fused kernels use."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    key = stream_key(seed, step, flat.numel())
+    index = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) & _MASK
+    noise = mix32(index ^ key) & 0xFFFF
+    bits = flat.view(torch.int32).to(torch.int64) & _MASK
+    rounded = ((bits + noise) >> 16) & 0xFFFF
+    rounded = torch.where(flat.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
+    as_int16 = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
+    return as_int16.view(torch.bfloat16).reshape(x.shape)

@@ -1,0 +1,114 @@
+"""Stochastic rounding of bf16 parameter writes: unbiased, deterministic under a seed, the same bits
+in the fused kernel and the reference, and what it buys (updates below half a bf16 step survive)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import rounding
+from kernel_check import KERNEL_DEVICES, require_kernel_device
+
+BF16_STEP_AT_1 = 2.0**-7
+
+
+def mean_error_in_sigmas(round_fn, x: torch.Tensor, draws: int) -> float:
+    """|mean of round_fn over draws - x| in standard errors of a fair two-point rounding."""
+    lo = x.to(torch.bfloat16).float()
+    lo = torch.where(lo > x, lo - BF16_STEP_AT_1, lo)  # the bf16 value below x (x in [1, 2))
+    frac = ((x - lo) / BF16_STEP_AT_1).double()
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for k in range(draws):
+        total += round_fn(x, k).double()
+    mean = total / draws
+    sigma = BF16_STEP_AT_1 * torch.sqrt(frac * (1 - frac) / draws).clamp_min(1e-12)
+    return float(((mean - x.double()).abs() / sigma).max())
+
+
+def test_rounding_is_unbiased():
+    x = 1.0 + torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]) * BF16_STEP_AT_1
+    err = mean_error_in_sigmas(lambda v, k: rounding.to_bf16_stochastic(v, seed=7, step=k + 1).float(), x, 4000)
+    assert err < 5.0
+
+
+def test_a_biased_rounding_is_caught():
+    """The check above can fail: 15 random bits instead of 16 round up half as often as they should."""
+    def biased(v, k):
+        bits = v.view(torch.int32).long()
+        key = rounding.stream_key(7, k + 1, v.numel())
+        noise = rounding.mix32(torch.arange(v.numel()) ^ key) & 0x7FFF
+        return ((bits + noise) >> 16 << 16).to(torch.int32).view(torch.float32)
+
+    x = 1.0 + torch.tensor([0.25, 0.5, 0.75]) * BF16_STEP_AT_1
+    assert mean_error_in_sigmas(biased, x, 4000) > 20.0
+
+
+def test_rounding_is_deterministic_under_a_seed_and_exact_on_representable_values():
+    x = torch.randn(1000)
+    a, b = rounding.to_bf16_stochastic(x, 3, 5), rounding.to_bf16_stochastic(x, 3, 5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, rounding.to_bf16_stochastic(x, 4, 5))
+    assert not torch.equal(a, rounding.to_bf16_stochastic(x, 3, 6))
+    exact = x.to(torch.bfloat16)
+    assert torch.equal(rounding.to_bf16_stochastic(exact.float(), 3, 5), exact)
+    down, up = x.to(torch.bfloat16).float(), a.float()
+    assert bool(((up - x).abs() < 2 * (x.abs() * 2.0**-8) + 1e-38).all())  # within one bf16 step
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    out = rounding.to_bf16_stochastic(special, 1, 1).float()
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf") and out[3] == 0 and out[4] == 0
+    assert down.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_and_reference_round_to_the_same_bits(device):
+    require_kernel_device(device)
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in [(1000,), (33, 7), (5,)]]
+    a = [p.clone().to(device).requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    kw = dict(lr=1e-3, momentum=0.9, stochastic_rounding=True, sr_seed=1234)
+    oa, ob = fusedopt.SGD(a, backend="triton", **kw), fusedopt.SGD(b, backend="reference", **kw)
+    for _ in range(4):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+            x.grad, y.grad = g.to(device), g.clone()
+        oa.step()
+        ob.step()
+        for x, y in zip(a, b):
+            assert torch.equal(x.detach().cpu(), y.detach())
+
+
+def test_updates_below_half_a_step_survive_only_with_stochastic_rounding():
+    """1000 steps of -1e-4 on bf16 ones (a step there is 2**-7 = 7.8e-3): round-to-nearest never
+    moves them; stochastic rounding brings their mean to 0.9 (within a statistical bound)."""
+    results = {}
+    for sr in (False, True):
+        p = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+        opt = fusedopt.SGD([p], lr=1e-4, stochastic_rounding=sr, sr_seed=11, backend="reference")
+        for _ in range(1000):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        results[sr] = p.detach().float()
+    assert bool((results[False] == 1.0).all())
+    # each element is a sum of ~1000 independent roundings of variance <= step^2/4
+    assert abs(results[True].mean().item() - 0.9) < 5 * (2.0**-7 / 2) * math.sqrt(1000) / math.sqrt(4096) + 2**-8
+
+
+def test_float32_parameters_ignore_the_flag_and_bad_settings_are_refused():
+    p = torch.randn(50, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    oa = fusedopt.AdamW([p], stochastic_rounding=True)
+    ob = fusedopt.AdamW([q])
+    for _ in range(3):
+        g = torch.randn(50)
+        p.grad, q.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="sr_seed"):
+        fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding=True, sr_seed=-1)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding="yes")
