@@ -17,7 +17,7 @@ from fusedopt import ir, quant
 from fusedopt.passes import Lowered, lower
 
 from . import cache, config, launch
-from .template import KernelSpec, TORCH_TO_NAME, render
+from .template import QUANT_BUCKET_BITS, QUANT_BUCKET_SPAN, KernelSpec, TORCH_TO_NAME, render
 
 _PROGRAMS: dict[str, Lowered] = {}
 _PLANS = launch.PlanCache()
@@ -69,13 +69,33 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The q8 maps (float32) and their midpoints (float64, exact), signed then unsigned, on ``device``;
-    kept for the life of the process, read by kernels through the hyperparameter table."""
+    """Per q8 map (signed, then unsigned): the map (float32), its midpoints (float64, exact) and the
+    bucket table of template.QUANT_BUCKET_BITS; kept for the life of the process, read by kernels
+    through the hyperparameter table."""
     out = []
     for signed in (True, False):
         code = torch.tensor(quant.Q8.code(signed).tolist(), dtype=torch.float64)
-        out += [code.to(torch.float32).to(device), ((code[:-1] + code[1:]) / 2).to(device)]
+        midpoints = (code[:-1] + code[1:]) / 2
+        out += [code.to(torch.float32).to(device), midpoints.to(device),
+                bucket_table(midpoints).to(device)]
     return tuple(out)
+
+
+def bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
+    """For each bucket of float32 values (the top 16 bits of the order-preserving integer key of a
+    float, see template._q8_store_source): how many midpoints lie below the bucket's smallest value.
+    With the q8 maps at most QUANT_BUCKET_SPAN midpoints fall inside one bucket (checked here), so a
+    kernel finds the nearest code with one table read and that many comparisons."""
+    shift = 32 - QUANT_BUCKET_BITS
+    key = torch.arange(2**QUANT_BUCKET_BITS, dtype=torch.int64) << shift
+    bits = torch.where(key >= 2**31, key - 2**31, (~key) & 0xFFFFFFFF)  # the key's inverse
+    smallest = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32).double()
+    finite = torch.isfinite(smallest)
+    base = torch.searchsorted(midpoints, torch.where(finite, smallest, torch.zeros_like(smallest)))
+    span = base[1:] - base[:-1]
+    if int(span[finite[1:] & finite[:-1]].max()) > QUANT_BUCKET_SPAN:
+        raise AssertionError("a q8 map has more midpoints per bucket than the kernel compares")
+    return base.to(torch.uint8)
 
 
 def _kernels(program_key, params, grads, states, steps, hparams):

@@ -26,6 +26,8 @@ from .printer import TritonPrinter, is_boolean
 
 TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16", "q8": "tl.uint8"}
 QUANT_BLOCK = 256  # elements per absmax of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
+QUANT_BUCKET_BITS = 16  # buckets of float32 values for finding a q8 code (see _q8_store_source)
+QUANT_BUCKET_SPAN = 1  # most map midpoints inside one bucket (checked by codegen.ops.bucket_table)
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
@@ -69,23 +71,27 @@ def _q8_store_source() -> str:
     """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and absmax.
 
     Per block of 256: absmax = max |x|; y = x / absmax (x / 1 for an all-zero block); the code is the
-    number of map midpoints (float64, exact) strictly below y, found by binary search over the 255
-    midpoints; a block holding NaN or Inf stores absmax NaN and the codes of 0, so it decodes to NaN.
-    The same rounding as fusedopt.quant.encode_state."""
+    number of map midpoints (float64, exact) strictly below y. It is found without a search: the top
+    QUANT_BUCKET_BITS bits of y's order-preserving integer key index a table of the count below the
+    bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a bucket,
+    so as many comparisons finish it. A block holding NaN or Inf stores absmax NaN and the codes of
+    0, so it decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit."""
     lines = [
         "", "", "@triton.jit",
-        "def _q8_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr):",
+        "def _q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, BLOCK: tl.constexpr):",
         f"    blocks = tl.reshape(x, [BLOCK // {QUANT_BLOCK}, {QUANT_BLOCK}])",
         "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
         "    amax = tl.max(tl.abs(blocks), axis=1)",
         "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
-        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK]).to(tl.float64)",
-        "    code = tl.zeros([BLOCK], tl.int32)",
+        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK])",
+        "    bits = y.to(tl.uint32, bitcast=True)",
+        "    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)",
+        f"    code = tl.load(qbase + (key >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
+        "    y = y.to(tl.float64)",
     ]
-    for bit in range(7, -1, -1):
-        step = 1 << bit
-        lines.append(f"    mid = tl.load(qmid + code + {step - 1}, mask=code + {step} <= 255, other=float('inf'))")
-        lines.append(f"    code = tl.where(mid < y, code + {step}, code)")
+    for _ in range(QUANT_BUCKET_SPAN):
+        lines.append("    mid = tl.load(qmid + code, mask=code < 255, other=float('inf'))")
+        lines.append("    code = tl.where(mid < y, code + 1, code)")
     lines += [
         "    tl.store(codes_ptr + offs, code.to(tl.uint8), mask=offs < n)",
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
@@ -189,8 +195,9 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             if masked:
                 value = f"tl.where(mask, {value}, 0.0)"
             state = next(s for s in prog.states if s.name == target)
-            out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, "
-                       f"{'qmid_u' if state.nonnegative else 'qmid_s'}, offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
+            kind = "u" if state.nonnegative else "s"
+            out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, qmid_{kind}, qbase_{kind}, "
+                       f"offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
             continue
         if target == ir.PARAM and _rounds_stochastically(spec):
             value = f"_to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
@@ -242,8 +249,8 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
     if prog.has_quantized_states:  # the q8 maps and their midpoints follow the hyperparameters
         h = len(prog.hparams)
-        for k, (name, dtype) in enumerate((("qmap_s", "float32"), ("qmid_s", "float64"), ("qmap_u", "float32"),
-                                           ("qmid_u", "float64"))):
+        for k, (name, dtype) in enumerate((("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8"),
+                                           ("qmap_u", "float32"), ("qmid_u", "float64"), ("qbase_u", "uint8"))):
             out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")
     out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
     out.add(1, f"s_{ir.NUMEL} = n.to(tl.float64)")

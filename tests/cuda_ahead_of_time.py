@@ -54,8 +54,12 @@ def main() -> None:
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
     # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
     compiled = {}
-    for name, program in {"lamb_clip": lamb.program(clip=True), "max_scaled": max_scaled.program()}.items():
-        module = cache.load(fusedopt.kernel_source(program, target="cuda"), torch.device("cpu"))
+    # ... and the q8 requantization and stochastic rounding helpers
+    others = {"lamb_clip": lamb.program(clip=True), "max_scaled": max_scaled.program(),
+              "adamw_q8_sr": adamw.program(state_dtype="q8", stochastic_rounding=True)}
+    for name, program in others.items():
+        dtype = torch.bfloat16 if program.stochastic_rounding else torch.float32
+        module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))
         names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
         for n in names:
             src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE, constexprs={

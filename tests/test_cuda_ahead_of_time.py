@@ -43,6 +43,7 @@ def test_every_builtin_kernel_compiles_for_sm90(ptx_widths):
 def test_reduction_phase_kernels_compile_for_sm90(compiled):
     assert compiled["lamb_clip_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
     assert compiled["max_scaled_kernels_compiled"] == ["fused_step", "reduce_phase_0"]  # float64 atomic max
+    assert compiled["adamw_q8_sr_kernels_compiled"] == ["fused_step"]
 
 
 STATES = {"adam-amsgrad": 3, "adamw": 2, "lion": 1, "sgd-nesterov": 1}

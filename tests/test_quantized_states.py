@@ -117,13 +117,16 @@ def test_kernel_codes_are_bit_identical_to_the_quantizer(device):
 
 
 def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
-    """The comparison above can fail: a kernel that rounds down to the map value below (comparing
-    with the map instead of the midpoints) disagrees with the quantizer."""
+    """The comparison above can fail: a kernel that skips the comparison with the midpoint inside
+    a value's bucket (so rounds some values down) disagrees with the quantizer."""
     device = any_kernel_device()
     original = template._q8_store_source
 
     def floor_quantizer():
-        return original().replace("tl.load(qmid + code + ", "tl.load(qmid + 1 + code + ")
+        good = original()
+        bad = good.replace("code = tl.where(mid < y, code + 1, code)", "code = code")
+        assert bad != good
+        return bad
 
     monkeypatch.setattr(template, "_q8_store_source", floor_quantizer)
     ops.source.cache_clear()
