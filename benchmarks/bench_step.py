@@ -60,6 +60,8 @@ RULES = {
     # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW
     "adamw8bit": RuleSpec(fusedopt.AdamW8bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
     "adamw-bf16state": RuleSpec(fusedopt.AdamW, None, "adamw", lr=1e-3, weight_decay=1e-2, state_dtype="bf16"),
+    "adamw-bf16state-sr": RuleSpec(fusedopt.AdamW, None, "adamw", lr=1e-3, weight_decay=1e-2, state_dtype="bf16",
+                                   stochastic_rounding=True),
 }
 # torch.optim classes without a fused=True implementation: no torch-fused row for them
 NO_TORCH_FUSED = {"adafactor"}
