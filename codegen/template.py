@@ -302,14 +302,14 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductio
     """Partial reductions of this program's chunk, added atomically to the accumulators."""
     prog = spec.lowered.program
     for r in reductions:
-        out.add(1, f"acc_{r.name} = tl.full([BLOCK], {_INIT[r.op]}, tl.float32)")
+        out.add(1, f"acc_{r.name} = tl.full([BLOCK], {_INIT[r.op]}, tl.float64)")
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
     out.add(2, "mask = offs < n")
     for col in (ir.PARAM, ir.GRAD, *prog.state_names):
         out.add(2, f"v_{col} = {_load(spec, col, ', mask=mask')}")
     for r in reductions:
-        value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
+        value = f"tl.broadcast_to({element(r.arg)}, [BLOCK]).to(tl.float64)"
         if r.op == "sum":
             out.add(2, f"acc_{r.name} += tl.where(mask, {value}, 0.0)")
         else:
@@ -317,6 +317,6 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductio
     for r in reductions:
         atomic = "tl.atomic_add" if r.op == "sum" else "tl.atomic_max"
         combine = "tl.sum" if r.op == "sum" else "tl.max"
-        # float64 atomics: float32 ones flush subnormal values to zero (a squared norm of tiny
-        # updates would vanish) and lose digits over a billion elements
-        out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0).to(tl.float64))")
+        # float64 partial sums and atomics, as the reference: float32 atomics flush subnormal values
+        # to zero (a squared norm of tiny updates would vanish), float32 sums lose digits
+        out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0))")

@@ -142,7 +142,8 @@ def _mean_dim(x, dim: int):
 
 
 def _tensor_sum(x, like: torch.Tensor) -> torch.Tensor:
-    return torch.sum(_full(x, like))
+    # float64 accumulation, as the fused kernels: sums of a billion float32 terms keep their digits
+    return torch.sum(_full(x, like), dtype=torch.float64)
 
 
 def _tensor_max(x, like: torch.Tensor) -> torch.Tensor:
