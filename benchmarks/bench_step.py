@@ -59,6 +59,7 @@ RULES = {
     "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
     # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW
     "adamw8bit": RuleSpec(fusedopt.AdamW8bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
+    "adamw4bit": RuleSpec(fusedopt.AdamW4bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
     "adamw-bf16state": RuleSpec(fusedopt.AdamW, None, "adamw", lr=1e-3, weight_decay=1e-2, state_dtype="bf16"),
     "adamw-bf16state-sr": RuleSpec(fusedopt.AdamW, None, "adamw", lr=1e-3, weight_decay=1e-2, state_dtype="bf16",
                                    stochastic_rounding=True),

@@ -78,6 +78,9 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
         midpoints = (code[:-1] + code[1:]) / 2
         out += [code.to(torch.float32).to(device), midpoints.to(device),
                 bucket_table(midpoints).to(device)]
+    for signed in (True, False):
+        code = torch.tensor(quant.Q4.code(signed).tolist(), dtype=torch.float64)
+        out += [code.to(torch.float32).to(device), ((code[:-1] + code[1:]) / 2).to(device)]
     return tuple(out)
 
 

@@ -24,8 +24,10 @@ from fusedopt.passes import Lowered
 
 from .printer import TritonPrinter, is_boolean
 
-TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16", "q8": "tl.uint8"}
+TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16", "q8": "tl.uint8",
+                 "q4": "tl.uint8"}
 QUANT_BLOCK = 256  # elements per absmax of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
+QUANT4_BLOCK = 128  # elements per absmax of a q4 state (fusedopt.quant.Q4.block)
 QUANT_BUCKET_BITS = 16  # buckets of float32 values for finding a q8 code (see _q8_store_source)
 QUANT_BUCKET_SPAN = 1  # most map midpoints inside one bucket (checked by codegen.ops.bucket_table)
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -67,6 +69,14 @@ def _to_bf16_rne(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"""
 
 
+# The tables a kernel with quantized states reads, in the order codegen.ops appends their pointers
+# to the hyperparameter table: per format and map (signed, unsigned) its values, exact midpoints
+# and (q8) bucket counts.
+QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8"),
+                ("qmap_u", "float32"), ("qmid_u", "float64"), ("qbase_u", "uint8"),
+                ("q4map_s", "float32"), ("q4mid_s", "float64"), ("q4map_u", "float32"), ("q4mid_u", "float64"))
+
+
 def _q8_store_source() -> str:
     """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and absmax.
 
@@ -100,6 +110,35 @@ def _q8_store_source() -> str:
     return "\n".join(lines)
 
 
+def _q4_store_source() -> str:
+    """The q4 counterpart of _q8_store: blocks of 128, 16 codes (a 4-step binary search over the 15
+    exact midpoints), two codes per byte (element 2i in the low nibble of byte i); codes past the end
+    of the tensor are 0, as fusedopt.quant.pack_nibbles pads."""
+    lines = [
+        "", "", "@triton.jit",
+        "def _q4_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr):",
+        f"    blocks = tl.reshape(x, [BLOCK // {QUANT4_BLOCK}, {QUANT4_BLOCK}])",
+        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
+        "    amax = tl.max(tl.abs(blocks), axis=1)",
+        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
+        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK]).to(tl.float64)",
+        "    code = tl.zeros([BLOCK], tl.int32)",
+    ]
+    for bit in range(3, -1, -1):
+        step = 1 << bit
+        lines.append(f"    mid = tl.load(qmid + code + {step - 1}, mask=code + {step} <= 15, other=float('inf'))")
+        lines.append(f"    code = tl.where(mid < y, code + {step}, code)")
+    lines += [
+        "    code = tl.where(offs < n, code, 0)",
+        "    low, high = tl.split(tl.reshape(code, [BLOCK // 2, 2]))",
+        f"    byte = first_block * {QUANT4_BLOCK // 2} + tl.arange(0, BLOCK // 2)",
+        "    tl.store(codes_ptr + byte, (low | (high << 4)).to(tl.uint8), mask=byte * 2 < n)",
+        f"    index = first_block + tl.arange(0, BLOCK // {QUANT4_BLOCK})",
+        f"    tl.store(absmax_ptr + index, tl.where(finite == 1, amax, float('nan')), mask=index * {QUANT4_BLOCK} < n)",
+    ]
+    return "\n".join(lines)
+
+
 def _rounds_stochastically(spec: KernelSpec) -> bool:
     return spec.lowered.program.stochastic_rounding and spec.param_dtype == "bf16"
 
@@ -107,6 +146,12 @@ def _rounds_stochastically(spec: KernelSpec) -> bool:
 def _load(spec: KernelSpec, col: str, mask: str) -> str:
     """The float32 value of column ``col`` at ``offs``; q8 states are decoded through their map."""
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
+    if state is not None and state.dtype == "q4":
+        table = "q4map_u" if state.nonnegative else "q4map_s"
+        other = ", other=0" if mask else ""
+        nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
+        return (f"(tl.load({table} + {nibble}.to(tl.int32)) * "
+                f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT4_BLOCK}{mask}{other}))")
     if state is not None and state.quantized:
         table = "qmap_u" if state.nonnegative else "qmap_s"
         other = ", other=0" if mask else ""
@@ -169,8 +214,10 @@ def render(spec: KernelSpec) -> str:
         out.lines += _BF16_RNE.splitlines()
     if _rounds_stochastically(spec):
         out.lines += _BF16_SR.splitlines()
-    if prog.has_quantized_states:
+    if any(s.dtype == "q8" for s in prog.states):
         out.lines += _q8_store_source().splitlines()
+    if any(s.dtype == "q4" for s in prog.states):
+        out.lines += _q4_store_source().splitlines()
     for phase in range(low.n_phases):
         _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
@@ -191,6 +238,13 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
         value = element(expr)
         if not ir.free_names(expr) & per_element:  # a per-tensor constant: broadcast it to the block
             value = f"tl.broadcast_to({value}, [BLOCK])"
+        if spec.dtype_of(target) == "q4":
+            if masked:
+                value = f"tl.where(mask, {value}, 0.0)"
+            state = next(s for s in prog.states if s.name == target)
+            out.add(3, f"_q4_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, "
+                       f"q4mid_{'u' if state.nonnegative else 's'}, offs, (start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK)")
+            continue
         if spec.dtype_of(target) == "q8":
             if masked:
                 value = f"tl.where(mask, {value}, 0.0)"
@@ -249,8 +303,7 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
     if prog.has_quantized_states:  # the q8 maps and their midpoints follow the hyperparameters
         h = len(prog.hparams)
-        for k, (name, dtype) in enumerate((("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8"),
-                                           ("qmap_u", "float32"), ("qmid_u", "float64"), ("qbase_u", "uint8"))):
+        for k, (name, dtype) in enumerate(QUANT_TABLES):
             out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")
     out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
     out.add(1, f"s_{ir.NUMEL} = n.to(tl.float64)")

@@ -4,13 +4,14 @@ from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
 from .monitor import OptimizerMonitor
 from .optim import FusedOptimizer, kernel_source
-from .torch_compat import LAMB, SGD, Adafactor, Adam, Adam8bit, AdamMini, AdamW, AdamW8bit, Lion
+from .torch_compat import LAMB, SGD, Adafactor, Adam, Adam8bit, AdamMini, AdamW, AdamW4bit, AdamW8bit, Lion
 
 __all__ = [
     "Adafactor",
     "Adam",
     "AdamMini",
     "AdamW",
+    "AdamW4bit",
     "AdamW8bit",
     "Adam8bit",
     "FusedOptimizer",

@@ -30,10 +30,11 @@ REDUCE_OPS = ("sum", "max", "mean")
 # dim (keeping it as size 1); cols: over the second-to-last dim
 REDUCE_OVER = ("tensor", "group", "rows", "cols", "blocks")
 
-STORAGE_DTYPES = ("fp32", "bf16", "q8")
-# Blockwise-quantized storages (see fusedopt.quant): a state is kept as codes (one byte per element,
-# shaped like the state) plus one float32 absmax per block, stored under "<state>_absmax".
-QUANTIZED = ("q8",)
+STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
+# Blockwise-quantized storages (see fusedopt.quant): a state is kept as codes (q8: one byte per
+# element, shaped like the state; q4: two per byte, flat) plus one float32 absmax per block (256 or
+# 128 elements), stored under "<state>_absmax".
+QUANTIZED = ("q8", "q4")
 ABSMAX_SUFFIX = "_absmax"
 SR_SEED = "sr_seed"  # the hyperparameter a program with stochastic rounding gains
 STATE_INITS = ("zeros", "p", "g")

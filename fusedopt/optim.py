@@ -359,7 +359,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._backend_for(device) == "triton" and not program.needs_reference:
             from codegen import launch, ops
 
-            fused = [launch.eligible(p, g, [st[n] for n in program.state_names])
+            fused = [launch.eligible(p, g, [st[s.name] for s in program.states if s.dtype != "q4"])
                      for p, g, st in zip(params, grads, per_param)]
             if prepared.group_wide and not all(fused):
                 fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
@@ -429,7 +429,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for index, values in list(sd["state"].items()):
                 p = params[index]
                 program = self._prepared(groups[p], *self._kind_of(groups[p], p)).program
-                sd["state"][index] = _dense_state(program, values)
+                sd["state"][index] = _dense_state(program, values, tuple(p.shape))
         for group in sd["param_groups"]:
             for key, value in group.items():
                 if isinstance(value, torch.Tensor):
@@ -495,23 +495,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         for spec in program.states:
             value = values[spec.name]
             expected = reference.state_shape(spec, p.shape, view)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
+            saved_format = _saved_format(value, saved_absmax, expected) if saved_absmax is not None else None
+            if not isinstance(value, torch.Tensor) or (saved_format is None and tuple(value.shape) != expected):
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
-                                 f"{tuple(p.shape)} it must be {expected}")
+                                 f"{tuple(p.shape)} it must be {expected} (or the codes of a q8 or q4 storage "
+                                 f"with '{spec.name}{ir.ABSMAX_SUFFIX}')")
             value = value.detach().to(p.device)
-            saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
-            if saved_absmax is not None:  # compact (q8 is the only quantized storage)
-                blocks = -(-p.numel() // quant.Q8.block)
-                if value.dtype != torch.uint8 or not isinstance(saved_absmax, torch.Tensor) \
-                        or tuple(saved_absmax.shape) != (blocks,):
-                    raise ValueError(f"state '{spec.name}' comes with an absmax, so it must hold uint8 codes and "
-                                     f"{blocks} float32 scales; got {value.dtype} and {saved_absmax!r:.60}")
-                if spec.quantized:  # the same storage: the codes as they are (re-encoding is not exact)
+            if saved_format is not None:  # compact
+                if saved_format == spec.dtype:  # the same storage: the codes as they are (re-encoding is not exact)
                     out[spec.name] = value.to(torch.uint8, copy=True).contiguous()
                     out[spec.name + ir.ABSMAX_SUFFIX] = saved_absmax.detach().to(p.device, torch.float32, copy=True)
                     continue
-                value = quant.decode_state(value, saved_absmax.to(p.device), "q8", signed=not spec.nonnegative)
+                value = quant.decode_state(value, saved_absmax.to(p.device), saved_format,
+                                           signed=not spec.nonnegative, shape=expected)
             elif not value.is_floating_point():
                 raise ValueError(f"state '{spec.name}' holds {value.dtype} without '{spec.name}{ir.ABSMAX_SUFFIX}'; "
                                  "a quantized state needs its absmax")
@@ -532,13 +530,28 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._fast = {}
 
 
-def _dense_state(program: ir.Program, values: Mapping[str, Any]) -> dict[str, Any]:
+def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[str, Any]:
     out = dict(values)
     for spec in program.states:
         if spec.quantized and spec.name in out:
             absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX)
-            out[spec.name] = quant.decode_state(out[spec.name], absmax, spec.dtype, signed=not spec.nonnegative)
+            out[spec.name] = quant.decode_state(out[spec.name], absmax, spec.dtype, signed=not spec.nonnegative,
+                                                shape=shape)
     return out
+
+
+def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
+    """Which quantized storage saved ``codes`` and ``absmax`` for a state of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    for fmt in (quant.Q8, quant.Q4):
+        if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8 \
+                and tuple(codes.shape) == quant.codes_shape(shape, fmt) and tuple(absmax.shape) == (-(-n // fmt.block),):
+            return fmt.name
+    raise ValueError(f"a state of shape {shape} comes with an absmax, so it must hold the uint8 codes and float32 "
+                     f"scales of a q8 or q4 storage; got {getattr(codes, 'dtype', codes)!r} "
+                     f"{tuple(getattr(codes, 'shape', ()))} and {tuple(getattr(absmax, 'shape', ()))} scales")
 
 
 # LR schedulers wrap `optimizer.step` in a closure over a weakref that dynamo cannot trace; this

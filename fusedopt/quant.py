@@ -218,13 +218,21 @@ def to_dense(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, 
 # ---- optimizer states (the policy the fused kernels share) ---------------------------------------
 
 
+def codes_shape(shape, fmt: str | QuantFormat) -> tuple[int, ...]:
+    """The shape of the stored codes of a state of ``shape``: the same shape for 8-bit codes, a flat
+    run of ceil(n / 2) bytes for packed 4-bit ones."""
+    fmt = format_for(fmt)
+    return tuple(shape) if fmt.bits == 8 else (-(-math.prod(shape) // 2),)
+
+
 def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (unpacked, uint8, shaped like ``x``) and absmax of an optimizer state, as the kernels store it.
+    """Stored codes (uint8, :func:`codes_shape`; 4-bit codes packed) and absmax of an optimizer
+    state, as the kernels store them.
 
     Unlike :func:`quantize_blockwise` this never raises: a block holding a NaN or an infinity gets
     absmax NaN and the codes of 0, so the whole block decodes to NaN. Non-finite values propagate,
     as they would through a float32 state, and never turn into finite garbage. A negative value
-    under an unsigned map takes the code of 0.
+    under an unsigned map takes the code nearest 0.
     """
     fmt = format_for(fmt)
     flat = x.detach().reshape(-1).to(torch.float32)
@@ -233,11 +241,17 @@ def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple
     clean = torch.where(finite[:, None], blocks, torch.zeros_like(blocks)).reshape(-1)[: flat.numel()]
     codes, absmax = quantize_blockwise(clean, fmt.code(signed).to(x.device), fmt.block)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
+    if fmt.bits == 4:
+        return pack_nibbles(codes), absmax
     return codes.reshape(x.shape), absmax
 
 
 def decode_state(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, signed: bool,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense state that :func:`encode_state` codes stand for, shaped like ``codes``."""
+                 shape=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense state that :func:`encode_state` codes stand for, of ``shape`` (default: the
+    codes' own shape, right for 8-bit codes; 4-bit codes need it)."""
     fmt = format_for(fmt)
-    return dequantize_blockwise(codes, absmax, fmt.code(signed).to(codes.device), fmt.block, codes.shape, dtype)
+    shape = tuple(codes.shape if shape is None else shape)
+    if fmt.bits == 4:
+        codes = unpack_nibbles(codes, math.prod(shape))
+    return dequantize_blockwise(codes, absmax, fmt.code(signed).to(codes.device), fmt.block, shape, dtype)

@@ -232,6 +232,8 @@ def storage_shapes(program: ir.Program, param: torch.Tensor,
     out = {}
     for spec in program.states:
         shape = state_shape(spec, param.shape, view)
+        if spec.quantized:
+            shape = quant.codes_shape(shape, spec.dtype)
         out[spec.name] = (shape, storage_dtype(spec.dtype, param.dtype))
         if spec.quantized:
             out[spec.name + ir.ABSMAX_SUFFIX] = ((-(-param.numel() // quant.format_for(spec.dtype).block),),
@@ -295,7 +297,7 @@ def step(
             stored = states[spec.name][i]
             if spec.quantized:
                 stored = quant.decode_state(stored, states[spec.name + ir.ABSMAX_SUFFIX][i], spec.dtype,
-                                            signed=not spec.nonnegative)
+                                            signed=not spec.nonnegative, shape=p.shape)
             env[spec.name] = load(stored, spec.name in full)
         envs.append(env)
     for slot, op, code, arg in compiled.groups:  # one value over every tensor of the call
@@ -315,9 +317,9 @@ def step(
             spec = quantized.get(target)
             if spec is not None:  # blockwise: codes and absmax from the new float32 value
                 dense = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                dense = dense.to(torch.float32).expand(dest.shape) if dense.numel() == 1 else dense
-                codes, absmax = quant.encode_state(dense.reshape(dest.shape), spec.dtype, not spec.nonnegative)
-                dest.copy_(codes)
+                dense = dense.to(torch.float32).expand(p.shape) if dense.numel() == 1 else dense
+                codes, absmax = quant.encode_state(dense.reshape(p.shape), spec.dtype, not spec.nonnegative)
+                dest.copy_(codes.reshape(dest.shape))
                 states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
                 continue
             if target == ir.PARAM and compiled.program.stochastic_rounding and dest.dtype == torch.bfloat16:

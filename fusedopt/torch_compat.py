@@ -84,6 +84,15 @@ class AdamW8bit(AdamW):
         super().__init__(params, *args, state_dtype=state_dtype, **kwargs)
 
 
+class AdamW4bit(AdamW):
+    """AdamW with both moments in 4-bit blockwise storage (q4: blocks of 128, two codes per byte,
+    torchao's 4-bit maps: signed dynamic for m, linear without zero for v); about 1.06 bytes of
+    state per parameter. Same arguments as :class:`AdamW`."""
+
+    def __init__(self, params: Iterable, *args, state_dtype: str = "q4", **kwargs):
+        super().__init__(params, *args, state_dtype=state_dtype, **kwargs)
+
+
 class Lion(_AdamFamily):
     """Lion (google/automl semantics), fused. See fusedopt.optimizers.lion."""
 

@@ -40,14 +40,14 @@ def assert_same_storage(sa: dict, sb: dict, what: str, max_flips: float = 1e-3) 
             torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-30, equal_nan=True, msg=f"{what} {key}")
 
 
-def run_pair(name, shapes, steps, device, seed=0, threshold=0):
+def run_pair(name, shapes, steps, device, seed=0, threshold=0, fmt="q8"):
     cls, kwargs = RULES[name]
     gen = torch.Generator().manual_seed(seed)
     base = [torch.randn(s, generator=gen) for s in shapes]
     a = [p.clone().to(device).requires_grad_() for p in base]
     b = [p.clone().requires_grad_() for p in base]
-    oa = cls(a, state_dtype="q8", quant_threshold=threshold, backend="triton", **kwargs)
-    ob = cls(b, state_dtype="q8", quant_threshold=threshold, backend="reference", **kwargs)
+    oa = cls(a, state_dtype=fmt, quant_threshold=threshold, backend="triton", **kwargs)
+    ob = cls(b, state_dtype=fmt, quant_threshold=threshold, backend="reference", **kwargs)
     for step in range(steps):
         for x, y in zip(a, b):
             g = torch.randn(x.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, (), generator=gen))
@@ -70,17 +70,17 @@ def run_pair(name, shapes, steps, device, seed=0, threshold=0):
     return a, b, oa, ob
 
 
-SIZES = st.sampled_from([1, 7, 255, 256, 257, 511, 600, 1024, 1500])
+SIZES = st.sampled_from([1, 7, 127, 128, 129, 255, 256, 257, 511, 600, 1024, 1500])
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @settings(deadline=None)
 @given(name=st.sampled_from(sorted(RULES)), sizes=st.lists(SIZES, min_size=1, max_size=3),
-       matrix=st.booleans(), steps=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_fused_q8_step_matches_the_reference(device, name, sizes, matrix, steps, seed):
+       matrix=st.booleans(), steps=st.integers(1, 4), seed=st.integers(0, 2**16), fmt=st.sampled_from(["q8", "q4"]))
+def test_fused_quantized_step_matches_the_reference(device, name, sizes, matrix, steps, seed, fmt):
     require_kernel_device(device)
     shapes = [(n,) if not matrix or n < 4 else (n // 4, 4) if n % 4 == 0 else (n,) for n in sizes]
-    run_pair(name, shapes, steps, device, seed=seed)
+    run_pair(name, shapes, steps, device, seed=seed, fmt=fmt)
 
 
 # A state that is set to the gradient itself: no arithmetic before quantizing, so codes and
@@ -94,9 +94,18 @@ def hold_gradient(p, g, t, lr=0.1):
     p.set(p - lr * m)
 
 
-def _hold_gradient_states(device, grad):
+@rule("hold_gradient_4bit")
+def hold_gradient_4bit(p, g, t, lr=0.1):
+    m = state("m", dtype="q4")
+    v = state("v", dtype="q4", nonnegative=True)
+    m.set(g)
+    v.set(g * g)
+    p.set(p - lr * m)
+
+
+def _hold_gradient_states(device, grad, which=hold_gradient):
     p = torch.zeros_like(grad, device=device)
-    opt = fusedopt.FusedOptimizer([p.requires_grad_()], hold_gradient, backend="triton")
+    opt = fusedopt.FusedOptimizer([p.requires_grad_()], which, backend="triton")
     p.grad = grad.to(device)
     opt.step()
     return {k: v.cpu() for k, v in opt.state[p].items()}
@@ -114,6 +123,20 @@ def test_kernel_codes_are_bit_identical_to_the_quantizer(device):
     assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
     assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
     assert got["m_absmax"][1] == 0 and bool((quant.decode_state(got["m"], got["m_absmax"], "q8", True)[256:512] == 0).all())
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_packed_4bit_kernel_codes_are_bit_identical_to_the_quantizer(device):
+    require_kernel_device(device)
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(5 * 128 + 7, generator=gen) * torch.logspace(-4, 2, 5 * 128 + 7)  # odd: a half byte
+    grad[128:256] = 0.0
+    got = _hold_gradient_states(device, grad, hold_gradient_4bit)
+    m, m_absmax = quant.encode_state(grad, "q4", signed=True)
+    v, v_absmax = quant.encode_state(grad * grad, "q4", signed=False)
+    assert got["m"].shape == (324,) and got["m_absmax"].shape == (6,)
+    assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
+    assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
 
 
 def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
@@ -143,25 +166,29 @@ def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
 
 
 def test_adamw8bit_trajectory_stays_close_to_float32_adamw():
-    """100 steps of least squares: the 8-bit moments cost little. Measured: final loss within 1 %
-    of float32 AdamW's, parameters within 3e-3 (relative, norm) of its trajectory."""
+    """100 steps of least squares from a loss of 63.4. Measured (CPU, reference backend): float32
+    AdamW 0.559, 8-bit moments 0.590 (parameters 1.9 % from float32's, relative norm), 4-bit
+    moments 5.07: the linear 4-bit map without zero cannot hold second moments below 1/16 of its
+    block's largest, so small-gradient coordinates take smaller steps."""
     gen = torch.Generator().manual_seed(0)
     x, w_true = torch.randn(256, 64, generator=gen), torch.randn(64, 32, generator=gen)
     y = x @ w_true + 0.01 * torch.randn(256, 32, generator=gen)
     results = {}
-    for cls in (fusedopt.AdamW, fusedopt.AdamW8bit):
+    for cls in (fusedopt.AdamW, fusedopt.AdamW8bit, fusedopt.AdamW4bit):
         w = torch.zeros(64, 32, requires_grad=True)
-        opt = cls([w], lr=3e-2, weight_decay=0.0, backend="reference")
+        opt = cls([w], lr=3e-2, weight_decay=0.0, backend="reference", quant_threshold=0)
+        assert cls is fusedopt.AdamW or opt.param_groups[0]["state_dtype"] in ("q8", "q4")
         for _ in range(100):
             loss = ((x @ w - y) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         results[cls.__name__] = (((x @ w - y) ** 2).mean().item(), w.detach().clone())
-    (loss32, w32), (loss8, w8) = results["AdamW"], results["AdamW8bit"]
-    assert loss8 <= loss32 * 1.01 + 1e-6
-    assert (w8 - w32).norm() / w32.norm() < 3e-3
-    assert loss32 < 0.05 * (y**2).mean().item()  # the problem was actually solved
+    (loss32, w32), (loss8, w8), (loss4, w4) = results["AdamW"], results["AdamW8bit"], results["AdamW4bit"]
+    start = (y**2).mean().item()
+    assert loss32 < 0.01 * start  # the problem was actually solved
+    assert loss8 <= 1.1 * loss32 and (w8 - w32).norm() / w32.norm() < 0.03
+    assert loss4 <= 0.1 * start and loss4 > loss8  # 4-bit moments converge, and visibly slower
 
 
 def _state_bytes_per_param(opt) -> float:
@@ -177,6 +204,9 @@ def _state_bytes_per_param(opt) -> float:
 
 def test_state_bytes_per_param_on_llama1b_shapes_are_counted_not_allocated():
     params = [torch.empty(s, device="meta", requires_grad=True) for _, s in bench_shapes.param_list("llama1b")]
+    q4 = _state_bytes_per_param(fusedopt.AdamW4bit(params, backend="reference"))
+    # 2 x (1/2 + 4/128) = 1.0625 on big tensors (torchao's layout); the norms keep float32 moments
+    assert 1.0625 <= q4 < 1.0635
     q8 = _state_bytes_per_param(fusedopt.AdamW8bit(params, backend="reference"))
     fp32 = _state_bytes_per_param(fusedopt.AdamW(params, backend="reference"))
     assert fp32 == 8.0
@@ -279,3 +309,27 @@ def test_checkpoints_move_between_compact_dense_and_torch_forms():
         broken = oa.state_dict()
         del broken["state"][0]["exp_avg_absmax"]
         fusedopt.AdamW8bit([p.detach().clone().requires_grad_() for p in a]).load_state_dict(broken)
+
+
+def test_4bit_checkpoints_decode_to_dense_and_convert_to_8bit():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(50, 101, generator=gen).requires_grad_()  # odd element count: a half-used byte
+    opt = fusedopt.AdamW4bit([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    compact = copy.deepcopy(opt.state_dict())
+    assert compact["state"][0]["exp_avg"].shape == (2525,) and compact["state"][0]["exp_avg_absmax"].shape == (40,)
+    dense = opt.state_dict(dense=True)["state"][0]
+    expected = quant.decode_state(compact["state"][0]["exp_avg"], compact["state"][0]["exp_avg_absmax"], "q4", True,
+                                  shape=p.shape)
+    assert dense["exp_avg"].shape == p.shape and torch.equal(dense["exp_avg"], expected)
+    q = p.detach().clone().requires_grad_()
+    eight = fusedopt.AdamW8bit([q], lr=1e-2)
+    eight.load_state_dict(compact)  # 4-bit codes -> dense -> 8-bit codes
+    again = quant.decode_state(eight.state[q]["exp_avg_sq"], eight.state[q]["exp_avg_sq_absmax"], "q8", False)
+    torch.testing.assert_close(again, dense["exp_avg_sq"], rtol=0.05, atol=1e-3 * float(dense["exp_avg_sq"].max()))
+    with pytest.raises(ValueError, match="q8 or q4"):
+        broken = copy.deepcopy(compact)
+        broken["state"][0]["exp_avg"] = broken["state"][0]["exp_avg"][:-1]
+        fusedopt.AdamW4bit([p.detach().clone().requires_grad_()]).load_state_dict(broken)
