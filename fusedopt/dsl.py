@@ -311,14 +311,16 @@ class Rule:
                         "use a number (a hyperparameter) or a bool (a static option)")
 
     def program(self, clip: bool = False, state_dtype: str | None = None, stochastic_rounding: bool = False,
-                **options: bool) -> ir.Program:
+                master_weights: bool = False, **options: bool) -> ir.Program:
         """The rule's IR for these static options. ``clip=True`` adds global-norm gradient clipping:
         the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
         ``max_grad_norm``. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
         that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
         bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
-        ``sr_seed``."""
+        ``sr_seed``. ``master_weights=True`` keeps a float32 copy of each parameter as the state
+        ``master_param``: the rule reads and updates it in place of ``p``, and ``p`` receives its new
+        value rounded to the parameter's dtype (for bf16/fp16 training)."""
         if state_dtype is not None and state_dtype not in ir.STORAGE_DTYPES:
             raise _fail(self.name, f"state_dtype={state_dtype!r} is not a storage dtype",
                         f"use one of {list(ir.STORAGE_DTYPES)}")
@@ -333,6 +335,8 @@ class Rule:
             program = _with_state_dtype(program, state_dtype)
         if stochastic_rounding:
             program = _with_stochastic_rounding(program)
+        if master_weights:
+            program = _with_master_weights(program)
         return program
 
     def __repr__(self) -> str:
@@ -344,6 +348,19 @@ def _with_state_dtype(program: ir.Program, dtype: str) -> ir.Program:
     states = tuple(dataclasses.replace(s, dtype=dtype) if s.layout == "full" and s.dtype == "fp32" else s
                    for s in program.states)
     return dataclasses.replace(program, states=states)
+
+
+@functools.lru_cache(maxsize=None)
+def _with_master_weights(program: ir.Program) -> ir.Program:
+    if ir.MASTER in program.state_names:
+        raise _fail(program.name, f"it has its own state '{ir.MASTER}'", "rename it to use master weights")
+    p, master = ir.symbol(ir.PARAM), ir.symbol(ir.MASTER)
+    updates = [(target, expr.subs(p, master)) for target, expr in program.updates]
+    new_value = dict(updates).get(ir.PARAM, master)
+    updates = [(ir.MASTER if target == ir.PARAM else target, expr) for target, expr in updates]
+    updates.append((ir.PARAM, new_value))
+    states = (ir.StateSpec(ir.MASTER, init="p", dtype="fp32"),) + program.states
+    return dataclasses.replace(program, states=states, updates=tuple(updates))
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,6 +37,7 @@ STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
 QUANTIZED = ("q8", "q4")
 ABSMAX_SUFFIX = "_absmax"
 SR_SEED = "sr_seed"  # the hyperparameter a program with stochastic rounding gains
+MASTER = "master_param"  # the float32 state a program with master weights keeps in place of p
 STATE_INITS = ("zeros", "p", "g")
 STATE_LAYOUTS = ("full", "rows", "cols", "blocks")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.

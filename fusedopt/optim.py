@@ -21,6 +21,7 @@ from .dsl import CLIP_HPARAM, Rule
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
 STOCHASTIC_ROUNDING = "stochastic_rounding"
+MASTER_WEIGHTS = "master_weights"
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
@@ -162,6 +163,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under "q8"
         defaults[STOCHASTIC_ROUNDING] = False  # bf16 parameters written with stochastic rounding
         defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
+        defaults[MASTER_WEIGHTS] = False  # a float32 copy of each parameter, updated in its place
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -195,6 +197,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
             raise ValueError(f"{type(self).__name__}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
                              f"of {list(ir.STORAGE_DTYPES)}")
+        if not isinstance(group[MASTER_WEIGHTS], bool):
+            raise TypeError(f"{type(self).__name__}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
         if not isinstance(group[STOCHASTIC_ROUNDING], bool):
             raise TypeError(f"{type(self).__name__}: stochastic_rounding must be a bool, got "
                             f"{group[STOCHASTIC_ROUNDING]!r}")
@@ -235,8 +239,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             chosen = dict(zip(self._group_options(), options))
             if matrix is not None:
                 chosen[ir.MATRIX_OPTION] = matrix
-            program = self.rule.program(clip=options[-3], state_dtype=storage, stochastic_rounding=options[-1],
-                                        **chosen)
+            program = self.rule.program(clip=options[-4], state_dtype=storage, stochastic_rounding=options[-2],
+                                        master_weights=options[-1], **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             program.needs_reference, program.uses_blocks  # computed now, read cheaply (and traceably) later
             self._prepared_by_options[options] = prepared
@@ -252,9 +256,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
         """The static choices: the rule's options, the tensor kind, whether gradients are clipped, the
-        state storage, and whether bf16 parameters are rounded stochastically."""
+        state storage, whether bf16 parameters are rounded stochastically, and master weights."""
         return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None, storage,
-                group[STOCHASTIC_ROUNDING])
+                group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS])
 
     def _static_options(self, group: Mapping[str, Any]) -> tuple:
         """Everything static about a group, whatever its tensors."""
@@ -458,7 +462,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"optimizer has {len(mine['params'])}")
             # storage is this optimizer's choice, not the checkpoint's: states are converted to it
             merged = {**{k: v for k, v in mine.items()},
-                      **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD)}}
+                      **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD,
+                                                                         MASTER_WEIGHTS)}}
             merged["params"] = mine["params"]
             self._complete_group(merged)
             new_groups.append((mine, merged))
@@ -482,6 +487,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """One parameter's saved state in this optimizer's storage. A state may come compact (q8
         codes plus "<name>_absmax") or dense (float, as torch.optim keeps it): either is converted
         to what this program stores, so checkpoints move between storages and libraries."""
+        if ir.MASTER in program.state_names and ir.MASTER not in values:  # e.g. a torch.optim checkpoint
+            values = {**values, ir.MASTER: p.detach().to(torch.float32)}
         expected = set(program.state_names)
         absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
         unknown = set(values) - expected - absmax - {"step"}

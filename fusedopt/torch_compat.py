@@ -101,10 +101,12 @@ class Lion(_AdamFamily):
     def __init__(self, params: Iterable, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize: bool = False, max_grad_norm: float | None = None, state_dtype: str = "fp32",
                  quant_threshold: int = 4096, stochastic_rounding: bool = False, sr_seed: int = 0,
+                 master_weights: bool = False,
                  backend: str | None = None):
         super().__init__(params, lion, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
-                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, backend=backend)
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+                         master_weights=master_weights, backend=backend)
 
 
 class SGD(FusedOptimizer):
@@ -140,11 +142,13 @@ class LAMB(_AdamFamily):
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
                  bias_correction: bool = True, trust_clip: bool = False, always_adapt: bool = False,
                  max_grad_norm: float | None = 1.0, state_dtype: str = "fp32", quant_threshold: int = 4096,
-                 stochastic_rounding: bool = False, sr_seed: int = 0, backend: str | None = None):
+                 stochastic_rounding: bool = False, sr_seed: int = 0,
+                 master_weights: bool = False, backend: str | None = None):
         super().__init__(params, lamb, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, trust_clip=trust_clip, always_adapt=always_adapt,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
-                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, backend=backend)
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+                         master_weights=master_weights, backend=backend)
 
 
 class Adafactor(FusedOptimizer):
@@ -281,7 +285,8 @@ class AdamMini(_AdamFamily):
     def __init__(self, named_parameters: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  dim: int, n_heads: int, n_kv_heads: int | None = None, partition=None,
                  max_grad_norm: float | None = None, state_dtype: str = "fp32", quant_threshold: int = 4096,
-                 stochastic_rounding: bool = False, sr_seed: int = 0, backend: str | None = None):
+                 stochastic_rounding: bool = False, sr_seed: int = 0,
+                 master_weights: bool = False, backend: str | None = None):
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named or not all(isinstance(n, str) for n, _ in named):
             raise TypeError("AdamMini takes model.named_parameters(): (name, parameter) pairs")
@@ -293,7 +298,8 @@ class AdamMini(_AdamFamily):
         groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         super().__init__(groups, adam_mini, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
-                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, backend=backend)
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+                         master_weights=master_weights, backend=backend)
 
     def _block_view(self, p: torch.Tensor) -> tuple[int, int]:
         return self._views[p]

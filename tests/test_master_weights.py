@@ -1,0 +1,66 @@
+"""fp32 master weights for bf16 parameters (master_weights=True): the rule runs on a float32 copy,
+the bf16 parameter receives its value rounded; trajectories equal float32 training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import ir
+from kernel_check import any_kernel_device
+
+
+def _pair(device, backend, seed=0, steps=5, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen) for s in [(300,), (17, 9)]]
+    half = [p.to(torch.bfloat16).to(device).requires_grad_() for p in base]
+    full = [p.to(torch.bfloat16).float().requires_grad_() for p in base]  # the same starting values
+    oh = fusedopt.AdamW(half, lr=1e-2, weight_decay=0.1, master_weights=True, backend=backend, **kw)
+    of = fusedopt.AdamW(full, lr=1e-2, weight_decay=0.1, backend="reference")
+    for _ in range(steps):
+        for h, f in zip(half, full):
+            g = torch.randn(h.shape, generator=gen).to(torch.bfloat16)
+            h.grad, f.grad = g.to(device), g.float()
+        oh.step()
+        of.step()
+    return half, full, oh
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backend):
+    device = any_kernel_device() if backend == "triton" else "cpu"
+    half, full, opt = _pair(device, backend)
+    for h, f in zip(half, full):
+        master = opt.state[h][ir.MASTER].cpu()
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master, f.detach(), rtol=2e-6, atol=1e-7)
+        assert torch.equal(h.detach().cpu(), master.to(torch.bfloat16))  # round to nearest even
+
+
+def test_without_master_weights_small_updates_are_lost():
+    """The point of the copy: bf16 parameters alone drop updates below half a step."""
+    p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    plain = fusedopt.SGD([p], lr=1e-4)
+    master = fusedopt.SGD([q], lr=1e-4, master_weights=True)
+    for _ in range(100):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+        plain.step()
+        master.step()
+    assert bool((p == 1).all())
+    torch.testing.assert_close(master.state[q][ir.MASTER], torch.full((64,), 0.99), rtol=1e-5, atol=1e-6)
+    assert bool((q.float() == torch.tensor(0.99).to(torch.bfloat16).float()).all())
+
+
+def test_a_checkpoint_without_the_master_copy_starts_it_from_the_parameter():
+    p = torch.randn(20).to(torch.bfloat16).requires_grad_()
+    torch_opt = torch.optim.AdamW([p.detach().clone().requires_grad_()], lr=1e-2)
+    torch_opt.param_groups[0]["params"][0].grad = torch.ones(20, dtype=torch.bfloat16)
+    torch_opt.step()
+    opt = fusedopt.AdamW([p], lr=1e-2, master_weights=True)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert torch.equal(opt.state[p][ir.MASTER], p.detach().float())
+    with pytest.raises(TypeError, match="master_weights"):
+        fusedopt.AdamW([p], master_weights=1)
