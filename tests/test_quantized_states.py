@@ -85,22 +85,19 @@ def test_fused_quantized_step_matches_the_reference(device, name, sizes, matrix,
 
 # A state that is set to the gradient itself: no arithmetic before quantizing, so codes and
 # absmax must be bit-identical to fusedopt.quant on every backend.
-@rule("hold_gradient")
-def hold_gradient(p, g, t, lr=0.1):
-    m = state("m", dtype="q8")
-    v = state("v", dtype="q8", nonnegative=True)
-    m.set(g)
-    v.set(g * g)
-    p.set(p - lr * m)
+def _hold_gradient_rule(fmt: str):
+    @rule(f"hold_gradient_{fmt}")
+    def hold_gradient(p, g, t, lr=0.1):
+        m = state("m", dtype=fmt)
+        v = state("v", dtype=fmt, nonnegative=True)
+        m.set(g)
+        v.set(g * g)
+        p.set(p - lr * m)
+
+    return hold_gradient
 
 
-@rule("hold_gradient_4bit")
-def hold_gradient_4bit(p, g, t, lr=0.1):
-    m = state("m", dtype="q4")
-    v = state("v", dtype="q4", nonnegative=True)
-    m.set(g)
-    v.set(g * g)
-    p.set(p - lr * m)
+hold_gradient, hold_gradient_4bit = _hold_gradient_rule("q8"), _hold_gradient_rule("q4")
 
 
 def _hold_gradient_states(device, grad, which=hold_gradient):
@@ -333,3 +330,15 @@ def test_4bit_checkpoints_decode_to_dense_and_convert_to_8bit():
         broken = copy.deepcopy(compact)
         broken["state"][0]["exp_avg"] = broken["state"][0]["exp_avg"][:-1]
         fusedopt.AdamW4bit([p.detach().clone().requires_grad_()]).load_state_dict(broken)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_subnormal_moments_quantize_as_the_reference(device):
+    """Second moments of tiny gradients are float32 subnormals: absmax and codes must still match
+    the quantizer (no flush to zero in the kernel)."""
+    require_kernel_device(device)
+    grad = torch.linspace(-1, 1, 700) * 1e-39  # subnormal values; their squares underflow to 0
+    got = _hold_gradient_states(device, grad)
+    m, m_absmax = quant.encode_state(grad, "q8", signed=True)
+    assert bool((m_absmax > 0).all()) and float(m_absmax.max()) < torch.finfo(torch.float32).tiny
+    assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
