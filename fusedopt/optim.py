@@ -17,12 +17,12 @@ import torch
 
 from . import ir, quant, reference
 from .dsl import CLIP_HPARAM, Rule
+from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
 STOCHASTIC_ROUNDING = "stochastic_rounding"
 MASTER_WEIGHTS = "master_weights"
-from .dtypes import PARAM_DTYPES, storage_dtype
 
 BACKENDS = ("reference", "triton")
 
@@ -159,8 +159,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             defaults[key] = tuple(self.rule.hparams[n] for n in names) if names else self.rule.hparams[key]
         defaults.update({k: v for k, v in self.rule.options.items() if k != ir.MATRIX_OPTION})
         defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
-        defaults[STATE_DTYPE] = "fp32"  # storage of full-size states: "fp32", "bf16" or "q8"
-        defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under "q8"
+        defaults[STATE_DTYPE] = "fp32"  # storage of full-size states: "fp32", "bf16", "q8" or "q4"
+        defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under q8/q4
         defaults[STOCHASTIC_ROUNDING] = False  # bf16 parameters written with stochastic rounding
         defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
         defaults[MASTER_WEIGHTS] = False  # a float32 copy of each parameter, updated in its place
@@ -209,6 +209,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"{type(self).__name__}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
                              "with fewer elements keep float32 states)")
+        if clip is not None and group[STATE_DTYPE] in ir.QUANTIZED \
+                and len({p.numel() >= threshold for p in params if isinstance(p, torch.Tensor)}) > 1:
+            raise ValueError(f"{type(self).__name__}: {CLIP_HPARAM} clips over the whole group in one call, but "
+                             f"state_dtype={group[STATE_DTYPE]!r} keeps tensors under quant_threshold={threshold} in "
+                             "float32, a second program; set quant_threshold=0, or put the small tensors in a "
+                             "group of their own")
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
         device = params[0].device if params else torch.device("cpu")
         converted = _ParamGroup()

@@ -342,3 +342,14 @@ def test_subnormal_moments_quantize_as_the_reference(device):
     m, m_absmax = quant.encode_state(grad, "q8", signed=True)
     assert bool((m_absmax > 0).all()) and float(m_absmax.max()) < torch.finfo(torch.float32).tiny
     assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
+
+
+def test_clipping_with_a_threshold_split_is_refused_at_construction():
+    params = [torch.zeros(10, requires_grad=True), torch.zeros(5000, requires_grad=True)]
+    with pytest.raises(ValueError, match="quant_threshold=0"):
+        fusedopt.LAMB(params, state_dtype="q8")  # LAMB clips to 1.0 by default
+    opt = fusedopt.LAMB(params, state_dtype="q8", quant_threshold=0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.uint8 for p in params)
