@@ -69,9 +69,9 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per q8 map (signed, then unsigned): the map (float32), its midpoints (float64, exact) and the
-    bucket table of template.QUANT_BUCKET_BITS; kept for the life of the process, read by kernels
-    through the hyperparameter table."""
+    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32), exact
+    midpoints (float64) and bucket table (template.QUANT_BUCKET_BITS); then per q4 map its values and
+    midpoints. Kept for the life of the process, read by kernels through the hyperparameter table."""
     out = []
     for signed in (True, False):
         code = torch.tensor(quant.Q8.code(signed).tolist(), dtype=torch.float64)
@@ -101,8 +101,10 @@ def bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
     return base.to(torch.uint8)
 
 
-def _kernels(program_key, params, grads, states, steps, hparams):
-    """(module, spec, plan) per dtype signature, pointer tables refreshed; and each one's tensor indices."""
+def _kernels(program_key, params, grads, states, steps, hparams, private: bool = False):
+    """(module, spec, plan) per dtype signature, pointer tables refreshed; and each one's tensor
+    indices. ``private``: new plans that no other call shares (an EagerStep relies on its tables
+    holding what it last wrote)."""
     low = _PROGRAMS[program_key]
     n = len(params)
     n_states = len(low.program.storage_names)
@@ -134,7 +136,8 @@ def _kernels(program_key, params, grads, states, steps, hparams):
         # by address and size: a new tensor at a freed one's address needs its own chunk tables
         key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]),
                tuple(numels))
-        plan = _PLANS.get(key, lambda: launch.Plan(spec, numels, len(hp_pointers), device))
+        make = lambda: launch.Plan(spec, numels, len(hp_pointers), device)  # noqa: E731
+        plan = make() if private else _PLANS.get(key, make)
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
     return kernels, list(by_signature.values())
@@ -151,7 +154,7 @@ class EagerStep:
     """
 
     def __init__(self, program_key: str, params, grads, states, steps, hparams):
-        self.kernels, self.indices = _kernels(program_key, params, grads, states, steps, hparams)
+        self.kernels, self.indices = _kernels(program_key, params, grads, states, steps, hparams, private=True)
         self.grad_pointers = [g.data_ptr() for g in grads]
         self.written = [*params, *states, *steps]
 
