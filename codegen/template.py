@@ -77,6 +77,20 @@ QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8
                 ("q4map_s", "float32"), ("q4mid_s", "float64"), ("q4map_u", "float32"), ("q4mid_u", "float64"))
 
 
+def _scaled_blocks(signature: str, block: int) -> list[str]:
+    """The start of a requantizing helper: per block of ``block`` values of x, ``amax`` (its largest
+    magnitude), ``finite`` (1 unless it holds NaN or Inf) and ``y`` = x / amax, flat (0 where not
+    finite; x / 1 for an all-zero block)."""
+    return [
+        "", "", "@triton.jit", f"def {signature}:",
+        f"    blocks = tl.reshape(x, [BLOCK // {block}, {block}])",
+        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
+        "    amax = tl.max(tl.abs(blocks), axis=1)",
+        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
+        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK])",
+    ]
+
+
 def _q8_store_source() -> str:
     """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and absmax.
 
@@ -86,14 +100,8 @@ def _q8_store_source() -> str:
     bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a bucket,
     so as many comparisons finish it. A block holding NaN or Inf stores absmax NaN and the codes of
     0, so it decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit."""
-    lines = [
-        "", "", "@triton.jit",
-        "def _q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, BLOCK: tl.constexpr):",
-        f"    blocks = tl.reshape(x, [BLOCK // {QUANT_BLOCK}, {QUANT_BLOCK}])",
-        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
-        "    amax = tl.max(tl.abs(blocks), axis=1)",
-        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
-        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK])",
+    lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, BLOCK: tl.constexpr)",
+                           QUANT_BLOCK) + [
         "    bits = y.to(tl.uint32, bitcast=True)",
         "    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)",
         f"    code = tl.load(qbase + (key >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
@@ -114,14 +122,9 @@ def _q4_store_source() -> str:
     """The q4 counterpart of _q8_store: blocks of 128, 16 codes (a 4-step binary search over the 15
     exact midpoints), two codes per byte (element 2i in the low nibble of byte i); codes past the end
     of the tensor are 0, as fusedopt.quant.pack_nibbles pads."""
-    lines = [
-        "", "", "@triton.jit",
-        "def _q4_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr):",
-        f"    blocks = tl.reshape(x, [BLOCK // {QUANT4_BLOCK}, {QUANT4_BLOCK}])",
-        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
-        "    amax = tl.max(tl.abs(blocks), axis=1)",
-        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
-        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK]).to(tl.float64)",
+    lines = _scaled_blocks("_q4_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr)",
+                           QUANT4_BLOCK) + [
+        "    y = y.to(tl.float64)",
         "    code = tl.zeros([BLOCK], tl.int32)",
     ]
     for bit in range(3, -1, -1):
