@@ -67,6 +67,8 @@ RULES: dict[str, DemoRule] = {
         DemoRule("adam_mini", lambda m: adam_mini_for(m, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
                  "lr 3e-3, betas (0.9, 0.95), wd 0.1 (not on norms)"),
         DemoRule("adafactor", lambda m: Adafactor(m.parameters()), "torch's defaults (lr 1e-2)"),
+        DemoRule("adamw8bit", lambda m: AdamW(decay_groups(m, 0.1), lr=3e-3, betas=(0.9, 0.95), state_dtype="q8"),
+                 "as adamw, 8-bit moments (tensors >= 4096 elements)"),
     )
 }
 

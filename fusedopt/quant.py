@@ -148,11 +148,16 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple
     flat = x.detach().reshape(-1).to(torch.float32)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("cannot quantize a tensor with NaN or Inf values (or values beyond the float32 range)")
+    return _nearest_codes(flat, code, block)
+
+
+def _nearest_codes(flat: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blockwise without its checks (and so without host syncs: torch.compile traces it)."""
     xb = _blocks(flat, block)
     absmax = xb.abs().amax(dim=1)
     # An all-zero block divides by 1 instead of 0: y is 0 there, so no 0/0.
     y = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
-    c64 = code.to(device=x.device, dtype=torch.float64)
+    c64 = code.to(device=flat.device, dtype=torch.float64)
     midpoints = (c64[:-1] + c64[1:]) / 2
     # The number of midpoints strictly below y is the index of the nearest code; a y equal to a
     # midpoint counts it as not below, so ties go to the lower code.
@@ -169,6 +174,13 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     if codes.numel() != n or absmax.numel() != math.ceil(n / block):
         raise ValueError(f"{codes.numel()} codes and {absmax.numel()} absmax values do not fit shape "
                          f"{tuple(shape)} in blocks of {block}")
+    return _decode(codes, absmax, code, block, shape, dtype)
+
+
+def _decode(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int, shape,
+            dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_blockwise without its checks."""
+    n = math.prod(shape)
     values = code.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1).long()]
     out = _blocks(values, block) * absmax.to(torch.float32).reshape(-1, 1)
     return out.reshape(-1)[:n].reshape(shape).to(dtype)
@@ -183,6 +195,11 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() and int(flat.max()) > 15:
         raise ValueError("pack_nibbles takes codes in [0, 15]")
+    return _pack(flat)
+
+
+def _pack(flat: torch.Tensor) -> torch.Tensor:
+    """pack_nibbles without its check."""
     flat = torch.nn.functional.pad(flat, (0, flat.numel() % 2))
     return flat[0::2] | (flat[1::2] << 4)
 
@@ -239,10 +256,11 @@ def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple
     blocks = _blocks(flat, fmt.block)
     finite = torch.isfinite(blocks).all(dim=1)
     clean = torch.where(finite[:, None], blocks, torch.zeros_like(blocks)).reshape(-1)[: flat.numel()]
-    codes, absmax = quantize_blockwise(clean, fmt.code(signed).to(x.device), fmt.block)
+    codes, absmax = _nearest_codes(clean, fmt.code(signed).to(x.device), fmt.block)
+    codes = codes.to(torch.uint8)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
     if fmt.bits == 4:
-        return pack_nibbles(codes), absmax
+        return _pack(codes), absmax
     return codes.reshape(x.shape), absmax
 
 
@@ -254,4 +272,4 @@ def decode_state(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantForm
     shape = tuple(codes.shape if shape is None else shape)
     if fmt.bits == 4:
         codes = unpack_nibbles(codes, math.prod(shape))
-    return dequantize_blockwise(codes, absmax, fmt.code(signed).to(codes.device), fmt.block, shape, dtype)
+    return _decode(codes, absmax, fmt.code(signed).to(codes.device), fmt.block, shape, dtype)
