@@ -202,6 +202,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(group[STOCHASTIC_ROUNDING], bool):
             raise TypeError(f"{type(self).__name__}: stochastic_rounding must be a bool, got "
                             f"{group[STOCHASTIC_ROUNDING]!r}")
+        if group[STOCHASTIC_ROUNDING] and any(isinstance(p, torch.Tensor) and p.dtype == torch.float16 for p in params):
+            raise ValueError(f"{type(self).__name__}: stochastic_rounding rounds bfloat16 parameters; this group has "
+                             "float16 ones. Fix: train in bfloat16, or use master_weights=True")
         seed = group[ir.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32:
             raise ValueError(f"{type(self).__name__}: sr_seed={seed!r}; expected an int in [0, 2**32)")

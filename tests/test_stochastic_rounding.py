@@ -112,3 +112,5 @@ def test_float32_parameters_ignore_the_flag_and_bad_settings_are_refused():
         fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding=True, sr_seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding"):
         fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding="yes")
+    with pytest.raises(ValueError, match="float16"):
+        fusedopt.AdamW([torch.zeros(2, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
