@@ -78,7 +78,7 @@ class Plan:
         cfg = config_for(spec.target)
         chunk = cfg["BLOCK"] * cfg["ITERS"]
         if spec.lowered.program.has_quantized_states and cfg["BLOCK"] % QUANT_BLOCK:
-            raise ValueError(f"rule '{spec.lowered.program.name}' has q8 states, which a program requantizes "
+            raise ValueError(f"rule '{spec.lowered.program.name}' has quantized states, which a program requantizes "
                              f"in whole blocks of {QUANT_BLOCK}: BLOCK={cfg['BLOCK']} must be a multiple of it "
                              "(see FUSEDOPT_LAUNCH)")
         # an empty tensor still gets one (fully masked) program, so that its step advances

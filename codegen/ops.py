@@ -74,13 +74,12 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     midpoints. Kept for the life of the process, read by kernels through the hyperparameter table."""
     out = []
     for signed in (True, False):
-        code = torch.tensor(quant.Q8.code(signed).tolist(), dtype=torch.float64)
-        midpoints = (code[:-1] + code[1:]) / 2
-        out += [code.to(torch.float32).to(device), midpoints.to(device),
-                bucket_table(midpoints).to(device)]
+        code = quant.Q8.code(signed)
+        mids = quant.midpoints(code)
+        out += [code.to(device), mids.to(device), bucket_table(mids).to(device)]
     for signed in (True, False):
-        code = torch.tensor(quant.Q4.code(signed).tolist(), dtype=torch.float64)
-        out += [code.to(torch.float32).to(device), ((code[:-1] + code[1:]) / 2).to(device)]
+        code = quant.Q4.code(signed)
+        out += [code.to(device), quant.midpoints(code).to(device)]
     return tuple(out)
 
 

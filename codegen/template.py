@@ -147,7 +147,7 @@ def _rounds_stochastically(spec: KernelSpec) -> bool:
 
 
 def _load(spec: KernelSpec, col: str, mask: str) -> str:
-    """The float32 value of column ``col`` at ``offs``; q8 states are decoded through their map."""
+    """The float32 value of column ``col`` at ``offs``; q8 and q4 states are decoded through their maps."""
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
     if state is not None and state.dtype == "q4":
         table = "q4map_u" if state.nonnegative else "q4map_s"

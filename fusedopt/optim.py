@@ -10,6 +10,7 @@ This module is the one place that joins the rule side (dsl, ir, reference) with 
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
@@ -558,9 +559,7 @@ def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[
 
 def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
     """Which quantized storage saved ``codes`` and ``absmax`` for a state of ``shape``."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     for fmt in (quant.Q8, quant.Q4):
         if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8 \
                 and tuple(codes.shape) == quant.codes_shape(shape, fmt) and tuple(absmax.shape) == (-(-n // fmt.block),):

@@ -23,9 +23,11 @@ neighbouring map values are exact (taken in float64), and a ``y`` exactly on a m
 lower code. An all-zero block has ``absmax = 0``: every element gets the code nearest 0 (the code of
 0 itself where the map has one; 1/16 for the q4 unsigned map) and decodes to exactly 0.
 
-Non-finite policy: these torch functions raise ``ValueError`` on NaN or +-Inf input (including
-values that overflow float32 when a float64 tensor is converted) instead of producing codes that
-decode to garbage; a fused kernel is expected to skip the update of such elements instead.
+Non-finite policy: :func:`quantize_blockwise` raises ``ValueError`` on NaN or +-Inf input
+(including values that overflow float32 when a float64 tensor is converted) instead of producing
+codes that decode to garbage. Optimizer states go through :func:`encode_state`, which the fused
+kernels match bit for bit: a block holding a non-finite value stores absmax NaN and the codes of 0,
+so it decodes to NaN (the value propagates, as through a float32 state) and no code is garbage.
 
 All math is float32 (``x`` may be any floating dtype; it is converted first). Maps are built
 deterministically with torch on the CPU, in the same float32 steps as the reference libraries.
@@ -138,6 +140,13 @@ def _blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
+def midpoints(code: torch.Tensor) -> torch.Tensor:
+    """The float64 midpoints between neighbouring values of a map (exact: float32 values, halved
+    sums in float64). A value rounds to the code whose index is the count of midpoints below it."""
+    c64 = code.to(torch.float64)
+    return (c64[:-1] + c64[1:]) / 2
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (uint8, flat, ``x.numel()`` of them) and per-block absmax (float32, ceil(n/block)).
 
@@ -157,11 +166,10 @@ def _nearest_codes(flat: torch.Tensor, code: torch.Tensor, block: int) -> tuple[
     absmax = xb.abs().amax(dim=1)
     # An all-zero block divides by 1 instead of 0: y is 0 there, so no 0/0.
     y = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
-    c64 = code.to(device=flat.device, dtype=torch.float64)
-    midpoints = (c64[:-1] + c64[1:]) / 2
+    mids = midpoints(code.to(device=flat.device))
     # The number of midpoints strictly below y is the index of the nearest code; a y equal to a
     # midpoint counts it as not below, so ties go to the lower code.
-    idx = torch.searchsorted(midpoints, y.to(torch.float64).reshape(-1), right=False)
+    idx = torch.searchsorted(mids, y.to(torch.float64).reshape(-1), right=False)
     return idx[: flat.numel()].to(torch.uint8), absmax
 
 

@@ -358,8 +358,7 @@ def test_clipping_with_a_threshold_split_is_refused_at_construction():
 def test_the_bucket_table_refuses_buckets_wider_than_the_kernel_compares(monkeypatch):
     """The span check can fail: with coarse buckets several q8 midpoints share one, which the
     kernel's single comparison would misround, so building the table raises."""
-    code = torch.tensor(quant.Q8.code(False).tolist(), dtype=torch.float64)
-    midpoints = (code[:-1] + code[1:]) / 2
+    midpoints = quant.midpoints(quant.Q8.code(False))
     assert ops.bucket_table(midpoints).dtype == torch.uint8
     monkeypatch.setattr(ops, "QUANT_BUCKET_BITS", 10)
     with pytest.raises(AssertionError, match="midpoints per bucket"):
