@@ -44,7 +44,9 @@ into the neighbouring nibble. Per element the round trip error is at most (:func
 to nearest moves a value by at most 2^-8 of its magnitude), which is the whole error of a clamped value
 lying outside; ``2^-20 * A_b`` covers the float32 arithmetic (a handful of roundings of 2^-24 each).
 A block whose min equals its max (all zeros, for example) has unit 0: codes are 0 and decode to
-``lo_b``, exact up to the bf16 rounding of that one value.
+``lo_b``, exact up to the bf16 rounding of that one value. Non-finite values propagate instead of
+becoming garbage codes: a block holding a NaN or an infinity has a non-finite min or max (hence unit),
+its non-finite positions get code 0, and the block decodes to non-finite values.
 
 Window (:func:`window_row`, :func:`window_ages`, :func:`window_moments`). A ring buffer of ``m`` rows of
 ``k`` (int16 block-local index, value) pairs. Step ``t`` (1-based) writes row ``(t - 1) mod m``. At step
@@ -205,7 +207,7 @@ def ef_codes(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, clamp:
     unit_e = _per_element(ef_unit(lo, hi), q, n)
     safe = torch.where(unit_e > 0, unit_e, torch.ones_like(unit_e))
     code = torch.floor((flat - lo_e) / safe + 0.5)
-    code = torch.where(unit_e > 0, code, torch.zeros_like(code))
+    code = torch.where((unit_e > 0) & code.isfinite(), code, torch.zeros_like(code))
     if clamp:
         code = code.clamp(0, EF_LEVELS)
     return code.to(torch.int64)

@@ -438,6 +438,19 @@ def test_per_parameter_step_count():
     assert torch.equal(b, b_alone)
 
 
+def test_non_finite_gradient_propagates():
+    """A NaN is the largest magnitude: it is selected, so the parameter it lands on becomes NaN and
+    the rest of the step is unharmed; a block whose residual holds a NaN decodes to NaN."""
+    p = torch.nn.Parameter(torch.zeros(64))
+    p.grad = torch.linspace(-1, 1, 64)
+    p.grad[5] = float("nan")
+    MicroAdam([p], lr=1e-2, density=1 / 64, block=64, quant_block=8).step()
+    assert torch.isnan(p[5]) and bool(p.detach()[torch.arange(64) != 5].isfinite().all())
+    r = torch.tensor([0.5, float("nan"), 1.0, 2.0])
+    decoded = sparse.ef_decode(*sparse.ef_encode(r, 2), 2, 4)
+    assert bool(decoded[:2].isnan().all()) and torch.equal(decoded[2:], torch.tensor([1.0, 2.0]))
+
+
 def test_bf16_parameter_rounds_the_float32_step_once():
     gen = torch.Generator().manual_seed(8)
     p16 = torch.nn.Parameter(torch.randn(777, generator=gen).bfloat16())
