@@ -12,7 +12,7 @@ MicroAdam keeps no dense moments. Per parameter (``d`` elements, flat) and step 
 
        M = sum_rows beta1^age * value      S = sum_rows beta2^age * value^2
        c1 = (1 - beta1) / (1 - beta1^t)    c2 = (1 - beta2) / (1 - beta2^t)
-       u = c1 * M / (sqrt(c2 * S) + eps)   (zero where no row selected the coordinate)
+       u = c1 * M / (sqrt(c2 * S) + eps)   (0 where S = 0: no row holds a nonzero value there)
 
 8. ``theta -= lr * u``.
 
@@ -55,8 +55,9 @@ State per parameter (``k`` from :func:`fusedopt.sparse.topk_layout`, ``nq = ceil
 =================  ==================================  =====================================
 
 At the defaults (m=10, density 0.01) this is 0.5 (codes) + 0.4 (window) + 0.002 (min/max) B/param:
-see :func:`state_bytes`. The selected values are stored in bf16 and the difference ``a - bf16(a)``
-is not fed back (the official code loses the same rounding when it stores ``a`` in bf16).
+see :func:`state_bytes`. The selected values are stored in bf16; for float32 parameters the rounding
+``a - bf16(a)`` (at most 2^-8 |a|) is dropped, not fed back (the official ``a`` is bf16 already, so it
+has no such rounding to lose).
 """
 
 from __future__ import annotations
@@ -288,6 +289,7 @@ class MicroAdam(torch.optim.Optimizer):
         c1 = (1.0 - beta1) / (1.0 - beta1**t)
         c2 = (1.0 - beta2) / (1.0 - beta2**t)
         u = c1 * M / (torch.sqrt(c2 * S) + eps)
+        u = torch.where(S == 0, torch.zeros_like(u), u)  # no 0/0 at eps = 0; a NaN still propagates
         theta = p.detach().reshape(-1).to(cd)
         if wd != 0.0:
             theta = theta * (1.0 - lr * wd)
