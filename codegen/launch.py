@@ -50,9 +50,13 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def eligible(param: torch.Tensor, grad: torch.Tensor, states: Sequence[torch.Tensor]) -> bool:
-    """Can the kernel update this tensor in place by flat indexing? (Otherwise: reference backend.)"""
+def eligible(param: torch.Tensor, grad: torch.Tensor, states: Sequence[torch.Tensor], row_major: bool = False) -> bool:
+    """Can the kernel update this tensor in place by flat indexing? (Otherwise: reference backend.)
+    ``states``: the full-size ones. ``row_major``: the rule has per-row (column, block) values, which
+    are found from an element's flat index in row-major order, so every tensor must be contiguous."""
     if param.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
+        return False
+    if row_major and not (param.is_contiguous() and grad.is_contiguous()):
         return False
     if param.is_contiguous() and grad.is_contiguous() and all(t.is_contiguous() for t in states):
         return all(t.shape == param.shape and t.device == param.device for t in (grad, *states))
@@ -74,7 +78,10 @@ def _upload(dest: torch.Tensor, values: list[int]) -> None:
 class Plan:
     """Device tables for one parameter list and one kernel."""
 
-    def __init__(self, spec: KernelSpec, numels: Sequence[int], n_hparams: int, device: torch.device):
+    def __init__(self, spec: KernelSpec, numels: Sequence[int], n_hparams: int, device: torch.device,
+                 geometry: Sequence[tuple[int, int]] | None = None):
+        """``geometry``: per tensor (elements per row or block, elements per matrix), for rules
+        with per-row, per-column or per-block values."""
         cfg = config_for(spec.target)
         chunk = cfg["BLOCK"] * cfg["ITERS"]
         if spec.lowered.program.has_quantized_states and cfg["BLOCK"] % QUANT_BLOCK:
@@ -103,6 +110,9 @@ class Plan:
         self.acc_tensor = on_device(per_tensor * len(numels) or [0.0], torch.float64)
         self.acc_group = on_device(per_group or [0.0], torch.float64)
         self.group_done = torch.zeros(1, dtype=torch.int32, device=device)
+        geometry = list(geometry or [(1, 1)] * len(numels))
+        self.geometry = on_device([list(g) for g in geometry] or [[1, 1]], torch.int64)
+        self._small_buffers(spec, numels, geometry, device)
         self.phases = spec.lowered.n_phases
         self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)
         self.hp_table = torch.zeros(max(1, n_hparams), dtype=torch.int64, device=device)
@@ -111,6 +121,24 @@ class Plan:
         self.pointers: list[int] = []
         self.hp_pointers: list[int] = []
         self.aligned = False
+
+    def _small_buffers(self, spec: KernelSpec, numels, geometry, device) -> None:
+        """One float64 buffer holding, per tensor, every per-row (column, block) reduction and stored
+        value of the rule, at the offsets in ``small_base``; ``small_init`` holds the identities the
+        reductions start from, copied in before each step (None when the rule has none)."""
+        small = spec.lowered.small
+        bases, init = [], []
+        for numel, (per_row, per_matrix) in zip(numels, geometry):
+            row = []
+            for r in small:
+                row.append(len(init))
+                init += [_IDENTITY.get(r.op, 0.0)] * layout_cells(r.layout, numel, per_row, per_matrix)
+            bases.append(row or [0])
+        init.append(0.0)  # never empty; a fully masked program of an empty tensor may address one past
+        self.small_base = torch.tensor(bases or [[0]], dtype=torch.int64).to(device)
+        self.acc_small = torch.tensor(init, dtype=torch.float64).to(device)
+        reduced = any(r.op != "store" for r in small)
+        self.small_init = self.acc_small.clone() if reduced else None
 
     def refresh(self, pointers: list[int], hp_pointers: list[int]) -> None:
         """Rewrite the pointer tables if any pointer moved (cheap comparison of Python ints)."""
@@ -143,7 +171,15 @@ class PlanCache:
         return plan
 
 
-_IDENTITY = {"sum": 0.0, "max": float("-inf")}
+_IDENTITY = {"sum": 0.0, "mean": 0.0, "max": float("-inf")}
+
+
+def layout_cells(layout: str, numel: int, per_row: int, per_matrix: int) -> int:
+    """How many values a tensor of ``numel`` elements has in ``layout`` (see template.LAYOUT_INDEX)."""
+    if numel == 0:
+        return 0
+    return {"full": numel, "rows": numel // per_row, "blocks": numel // per_row, "batch": numel // per_matrix,
+            "cols": numel // per_matrix * per_row, "scalar": 1}[layout]
 
 
 def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
@@ -158,6 +194,9 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
         return
     first = kernels[0][2]
     n_programs = sum(plan.grid for _, _, plan in kernels)
+    for _, _, plan in kernels:
+        if plan.small_init is not None:  # per-row reductions start from their identities
+            plan.acc_small.copy_(plan.small_init)
     for phase in range(first.phases + 1):
         for module, spec, plan in kernels:
             kernel = getattr(module, f"reduce_phase_{phase}") if phase < plan.phases else module.fused_step
@@ -165,6 +204,7 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
             kernel[(plan.grid,)](
                 plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
                 plan.chunk_count, plan.done, plan.acc_tensor, first.acc_group, first.group_done, n_programs,
+                plan.geometry, plan.small_base, plan.acc_small,
                 BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
             )
             launches[spec.lowered.program.name] += 1

@@ -132,14 +132,45 @@ def _kernels(program_key, params, grads, states, steps, hparams, private: bool =
             pointers += [states[k * n + i].data_ptr() for k in range(n_states)]
             pointers.append(steps[i].data_ptr())
         numels = [params[i].numel() for i in idx]
+        geometry = [_geometry(low.program, params[i], [states[k * n + i] for k in range(n_states)]) for i in idx] \
+            if low.program.has_small_layouts else None
         # by address and size: a new tensor at a freed one's address needs its own chunk tables
         key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]),
-               tuple(numels))
-        make = lambda: launch.Plan(spec, numels, len(hp_pointers), device)  # noqa: E731
+               tuple(numels), tuple(geometry or ()))
+        make = lambda: launch.Plan(spec, numels, len(hp_pointers), device, geometry)  # noqa: E731
         plan = make() if private else _PLANS.get(key, make)
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
     return kernels, list(by_signature.values())
+
+
+def _geometry(program: ir.Program, param: torch.Tensor, states: list[torch.Tensor]) -> tuple[int, int]:
+    """(elements per row, elements per matrix) of a tensor: its last dim and last two dims (a vector
+    is one row), or for a rule with per-block states the block size of the partition, which the
+    per-block state's length gives. Checks that every per-row (column, block) state fits, since a
+    kernel indexes them without bounds."""
+    numel = param.numel()
+    shape = tuple(param.shape)
+    blocks = [t for s, t in zip(program.states, states) if s.layout == "blocks"]
+    if blocks:
+        n_blocks = blocks[0].numel()
+        if (n_blocks == 0) != (numel == 0) or (numel and numel % n_blocks):
+            raise ValueError(f"rule '{program.name}': a parameter of shape {shape} cannot be split into "
+                             f"{n_blocks} equal blocks (its per-block state's length)")
+        per_row = numel // n_blocks if n_blocks else 1
+        per_matrix = max(numel, 1)
+    else:
+        per_row = shape[-1] if len(shape) >= 1 else 1
+        per_matrix = per_row * (shape[-2] if len(shape) >= 2 else 1)
+        per_row, per_matrix = max(per_row, 1), max(per_matrix, 1)
+    for spec, t in zip(program.states, states):
+        if spec.layout != "full":
+            cells = launch.layout_cells(spec.layout, numel, per_row, per_matrix)
+            if t.numel() != cells or not t.is_contiguous():
+                raise ValueError(f"rule '{program.name}': state '{spec.name}' of a parameter of shape {shape} "
+                                 f"has shape {tuple(t.shape)}; its '{spec.layout}' layout needs {cells} "
+                                 "contiguous values")
+    return per_row, per_matrix
 
 
 class EagerStep:

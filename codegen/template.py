@@ -146,6 +146,21 @@ def _rounds_stochastically(spec: KernelSpec) -> bool:
     return spec.lowered.program.stochastic_rounding and spec.param_dtype == "bf16"
 
 
+# Per element offset ``offs``: the index of its value in a tensor of each layout, and whether it is
+# the first element of its row, column or block (the one that writes a per-row value or adds it to a
+# reduction). g_n: elements per row (or block); g_rn: per matrix (rows times g_n; a leading index
+# counts matrices, as torch.optim.Adafactor treats them).
+LAYOUT_INDEX = {"full": "offs", "rows": "offs // g_n", "blocks": "offs // g_n", "cols": "offs // g_rn * g_n + offs % g_n",
+                "batch": "offs // g_rn", "scalar": "offs * 0"}
+LAYOUT_OWNER = {"full": None, "rows": "(offs % g_n == 0)", "blocks": "(offs % g_n == 0)", "cols": "(offs % g_rn < g_n)",
+                "batch": "(offs % g_rn == 0)", "scalar": "(offs == 0)"}
+AXIS_LENGTH = {"rows": "g_n", "blocks": "g_n", "cols": "(g_rn // g_n)"}
+
+
+def _layout(spec: KernelSpec, name: str) -> str:
+    return spec.lowered.layouts.get(name, "full")
+
+
 def _load(spec: KernelSpec, col: str, mask: str) -> str:
     """The float32 value of column ``col`` at ``offs``; q8 and q4 states are decoded through their maps."""
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
@@ -160,7 +175,31 @@ def _load(spec: KernelSpec, col: str, mask: str) -> str:
         other = ", other=0" if mask else ""
         return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
                 f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT_BLOCK}{mask}{other}))")
-    return f"tl.load(ptr_{col} + offs{mask}).to(tl.float32)"
+    return f"tl.load(ptr_{col} + {LAYOUT_INDEX[_layout(spec, col)]}{mask}).to(tl.float32)"
+
+
+def _load_small(spec: KernelSpec, name: str, mask: str) -> str:
+    """A stored or reduced per-row (column, block) value, float32, for each element at ``offs``."""
+    r = next(r for r in spec.lowered.reductions if r.name == name)
+    value = f"tl.load(acc_small + b_{name} + {LAYOUT_INDEX[r.layout]}{mask})"
+    if r.op == "mean":
+        value = f"({value} / {AXIS_LENGTH[r.over]})"
+    return f"{value}.to(tl.float32)"
+
+
+def _used(exprs) -> set[str]:
+    return {n for e in exprs for n in ir.free_names(e)}
+
+
+def _load_inputs(out: "_Lines", spec: KernelSpec, indent: int, used: set[str], level: int, mask: str) -> None:
+    """Loads of the tensors and stored values that the expressions of phase ``level`` read."""
+    prog = spec.lowered.program
+    for col in (ir.PARAM, ir.GRAD, *prog.state_names):
+        if col in used:
+            out.add(indent, f"v_{col} = {_load(spec, col, mask)}")
+    for r in spec.lowered.small:
+        if r.phase < level and r.name in used:
+            out.add(indent, f"v_{r.name} = {_load_small(spec, r.name, mask)}")
 
 
 # Stochastic rounding to bfloat16: the bits of fusedopt.rounding (murmur3's finalizer over the seed,
@@ -232,11 +271,11 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
     low = spec.lowered
     prog = low.program
     mask = ", mask=mask" if masked else ""
-    for col in (ir.PARAM, ir.GRAD, *prog.state_names):
-        out.add(3, f"v_{col} = {_load(spec, col, mask)}")
+    used = _used([e for _, e in low.temps] + [e for _, e in low.outputs])
+    _load_inputs(out, spec, 3, used, low.n_phases, mask)
     for name, expr in low.temps:
         out.add(3, f"v_{name} = {element(expr)}")
-    per_element = {ir.PARAM, ir.GRAD, *prog.state_names, *(n for n, _ in low.temps)}
+    per_element = {ir.PARAM, ir.GRAD, *prog.state_names, *(n for n, _ in low.temps), *low.layouts}
     for target, expr in low.outputs:
         value = element(expr)
         if not ir.free_names(expr) & per_element:  # a per-tensor constant: broadcast it to the block
@@ -256,6 +295,12 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, qmid_{kind}, qbase_{kind}, "
                        f"offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
             continue
+        owner = LAYOUT_OWNER[_layout(spec, target)]
+        if owner is not None:  # a per-row (column, block) state: its first element writes it
+            written = f"_to_bf16_rne({value})" if spec.dtype_of(target) == "bf16" else f"({value}).to(tl.float32)"
+            where = f"{owner} & mask" if masked else owner
+            out.add(3, f"tl.store(ptr_{target} + {LAYOUT_INDEX[_layout(spec, target)]}, {written}, mask={where})")
+            continue
         if target == ir.PARAM and _rounds_stochastically(spec):
             value = f"_to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
         elif spec.dtype_of(target) == "bf16":
@@ -266,7 +311,8 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
 
 
 SIGNATURE = ("ptrs, hparams, numels, chunk_tensor, chunk_start, chunk_count, done, acc_tensor, acc_group, "
-             "group_done, n_programs, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr")
+             "group_done, n_programs, geometry, small_base, acc_small, "
+             "BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr")
 KERNEL_ARGS = tuple(a.split(":")[0].strip() for a in SIGNATURE.split(","))
 
 
@@ -301,6 +347,12 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     for col in cols[:-1]:
         out.add(2, f"ptr_{col} = tl.multiple_of(ptr_{col}, 16)")
     out.add(2, "start = tl.multiple_of(start, 16)")
+    if prog.has_small_layouts:
+        out.add(1, "# the tensor's row length (or block size), its matrix size, and its per-row buffers")
+        out.add(1, "g_n = tl.load(geometry + tid * 2)")
+        out.add(1, "g_rn = tl.load(geometry + tid * 2 + 1)")
+        for k, r in enumerate(low.small):
+            out.add(1, f"b_{r.name} = tl.load(small_base + tid * {len(low.small)} + {k})")
     out.add(1, "# hyperparameters, the step and the size, float64, once per program")
     for i, name in enumerate(prog.hparams):
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
@@ -310,7 +362,7 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
             out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")
     out.add(1, f"s_{ir.STEP} = tl.load(ptr_{ir.STEP}).to(tl.float64) + 1.0")
     out.add(1, f"s_{ir.NUMEL} = n.to(tl.float64)")
-    done_reductions = [r for r in low.reductions if r.phase < level]
+    done_reductions = [r for r in low.reductions if r.phase < level and not r.small]
     for r in done_reductions:
         out.add(1, f"s_{r.name} = tl.load({reduction_slot(spec, r.name)}).to(tl.float64)")
     scalars = [(n, e) for n, e in low.scalars if low.available_in(n) <= level]
@@ -324,7 +376,7 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
         cast = "" if name in booleans else ".to(tl.float32)"
         out.add(1, f"v_{name} = s_{name}{cast}")
     if not final:
-        _reduce_body(out, spec, element, [r for r in low.reductions if r.phase == phase])
+        _reduce_body(out, spec, element, phase)
         return
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
@@ -351,28 +403,75 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
         out.add(2, "tl.store(group_done, 0)")
 
 
-_INIT = {"sum": "0.0", "max": "float('-inf')"}
+_INIT = {"sum": "0.0", "mean": "0.0", "max": "float('-inf')"}
+# The cell a block's values reduce to is the same for the whole block when the block lies in one row
+# (block, matrix): then one atomic adds the block's partial result instead of one per element.
+_ONE_CELL = {"rows": "g_n", "blocks": "g_n", "batch": "g_rn"}
 
 
-def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, reductions) -> None:
-    """Partial reductions of this program's chunk, added atomically to the accumulators."""
-    prog = spec.lowered.program
-    for r in reductions:
+def _weight(r) -> str | None:
+    """How many elements of the reduced axis the first element of a cell of the argument's layout
+    stands for: a per-row value reduced over rows counts once per element of the row."""
+    if r.op == "max":
+        return None
+    constant = {"rows": ("rows", "blocks", "batch", "scalar"), "blocks": ("rows", "blocks", "batch", "scalar"),
+                "cols": ("cols", "batch", "scalar")}[r.over]
+    return AXIS_LENGTH[r.over] if r.arg_layout in constant else None
+
+
+def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, phase: int) -> None:
+    """Partial reductions of this program's chunk, added atomically to the accumulators, and the
+    per-row (column, block) values this phase stores."""
+    low = spec.lowered
+    reductions = [r for r in low.reductions if r.phase == phase]
+    whole = [r for r in reductions if not r.small]
+    for r in whole:
         out.add(1, f"acc_{r.name} = tl.full([BLOCK], {_INIT[r.op]}, tl.float64)")
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
     out.add(2, "mask = offs < n")
-    for col in (ir.PARAM, ir.GRAD, *prog.state_names):
-        out.add(2, f"v_{col} = {_load(spec, col, ', mask=mask')}")
+    _load_inputs(out, spec, 2, _used([r.arg for r in reductions]), phase, ", mask=mask")
     for r in reductions:
-        value = f"tl.broadcast_to({element(r.arg)}, [BLOCK]).to(tl.float64)"
-        if r.op == "sum":
-            out.add(2, f"acc_{r.name} += tl.where(mask, {value}, 0.0)")
+        value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
+        if r.op == "store":
+            out.add(2, f"tl.store(acc_small + b_{r.name} + {LAYOUT_INDEX[r.layout]}, {value}.to(tl.float64), "
+                       f"mask=mask & {LAYOUT_OWNER[r.layout]})")
+        elif r.small:
+            _small_reduction(out, r, f"{value}.to(tl.float64)")
+        elif r.op == "sum":
+            out.add(2, f"acc_{r.name} += tl.where(mask, {value}.to(tl.float64), 0.0)")
         else:
-            out.add(2, f"acc_{r.name} = tl.maximum(acc_{r.name}, tl.where(mask, {value}, float('-inf')))")
-    for r in reductions:
+            out.add(2, f"acc_{r.name} = tl.maximum(acc_{r.name}, tl.where(mask, {value}.to(tl.float64), float('-inf')))")
+    for r in whole:
         atomic = "tl.atomic_add" if r.op == "sum" else "tl.atomic_max"
         combine = "tl.sum" if r.op == "sum" else "tl.max"
         # float64 partial sums and atomics, as the reference: float32 atomics flush subnormal values
         # to zero (a squared norm of tiny updates would vanish), float32 sums lose digits
         out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0))")
+
+
+def _small_reduction(out: _Lines, r, value: str) -> None:
+    """One block's contribution to a per-row (column, block) reduction: from the first element of
+    each cell of the argument's layout, weighted by the elements it stands for."""
+    weight = _weight(r)
+    if weight is not None:
+        value = f"{value} * {weight}"
+    owner = LAYOUT_OWNER[r.arg_layout]
+    keep = f"mask & {owner}" if owner else "mask"
+    identity = "float('-inf')" if r.op == "max" else "0.0"
+    atomic, combine = ("tl.atomic_max", "tl.max") if r.op == "max" else ("tl.atomic_add", "tl.sum")
+    out.add(2, f"part = tl.where({keep}, {value}, {identity})")
+    target = f"acc_small + b_{r.name}"
+    cell = _ONE_CELL.get(r.layout)
+    if r.layout == "scalar":
+        out.add(2, f"{atomic}({target}, {combine}(part, axis=0))")
+        return
+    if cell is not None:
+        out.add(2, "first = start + i * BLOCK")
+        out.add(2, "last = tl.minimum(first + BLOCK, n) - 1")
+        out.add(2, f"if first // {cell} == last // {cell}:")
+        out.add(3, f"{atomic}({target} + first // {cell}, {combine}(part, axis=0), mask=first <= last)")
+        out.add(2, "else:")
+        out.add(3, f"{atomic}({target} + {LAYOUT_INDEX[r.layout]}, part, mask={keep})")
+    else:
+        out.add(2, f"{atomic}({target} + {LAYOUT_INDEX[r.layout]}, part, mask={keep})")

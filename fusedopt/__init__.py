@@ -3,7 +3,7 @@
 from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
 from .monitor import OptimizerMonitor
-from .optim import FusedOptimizer, kernel_source
+from .optim import FusedOptimizer, kernel_source, phases
 from .torch_compat import LAMB, SGD, Adafactor, Adam, Adam8bit, AdamMini, AdamW, AdamW4bit, AdamW8bit, Lion
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "kernel_source",
     "ir",
     "passes",
+    "phases",
     "reference",
     "rule",
     "state",

@@ -216,29 +216,33 @@ def lerp(a, b, w):
 # ---- reductions ---------------------------------------------------------------------------------
 
 def _reduce(op: str, x, over: str):
-    if op != "mean" and over in ("rows", "cols", "blocks"):
-        raise _misuse(f"{op} over {over!r} is not supported yet", f"use mean(x, over={over!r})")
     if over not in ir.REDUCE_OVER:
         raise _misuse(f"over={over!r} is not a reduction domain", f"use one of {list(ir.REDUCE_OVER)}")
     return ir.reduction(op, over)(_expr(x))
 
 
+# Every reduction sees its argument at each element of the tensor: a per-row value r counts once per
+# element of its row, so total(r, over="rows") is shape[-1] * r and mean(r, over="rows") is r.
+
 def total(x, over: str = "tensor"):
-    """Sum of x over every element of the tensor ("tensor") or of every tensor of the group ("group")."""
+    """Sum of x over the tensor ("tensor"), every tensor of the group ("group"), each row ("rows":
+    the last dim), each column ("cols": the second-to-last dim) or each block of the partition
+    ("blocks"); a reduced dim is kept as size 1, so the result broadcasts against p."""
     return _reduce("sum", x, over)
 
 
 def amax(x, over: str = "tensor"):
-    """Largest value of x over the tensor or the group."""
+    """Largest value of x over the same domains as :func:`total`."""
     return _reduce("max", x, over)
 
 
 def mean(x, over: str = "tensor"):
-    """Mean of x over the tensor, or over each row ("rows": the last dim) or column ("cols": the
-    second-to-last dim), keeping the reduced dim as size 1 so that the result broadcasts."""
+    """Mean of x over the tensor, or over each row ("rows": the last dim), column ("cols": the
+    second-to-last dim) or block ("blocks"), keeping the reduced dim as size 1 so that the result
+    broadcasts."""
     if over == "group":
         raise _misuse("mean over 'group' is not supported", "use mean(x, over='tensor') or total(x, over='group')")
-    if over in ("rows", "cols", "blocks"):
+    if over in ir.SMALL_OVER:
         return _reduce("mean", x, over)
     return total(x, over) / ir.symbol(ir.NUMEL)
 
@@ -271,6 +275,11 @@ def where(cond, a, b):
 
 
 CLIP_HPARAM = "max_grad_norm"
+# Clipping a group whose tensors run as several programs (a rule's matrix and vector variants, or
+# quantized and float32 states): the front end computes the factor min(1, max_norm / (||g|| + 1e-6))
+# on the device and every program reads it as this hyperparameter.
+CLIP_SCALE = "clip_scale"
+CLIP_MODES = ("norm", "scale")
 
 
 # ---- the decorator ------------------------------------------------------------------------------
@@ -310,12 +319,13 @@ class Rule:
             raise _fail(self.name, f"hyperparameter '{prm.name}' has the non-numeric default {default!r}",
                         "use a number (a hyperparameter) or a bool (a static option)")
 
-    def program(self, clip: bool = False, state_dtype: str | None = None, stochastic_rounding: bool = False,
-                master_weights: bool = False, **options: bool) -> ir.Program:
-        """The rule's IR for these static options. ``clip=True`` adds global-norm gradient clipping:
-        the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
+    def program(self, clip: bool | str | None = False, state_dtype: str | None = None,
+                stochastic_rounding: bool = False, master_weights: bool = False, **options: bool) -> ir.Program:
+        """The rule's IR for these static options. ``clip=True`` (or "norm") adds global-norm gradient
+        clipping: the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
-        ``max_grad_norm``. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
+        ``max_grad_norm``; ``clip="scale"`` reads that factor, computed by the caller, as the
+        hyperparameter ``clip_scale`` instead. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
         that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
         bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
         ``sr_seed``. ``master_weights=True`` keeps a float32 copy of each parameter as the state
@@ -329,8 +339,12 @@ class Rule:
                 raise _fail(self.name, f"unknown option '{k}'", f"options are {sorted(self.options)}")
             if not isinstance(v, bool):
                 raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
+        if clip is True:
+            clip = "norm"
+        if clip not in (None, False, *CLIP_MODES):
+            raise _fail(self.name, f"clip={clip!r}", f"pass False, True or one of {list(CLIP_MODES)}")
         full = {**self.options, **options}
-        program = _build(self, tuple(sorted(full.items())), bool(clip))
+        program = _build(self, tuple(sorted(full.items())), clip or "")
         if state_dtype not in (None, "fp32"):
             program = _with_state_dtype(program, state_dtype)
         if stochastic_rounding:
@@ -372,15 +386,19 @@ def _with_stochastic_rounding(program: ir.Program) -> ir.Program:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: bool = False) -> ir.Program:
+def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") -> ir.Program:
     hparams = dict(rule.hparams)
     grad: sympy.Expr = ir.symbol(ir.GRAD)
     if clip:
-        if CLIP_HPARAM in hparams:
-            raise _fail(rule.name, f"it has its own '{CLIP_HPARAM}'", "rename it, or do not ask for clip=True")
-        hparams[CLIP_HPARAM] = 1.0
-        clip_norm = ir.symbol(CLIP_HPARAM)
-        grad = grad * sympy.Min(1, clip_norm / (sympy.sqrt(ir.SumGroup(grad * grad)) + sympy.Float(1e-6)))
+        name = CLIP_HPARAM if clip == "norm" else CLIP_SCALE
+        if name in hparams:
+            raise _fail(rule.name, f"it has its own '{name}'", "rename it, or do not ask for clipping")
+        hparams[name] = 1.0
+        if clip == "norm":
+            clip_norm = ir.symbol(CLIP_HPARAM)
+            grad = grad * sympy.Min(1, clip_norm / (sympy.sqrt(ir.SumGroup(grad * grad)) + sympy.Float(1e-6)))
+        else:
+            grad = grad * ir.symbol(CLIP_SCALE)
     known = set(hparams) | {ir.PARAM, ir.GRAD, ir.STEP, ir.NUMEL}
     b = _Builder(rule.name, known)
     kwargs: dict[str, Any] = {h: ir.symbol(h) for h in rule.hparams}

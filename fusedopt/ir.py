@@ -29,6 +29,7 @@ REDUCE_OPS = ("sum", "max", "mean")
 # tensor: one value per tensor; group: one per group (all tensors of a launch); rows: over the last
 # dim (keeping it as size 1); cols: over the second-to-last dim
 REDUCE_OVER = ("tensor", "group", "rows", "cols", "blocks")
+SMALL_OVER = ("rows", "cols", "blocks")  # reductions whose result is kept per row, column or block
 
 STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
 # Blockwise-quantized storages (see fusedopt.quant): a state is kept as codes (q8: one byte per
@@ -97,16 +98,26 @@ class Program:
 
     @functools.cached_property
     def needs_reference(self) -> bool:
-        """Row/column layouts and reductions run on the reference backend (no fused kernels yet)."""
-        return any(s.layout != "full" for s in self.states) or any(
-            r.over in ("rows", "cols", "blocks") or r.op == "mean" for _, e in self.updates
-            for r in e.atoms(Reduction))
+        """Rules the fused kernels cannot run, so they run on the reference backend: block reductions
+        without a block-layout state (a kernel learns a tensor's partition from that state's shape),
+        and rules mixing block layouts with row/column ones (two views of one tensor)."""
+        layouts = {s.layout for s in self.states}
+        overs = {r.over for _, e in self.updates for r in e.atoms(Reduction)}
+        blocks = "blocks" in layouts or "blocks" in overs
+        factored = bool((layouts | overs) & {"rows", "cols"})
+        return blocks and ("blocks" not in layouts or factored)
 
     @functools.cached_property
     def uses_blocks(self) -> bool:
         """Needs a per-tensor block view (a partition) to run."""
         return any(s.layout == "blocks" for s in self.states) or any(
             r.over == "blocks" for _, e in self.updates for r in e.atoms(Reduction))
+
+    @functools.cached_property
+    def has_small_layouts(self) -> bool:
+        """Has row, column or block states or reductions (values kept per row, column or block)."""
+        return any(s.layout != "full" for s in self.states) or any(
+            r.over in SMALL_OVER for _, e in self.updates for r in e.atoms(Reduction))
 
     @functools.cached_property
     def has_group_reductions(self) -> bool:

@@ -10,6 +10,7 @@ This module is the one place that joins the rule side (dsl, ir, reference) with 
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import torch
 
 from . import ir, quant, reference
-from .dsl import CLIP_HPARAM, Rule
+from .dsl import CLIP_HPARAM, CLIP_SCALE, Rule
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
@@ -46,7 +47,7 @@ class _FastGroup:
     loaded checkpoint) takes the full path, which records the group again.
     """
 
-    def __init__(self, group: "_ParamGroup", options: tuple, calls: list):
+    def __init__(self, group: "_ParamGroup", options: tuple, calls: list, before: Callable | None = None):
         self.params_list = group["params"]
         self.params = list(self.params_list)
         self.param_layouts = [(p.data_ptr(), p.shape) for p in self.params]
@@ -54,6 +55,7 @@ class _FastGroup:
         self.layouts = [(g.dtype, g.shape, g.stride(), g.device) for g in self.grads]
         self.options = options
         self.calls = calls  # (ops.EagerStep, positions of its tensors in the group)
+        self.before = before  # run with the step's gradients before the launches (a clipping factor)
         self.new_grads: list | None = None
 
     def ready(self, opt: "FusedOptimizer", group: "_ParamGroup") -> bool:
@@ -73,6 +75,8 @@ class _FastGroup:
 
     def run(self) -> None:
         grads = self.new_grads
+        if self.before is not None:
+            self.before(self.grads if grads is None else grads)
         for call, positions in self.calls:
             call.run(None if grads is None else [grads[i] for i in positions])
         if grads is not None:
@@ -144,6 +148,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._groups: list[_ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
         self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
+        self._clip_modes: dict[int, str] = {}  # id(group) -> how its gradients are clipped
+        self._clip_scales: dict[int, torch.Tensor] = {}  # id(group) -> its clipping factor (mode "scale")
         super().__init__(params, defaults)
         self._opt_called = True  # step() is never wrapped by LR schedulers (see below)
 
@@ -213,12 +219,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"{type(self).__name__}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
                              "with fewer elements keep float32 states)")
-        if clip is not None and group[STATE_DTYPE] in ir.QUANTIZED \
-                and len({p.numel() >= threshold for p in params if isinstance(p, torch.Tensor)}) > 1:
-            raise ValueError(f"{type(self).__name__}: {CLIP_HPARAM} clips over the whole group in one call, but "
-                             f"state_dtype={group[STATE_DTYPE]!r} keeps tensors under quant_threshold={threshold} in "
-                             "float32, a second program; set quant_threshold=0, or put the small tensors in a "
-                             "group of their own")
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
         device = params[0].device if params else torch.device("cpu")
         converted = _ParamGroup()
@@ -249,10 +249,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             chosen = dict(zip(self._group_options(), options))
             if matrix is not None:
                 chosen[ir.MATRIX_OPTION] = matrix
-            program = self.rule.program(clip=options[-4], state_dtype=storage, stochastic_rounding=options[-2],
+            program = self.rule.program(clip=options[-4] or False, state_dtype=storage, stochastic_rounding=options[-2],
                                         master_weights=options[-1], **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
-            program.needs_reference, program.uses_blocks  # computed now, read cheaply (and traceably) later
+            program.needs_reference, program.uses_blocks, program.has_small_layouts  # computed now, read later
             self._prepared_by_options[options] = prepared
         devices = {p.device for p in group["params"]}
         for device in devices:
@@ -267,8 +267,36 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
         """The static choices: the rule's options, the tensor kind, whether gradients are clipped, the
         state storage, whether bf16 parameters are rounded stochastically, and master weights."""
-        return (*(group[k] for k in self._group_options()), matrix, group.get(CLIP_HPARAM) is not None, storage,
+        return (*(group[k] for k in self._group_options()), matrix, self._clip_mode(group), storage,
                 group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS])
+
+    def _clip_mode(self, group: Mapping[str, Any]) -> str | None:
+        """None without max_grad_norm; "norm" when one program steps the whole group, so its kernels
+        reduce the global norm themselves; "scale" when the group's tensors run as several programs
+        (matrix and vector variants, quantized and float32 states, several devices): then the factor
+        is computed on the device before the step (see _update_clip_scale) and read by each."""
+        if group.get(CLIP_HPARAM) is None:
+            return None
+        mode = self._clip_modes.get(id(group))
+        if mode is None:
+            kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
+            mode = self._clip_modes[id(group)] = "scale" if len(kinds) > 1 else "norm"
+            if mode == "scale":  # made now, not inside a traced step
+                device = group["params"][0].device
+                self._clip_scales[id(group)] = torch.ones((), dtype=torch.float64, device=device)
+        return mode
+
+    def _update_clip_scale(self, group: Mapping[str, Any], grads: list) -> None:
+        """min(1, max_grad_norm / (||g|| + 1e-6)) over every gradient of the group, into the group's
+        factor tensor, without a host sync (as torch.nn.utils.clip_grad_norm_ computes it)."""
+        grads = [g for g in grads if g is not None]
+        scale = self._clip_scales[id(group)]
+        if not grads:
+            return
+        norms = [n.to(scale.device) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+        total = torch.linalg.vector_norm(torch.stack(norms).double())
+        max_norm = group[CLIP_HPARAM]
+        scale.copy_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
     def _static_options(self, group: Mapping[str, Any]) -> tuple:
         """Everything static about a group, whatever its tensors."""
@@ -289,6 +317,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if name in self._alias_of:
                 key, i = self._alias_of[name]
                 value = group[key][i]
+            elif name == CLIP_SCALE:
+                value = self._clip_scales[id(group)]
             else:
                 value = group[name]
             if not isinstance(value, torch.Tensor) or value.device != device:
@@ -344,6 +374,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: _ParamGroup, params: list, eager: bool) -> None:
+        clip_scale = None
+        if self._clip_mode(group) == "scale":
+            clip_scale = functools.partial(self._update_clip_scale, group)
+            clip_scale([p.grad for p in params])
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, *self._kind_of(group, p)), []).append(i)
@@ -362,7 +396,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         self._fast.pop(id(group), None)
         if len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
-            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls)
+            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls, clip_scale)
 
     def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):
         """Steps ``params``; returns the bound eager call when one fused call did all of it, else None."""
@@ -373,7 +407,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._backend_for(device) == "triton" and not program.needs_reference:
             from codegen import launch, ops
 
-            fused = [launch.eligible(p, g, [st[s.name] for s in program.states if s.dtype != "q4"])
+            full = [s.name for s in program.states if s.dtype != "q4" and s.layout == "full"]
+            fused = [launch.eligible(p, g, [st[name] for name in full], program.has_small_layouts)
                      for p, g, st in zip(params, grads, per_param)]
             if prepared.group_wide and not all(fused):
                 fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
@@ -545,6 +580,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._groups = list(self.param_groups)
         self._fast = {}
+        self._clip_modes = {}
+        self._clip_scales = {}
 
 
 def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[str, Any]:
@@ -574,6 +611,19 @@ def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
 FusedOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
+def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
+    if isinstance(obj, FusedOptimizer):
+        if options:
+            raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
+        group = obj.param_groups[0]
+        return obj._prepared(group, obj._matrix_choices()[-1], group[STATE_DTYPE]).program
+    if isinstance(obj, Rule):
+        return obj.program(**options)
+    if isinstance(obj, ir.Program):
+        return obj
+    raise TypeError(f"{what} takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+
+
 def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
                   target: str = "cuda", **options: bool) -> str:
     """The exact text of the fused kernel module for a rule, a program or an optimizer's first group.
@@ -583,19 +633,19 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
     """
     from codegen import ops
 
-    if isinstance(obj, FusedOptimizer):
-        if options:
-            raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
-        group = obj.param_groups[0]
-        program = obj._prepared(group, obj._matrix_choices()[-1], group[STATE_DTYPE]).program
-    elif isinstance(obj, Rule):
-        program = obj.program(**options)
-    elif isinstance(obj, ir.Program):
-        program = obj
-    else:
-        raise TypeError(f"kernel_source takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+    program = _program_of(obj, "kernel_source", options)
     if program.needs_reference:
-        raise NotImplementedError(f"rule '{program.name}' ({dict(program.options)}) uses row, column or block "
-                                  "layouts, which run on the reference backend: there is no fused kernel to show")
+        raise NotImplementedError(f"rule '{program.name}' ({dict(program.options)}) reduces over blocks without a "
+                                  "per-block state (or mixes block and row/column layouts), so it runs on the "
+                                  "reference backend: there is no fused kernel to show")
     spec = ops.kernel_spec(program, param_dtype, grad_dtype or param_dtype, target)
     return ops.source(spec)
+
+
+def phases(obj: Any, **options: bool) -> str:
+    """What each kernel of a step computes, for a rule, a program or an optimizer's first group: the
+    reductions (and stored per-row values) of every reduction phase, then the updates. Each phase is
+    one launch over every tensor of a group."""
+    from .passes import lower
+
+    return lower(_program_of(obj, "phases", options)).phases()

@@ -11,6 +11,7 @@ Generated names start with ``_`` (``_s0``, ``_e0``), which rule authors cannot u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 
 import sympy
@@ -20,14 +21,25 @@ from . import ir
 
 @dataclasses.dataclass(frozen=True)
 class ReductionSpec:
-    """One reduction, computed in reduction phase ``phase`` (0 first) from ``arg``, an elementwise
-    expression that may read the results of reductions of earlier phases."""
+    """One value computed in phase ``phase`` (0 first) from ``arg``, an elementwise expression that may
+    read the results of earlier phases: a reduction, or (op "store") a value of a row, column or block
+    layout written once per row, column or block, for later phases to read back.
+
+    A reduction sees its argument at every element of the tensor (a per-row value counts once per
+    element of its row), so ``total(r, over="rows")`` of a per-row ``r`` is ``shape[-1] * r``."""
 
     name: str  # the symbol the result is read through: _r0, _r1, ...
-    op: str  # "sum" | "max"
-    over: str  # "tensor" | "group"
+    op: str  # "sum" | "max" | "mean" | "store"
+    over: str  # "tensor" | "group" | "rows" | "cols" | "blocks"; for a store, the layout it keeps
     phase: int
     arg: sympy.Expr
+    layout: str = "scalar"  # the result's layout (see ir.layout_of)
+    arg_layout: str = "full"
+
+    @property
+    def small(self) -> bool:
+        """Kept in a per-tensor buffer of its layout, not as one number per tensor or group."""
+        return self.over not in ("tensor", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +55,18 @@ class Lowered:
         """Reduction phases before the final (updating) phase."""
         return 1 + max((r.phase for r in self.reductions), default=-1)
 
+    @property
+    def small(self) -> tuple[ReductionSpec, ...]:
+        """The reductions and stores kept per row, column or block, in buffer order."""
+        return tuple(r for r in self.reductions if r.small)
+
+    @functools.cached_property
+    def layouts(self) -> dict[str, str]:
+        """Layout of every name that is not one value per element or per tensor."""
+        out = {s.name: s.layout for s in self.program.states if s.layout != "full"}
+        out.update({r.name: r.layout for r in self.small})
+        return out
+
     def available_in(self, name: str) -> int:
         """The first phase whose kernel can compute scalar ``name`` (after the reductions it reads)."""
         deps = dict(self.scalars)[name].free_symbols
@@ -52,11 +76,25 @@ class Lowered:
 
     def text(self) -> str:
         lines = [self.program.text().rstrip()]
-        lines += [f"  reduce {r.name} = {r.op} over {r.over} in phase {r.phase} of {r.arg}" for r in self.reductions]
+        lines += [f"  reduce {r.name} = {r.op} over {r.over} in phase {r.phase} of {r.arg}"
+                  + (f" ({r.arg_layout} -> {r.layout})" if r.small else "") for r in self.reductions]
         lines += [f"  scalar {n} = {e}" for n, e in self.scalars]
         lines += [f"  temp {n} = {e}" for n, e in self.temps]
         lines += [f"  out {n} = {e}" for n, e in self.outputs]
         return "\n".join(lines) + "\n"
+
+    def phases(self) -> str:
+        """The launch plan for people: what each kernel of a step computes."""
+        lines = []
+        for phase in range(self.n_phases):
+            lines.append(f"phase {phase} (a reduction kernel):")
+            for r in self.reductions:
+                if r.phase == phase:
+                    what = f"store {r.over} value" if r.op == "store" else f"{r.op} over {r.over}"
+                    lines.append(f"  {r.name} = {what} of {r.arg}")
+        lines.append(f"phase {self.n_phases} (the updating kernel):")
+        lines += [f"  {n} <- {e}" for n, e in self.outputs]
+        return "\n".join(lines)
 
     def key(self) -> str:
         return hashlib.sha256(self.text().encode()).hexdigest()
@@ -95,8 +133,10 @@ class _Hoister:
         return expr.func(*[self(a) for a in args])
 
 
-def extract_reductions(updates) -> tuple[list[ReductionSpec], list[tuple[str, sympy.Expr]]]:
-    """Replace every reduction by a symbol ``_rK``; innermost first, identical ones shared."""
+def extract_reductions(updates, layouts: dict[str, str] | None = None):
+    """Replace every reduction by a symbol ``_rK``; innermost first, identical ones shared.
+    ``layouts``: the layout of every state that is not full size."""
+    layouts = dict(layouts or {})
     found: list[ReductionSpec] = []
     names: dict[tuple, sympy.Symbol] = {}
 
@@ -112,18 +152,66 @@ def extract_reductions(updates) -> tuple[list[ReductionSpec], list[tuple[str, sy
         if key not in names:
             deps = [r.phase for r in found if r.name in ir.free_names(args[0])]
             names[key] = ir.symbol(f"_r{len(found)}")
-            found.append(ReductionSpec(names[key].name, e.op, e.over, 1 + max(deps, default=-1), args[0]))
+            spec = ReductionSpec(names[key].name, e.op, e.over, 1 + max(deps, default=-1), args[0],
+                                 ir.layout_of(e.func(args[0]), layouts), ir.layout_of(args[0], layouts))
+            found.append(spec)
+            if spec.small:
+                layouts[spec.name] = spec.layout
         return names[key]
 
     return found, [(target, visit(expr)) for target, expr in updates]
 
 
+def store_small_states(program: ir.Program, reductions: list[ReductionSpec], updates):
+    """Give every row, column or block state that the step rewrites a store phase of its own.
+
+    The updating kernel writes such a state once per row (by the row's first element) while other
+    programs of the same launch still read the row: they must not read the old value there. So the
+    new value is computed, and kept in a buffer, one phase earlier (a "store"); the updating phase
+    reads it from there and copies it into the state. A read of the old value that is left in the
+    updating phase (the new value was rewritten beyond recognition) reads a copy stored in phase 0.
+    """
+    small_states = {s.name: s.layout for s in program.states if s.layout != "full"}
+    written = [(t, e) for t, e in updates if t in small_states]
+    if not written:
+        return reductions, updates
+    reductions = list(reductions)
+    phase_of = {r.name: r.phase for r in reductions}
+    stored: dict[sympy.Expr, sympy.Symbol] = {}
+
+    def store(expr: sympy.Expr, layout: str) -> ReductionSpec:
+        phase = 1 + max((phase_of[n] for n in ir.free_names(expr) if n in phase_of), default=-1)
+        spec = ReductionSpec(f"_r{len(reductions)}", "store", layout, phase, expr, layout, layout)
+        reductions.append(spec)
+        phase_of[spec.name] = phase
+        return spec
+
+    for target, expr in written:
+        if expr not in stored and (ir.free_names(expr) & set(small_states)):
+            stored[expr] = ir.symbol(store(expr, small_states[target]).name)
+    later = {s: phase_of[s.name] for s in stored.values()}
+
+    def replace(expr: sympy.Expr, phase: int | None) -> sympy.Expr:
+        """Reads of stored values in ``phase`` (None: the updating phase) go through the stores."""
+        return expr.xreplace({e: s for e, s in stored.items() if phase is None or later[s] < phase})
+
+    reductions = [dataclasses.replace(r, arg=replace(r.arg, r.phase)) if r.op != "store" else r for r in reductions]
+    updates = [(t, replace(e, None)) for t, e in updates]
+    old = sorted({n for t, e in updates for n in ir.free_names(e) if n in dict(written)})
+    for name in old:  # the old value, still read by the updating phase
+        copy = ir.symbol(store(ir.symbol(name), small_states[name]).name)
+        updates = [(t, e.xreplace({ir.symbol(name): copy})) for t, e in updates]
+    return reductions, updates
+
+
 def hoist(program: ir.Program):
     """Pull scalar-only subexpressions out of the updates and the reduction arguments.
 
-    Returns (scalars, updates, reductions); reduction results count as scalars."""
-    reductions, updates = extract_reductions(program.updates)
-    h = _Hoister(program.scalar_names | {r.name for r in reductions})
+    Returns (scalars, updates, reductions); per-tensor and group reduction results count as scalars."""
+    layouts = {s.name: s.layout for s in program.states if s.layout != "full"}
+    reductions, updates = extract_reductions(program.updates, layouts)
+    reductions, updates = store_small_states(program, reductions, updates)
+    h = _Hoister(program.scalar_names | {r.name for r in reductions if not r.small})
     updates = [(target, h(expr)) for target, expr in updates]
     reductions = [dataclasses.replace(r, arg=h(r.arg)) for r in reductions]
     scalars = [(sym, expr) for expr, sym in h.hoisted.items()]

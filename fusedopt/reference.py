@@ -134,11 +134,19 @@ def _full(x, like: torch.Tensor) -> torch.Tensor:
     return torch.full(like.shape, x, dtype=like.dtype, device=like.device)
 
 
-def _mean_dim(x, dim: int):
-    """Mean over one dim, kept as size 1; a value that is already constant along it is unchanged."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[dim] == 1:
-        return x
-    return x.mean(dim=dim, keepdim=True)
+def _reduce_dim(op: str, x, dim: int, like: torch.Tensor):
+    """``op`` ("sum", "max" or "mean") over one dim of x broadcast to ``like``'s shape, kept as size 1.
+
+    A value already constant along the dim (stored with size 1 there, or a number) is not expanded:
+    its mean and max are itself and its sum is the dim's length times it. Sums and means accumulate
+    in float64, as the fused kernels do. A tensor of fewer dims has a dim of length 1 there."""
+    length = like.shape[dim] if like.dim() >= -dim else 1
+    if not isinstance(x, torch.Tensor) or x.dim() < -dim or x.shape[dim] == 1:
+        return x * length if op == "sum" else x
+    if op == "max":
+        return x.amax(dim=dim, keepdim=True) if x.numel() else x.sum(dim=dim, keepdim=True) - float("inf")
+    out = x.sum(dim=dim, keepdim=True, dtype=torch.float64)
+    return (out / length if op == "mean" else out).to(x.dtype)
 
 
 def _tensor_sum(x, like: torch.Tensor) -> torch.Tensor:
@@ -173,9 +181,15 @@ _OPS = {
     "div": operator.truediv,
     "pow": _pow,
     "where": torch.where,
-    "mean_rows": lambda x, like: _mean_dim(x, -1),
-    "mean_blocks": lambda x, like: _mean_dim(x, -1),  # in the (n_blocks, block_numel) view
-    "mean_cols": lambda x, like: _mean_dim(x, -2),
+    "sum_rows": lambda x, like: _reduce_dim("sum", x, -1, like),
+    "sum_blocks": lambda x, like: _reduce_dim("sum", x, -1, like),  # in the (n_blocks, block_numel) view
+    "sum_cols": lambda x, like: _reduce_dim("sum", x, -2, like),
+    "max_rows": lambda x, like: _reduce_dim("max", x, -1, like),
+    "max_blocks": lambda x, like: _reduce_dim("max", x, -1, like),  # in the (n_blocks, block_numel) view
+    "max_cols": lambda x, like: _reduce_dim("max", x, -2, like),
+    "mean_rows": lambda x, like: _reduce_dim("mean", x, -1, like),
+    "mean_blocks": lambda x, like: _reduce_dim("mean", x, -1, like),  # in the (n_blocks, block_numel) view
+    "mean_cols": lambda x, like: _reduce_dim("mean", x, -2, like),
     "sum_tensor": lambda x, like: _tensor_sum(x, like),
     "max_tensor": lambda x, like: _tensor_max(x, like),
     "abs": torch.abs,

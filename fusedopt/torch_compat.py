@@ -152,9 +152,10 @@ class LAMB(_AdamFamily):
 
 
 class Adafactor(FusedOptimizer):
-    """torch.optim.Adafactor by default; HF transformers' Adafactor with ``hf=True``. Fused where it
-    can be (factored row/column second moments for matrices run on the reference backend); the math of
-    both variants and the argument mapping are in fusedopt.optimizers.adafactor.
+    """torch.optim.Adafactor by default; HF transformers' Adafactor with ``hf=True``. Matrices (factored
+    row and column second moments) and vectors run as two fused programs; the math of both variants
+    and the argument mapping are in fusedopt.optimizers.adafactor. ``max_grad_norm`` clips over the
+    whole group: the factor is computed on the device before the two programs read it.
 
     torch's arguments keep their meaning: ``lr`` None means torch's 1e-2; ``eps=(eps1, eps2)`` with
     eps1 None meaning the machine epsilon of the group's first parameter's dtype. HF's names map to
@@ -238,10 +239,6 @@ class Adafactor(FusedOptimizer):
         group["eps"] = (eps1, eps2)
         _require(cls, "eps", group["eps"], _value(eps1) >= 0.0 and _value(eps2) >= 0.0, "non-negative eps")
         self._complete_beta1(group)
-        if group.get("max_grad_norm") is not None:
-            raise NotImplementedError(f"{cls}: max_grad_norm needs one call over every tensor of the group, and "
-                                      "Adafactor runs matrices and vectors as two programs; clip with "
-                                      "torch.nn.utils.clip_grad_norm_ before step() for now")
 
     def _complete_lr(self, group: dict[str, Any], relative: bool) -> None:
         lr = group["lr"]

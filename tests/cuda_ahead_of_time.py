@@ -21,11 +21,12 @@ import triton  # noqa: E402
 import fusedopt  # noqa: E402
 from codegen import cache, launch  # noqa: E402
 from fusedopt.dsl import absolute, amax, rule  # noqa: E402
-from fusedopt.optimizers import adam, adamw, lamb, lion, sgd  # noqa: E402
+from fusedopt.optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd  # noqa: E402
 
 SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64",
              "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64", "acc_group": "*fp64",
-             "group_done": "*i32", "n_programs": "i32", "BLOCK": "constexpr", "ITERS": "constexpr",
+             "group_done": "*i32", "n_programs": "i32", "geometry": "*i64", "small_base": "*i64",
+             "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr",
              "ALIGNED": "constexpr"}
 PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program(), "lion": lion.program(),
             "sgd-nesterov": sgd.program(with_momentum=True, nesterov=True)}
@@ -54,9 +55,11 @@ def main() -> None:
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
     # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
     compiled = {}
-    # ... and the q8 requantization and stochastic rounding helpers
+    # ... the q8 requantization and stochastic rounding helpers, and per-row (column, block) values
     others = {"lamb_clip": lamb.program(clip=True), "max_scaled": max_scaled.program(),
-              "adamw_q8_sr": adamw.program(state_dtype="q8", stochastic_rounding=True)}
+              "adamw_q8_sr": adamw.program(state_dtype="q8", stochastic_rounding=True),
+              "adafactor_factored": adafactor.program(matrix=True), "adam_mini": adam_mini.program(),
+              "adafactor_hf_bf16_rows": adafactor.program(matrix=True, hf=True, state_dtype="bf16")}
     for name, program in others.items():
         dtype = torch.bfloat16 if program.stochastic_rounding else torch.float32
         module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))

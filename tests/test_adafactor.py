@@ -70,15 +70,16 @@ def test_wrongly_shaped_factor_is_rejected_on_load():
         oa.load_state_dict(sd)
 
 
-def test_vectors_run_fused_and_matrices_on_the_reference_backend():
+def test_vectors_and_factored_matrices_run_fused_and_match_torch():
     from codegen import launch
     from kernel_check import any_kernel_device
 
     device = any_kernel_device()
     before = launch.launches["adafactor"]
-    a, b, _, _ = run_pair(torch.float32, steps=3, backend="triton", device=device, lr=0.05)
-    # vectors: RMS(p) and RMS(U) are both reductions of old values, so one reduction phase, then the update
-    assert launch.launches["adafactor"] - before == 3 * 2
+    a, b, _, _ = run_pair(torch.float32, steps=20, backend="triton", device=device, lr=0.05)
+    # vectors: RMS(p) and RMS(U) are both reductions of old values: one reduction phase, then the update;
+    # matrices: row and column means, the new factors and their mean, RMS(U), then the update
+    assert launch.launches["adafactor"] - before == 20 * (2 + 4)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.cpu(), y, rtol=5e-5, atol=1e-6)
 
@@ -102,14 +103,32 @@ def test_row_states_need_the_matrix_option():
             p.set(p - lr * g / (r + 1))
 
 
-def test_max_grad_norm_is_refused_clearly_for_adafactor():
-    with pytest.raises(NotImplementedError, match="clip_grad_norm_"):
-        fusedopt.Adafactor([torch.zeros(2, 2, requires_grad=True)], max_grad_norm=1.0)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_max_grad_norm_equals_clip_grad_norm_then_torch_adafactor(backend):
+    """Matrices and vectors run as two programs; the clipping norm spans both."""
+    from kernel_check import any_kernel_device
+
+    device = any_kernel_device() if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(s, generator=gen) for s in SHAPES]
+    a = [p.clone().to(device).requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    oa = fusedopt.Adafactor(a, lr=0.05, max_grad_norm=0.5, backend=backend)
+    ob = torch.optim.Adafactor(b, lr=0.05, foreach=False)
+    for _ in range(5):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen) * 2
+            x.grad, y.grad = g.clone().to(device), g.clone()
+        torch.nn.utils.clip_grad_norm_(b, 0.5)
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.cpu(), y, rtol=5e-5, atol=1e-6)
 
 
-def test_kernel_source_says_factored_layouts_have_no_fused_kernel_yet():
-    with pytest.raises(NotImplementedError, match="reference backend"):
-        fusedopt.kernel_source(fusedopt.optimizers.adafactor, matrix=True)
+def test_kernel_source_shows_the_factored_kernels():
+    text = fusedopt.kernel_source(fusedopt.optimizers.adafactor, matrix=True)
+    assert all(f"def reduce_phase_{k}" in text for k in range(3)) and "def fused_step" in text
     assert "def fused_step" in fusedopt.kernel_source(fusedopt.optimizers.adafactor, matrix=False)
 
 
@@ -224,7 +243,7 @@ def test_hf_variant_matches_in_float32(case):
 
 
 @pytest.mark.parametrize("case", ["hf-defaults", "beta1-weight-decay", "lr-unscaled-eps-inside"])
-def test_hf_variant_vectors_run_fused(case):
+def test_hf_variant_runs_fused(case):
     from codegen import launch
     from kernel_check import any_kernel_device
 
@@ -232,7 +251,7 @@ def test_hf_variant_vectors_run_fused(case):
     before = launch.launches["adafactor"]
     out = run_against_oracle(torch.float32, HF_CASES[case], backend="triton", shapes=[(7,), (130,), (6, 5)],
                              device=device)
-    assert launch.launches["adafactor"] - before == 20 * 2  # vectors: one reduction phase, then the update
+    assert launch.launches["adafactor"] - before == 20 * (2 + 4)  # the vectors' launches, the matrix's
     assert_matches_oracle(*out, rtol=1e-5, atol=1e-6)
 
 

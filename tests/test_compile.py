@@ -30,6 +30,9 @@ CONFIGS = {
                          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20), ()),
     "adamw4bit-cosine": (lambda ps: fusedopt.AdamW4bit(ps, lr=0.01, quant_threshold=0, backend="reference"),
                          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20), ()),
+    # matrices and vectors as two programs, clipped together by a factor computed before them
+    "adafactor-clipped-cosine": (lambda ps: fusedopt.Adafactor(ps, lr=0.01, max_grad_norm=1.0, backend="reference"),
+                                 lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20), ()),
     "sgd-onecycle-momentum": (lambda ps: fusedopt.SGD(ps, lr=0.05, momentum=0.9, backend="reference"),
                               lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=STEPS + 5,
                                                                             cycle_momentum=True), ("momentum",)),

@@ -46,6 +46,14 @@ def test_reduction_phase_kernels_compile_for_sm90(compiled):
     assert compiled["adamw_q8_sr_kernels_compiled"] == ["fused_step"]
 
 
+def test_per_row_column_and_block_kernels_compile_for_sm90(compiled):
+    """Gathers by row and column index, owner-masked stores and float64 scatter atomics."""
+    factored = ["fused_step", "reduce_phase_0", "reduce_phase_1", "reduce_phase_2"]
+    assert compiled["adafactor_factored_kernels_compiled"] == factored
+    assert compiled["adafactor_hf_bf16_rows_kernels_compiled"] == factored
+    assert compiled["adam_mini_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
+
+
 STATES = {"adam-amsgrad": 3, "adamw": 2, "lion": 1, "sgd-nesterov": 1}
 
 

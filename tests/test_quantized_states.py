@@ -344,15 +344,27 @@ def test_subnormal_moments_quantize_as_the_reference(device):
     assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
 
 
-def test_clipping_with_a_threshold_split_is_refused_at_construction():
-    params = [torch.zeros(10, requires_grad=True), torch.zeros(5000, requires_grad=True)]
-    with pytest.raises(ValueError, match="quant_threshold=0"):
-        fusedopt.LAMB(params, state_dtype="q8")  # LAMB clips to 1.0 by default
-    opt = fusedopt.LAMB(params, state_dtype="q8", quant_threshold=0)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    assert all(opt.state[p]["exp_avg"].dtype == torch.uint8 for p in params)
+def test_clipping_spans_a_group_split_by_the_quant_threshold():
+    """Small tensors keep float32 states (a second program); the clipping norm still spans both, so the
+    small tensor (float32 momentum) follows torch's SGD after clip_grad_norm_ over both tensors."""
+    device = any_kernel_device()
+    gen = torch.Generator().manual_seed(4)
+    base = [torch.randn(10, generator=gen), torch.randn(5000, generator=gen)]
+    ours = [p.clone().to(device).requires_grad_() for p in base]
+    theirs = [p.clone().requires_grad_() for p in base]
+    opt = fusedopt.SGD(ours, lr=0.1, momentum=0.9, state_dtype="q8", max_grad_norm=1.0, backend="triton")
+    ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen) * 3
+            a.grad, b.grad = g.clone().to(device), g
+        assert float(torch.nn.utils.clip_grad_norm_(theirs, 1.0)) > 10  # the clipping matters
+        opt.step()
+        ref.step()
+    assert opt.state[ours[1]]["momentum_buffer"].dtype == torch.uint8
+    assert opt.state[ours[0]]["momentum_buffer"].dtype == torch.float32
+    torch.testing.assert_close(ours[0].cpu(), theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1].cpu(), theirs[1], rtol=0, atol=0.05)  # 8-bit momentum
 
 
 def test_the_bucket_table_refuses_buckets_wider_than_the_kernel_compares(monkeypatch):
