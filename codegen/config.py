@@ -26,7 +26,8 @@ def interpreting() -> bool:
 def launch_override() -> dict[str, int]:
     """FUSEDOPT_LAUNCH="BLOCK=2048,ITERS=2,num_warps=8": replaces the CUDA launch configuration (for tuning).
 
-    BLOCK (elements per block) must be a power of two; BLOCK * ITERS elements make one program's chunk.
+    BLOCK (elements per block) must be a power of two; BLOCK * ITERS elements make one program's chunk;
+    ROWS rows of BLOCK columns make one program's tile in the phases that reduce over columns.
     """
     value = os.environ.get("FUSEDOPT_LAUNCH", "").strip()
     if not value:
@@ -35,8 +36,8 @@ def launch_override() -> dict[str, int]:
     for item in value.split(","):
         key, _, number = item.partition("=")
         key = key.strip()
-        if key not in ("BLOCK", "ITERS", "num_warps") or not number.strip().isdigit() or int(number) < 1:
-            raise ValueError(f"FUSEDOPT_LAUNCH={value!r}: expected comma-separated BLOCK=, ITERS=, num_warps= "
+        if key not in ("BLOCK", "ITERS", "ROWS", "num_warps") or not number.strip().isdigit() or int(number) < 1:
+            raise ValueError(f"FUSEDOPT_LAUNCH={value!r}: expected comma-separated BLOCK=, ITERS=, ROWS=, num_warps= "
                              f"with positive integers, got {item!r}")
         out[key] = int(number)
     if "BLOCK" in out and out["BLOCK"] & (out["BLOCK"] - 1):

@@ -17,11 +17,12 @@ import torch
 import triton
 
 from . import config
-from .template import QUANT_BLOCK, KernelSpec
+from .template import QUANT_BLOCK, KernelSpec, tiled_phases
 
 # Elements per block and blocks per program. CUDA figures are untuned defaults; the interpreter
 # uses small chunks so that tests cross chunk boundaries with small tensors.
-_CONFIG = {"cuda": dict(BLOCK=1024, ITERS=4, num_warps=4), "interpreter": dict(BLOCK=256, ITERS=2, num_warps=4)}
+_CONFIG = {"cuda": dict(BLOCK=1024, ITERS=4, ROWS=32, num_warps=4),
+           "interpreter": dict(BLOCK=256, ITERS=2, ROWS=2, num_warps=4)}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,6 +114,13 @@ class Plan:
         geometry = list(geometry or [(1, 1)] * len(numels))
         self.geometry = on_device([list(g) for g in geometry] or [[1, 1]], torch.int64)
         self._small_buffers(spec, numels, geometry, device)
+        # phases that reduce over columns run over tiles of ROWS rows and BLOCK columns instead
+        self.tiled = tiled_phases(spec.lowered)
+        if self.tiled:
+            tile_tensor, tile_start = tiles(numels, geometry, cfg["ROWS"], cfg["BLOCK"])
+            self.tile_tensor = on_device(tile_tensor, torch.int32)
+            self.tile_start = on_device(tile_start, torch.int64)
+            self.tile_grid = len(tile_tensor)
         self.phases = spec.lowered.n_phases
         self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)
         self.hp_table = torch.zeros(max(1, n_hparams), dtype=torch.int64, device=device)
@@ -174,6 +182,25 @@ class PlanCache:
 _IDENTITY = {"sum": 0.0, "mean": 0.0, "max": float("-inf")}
 
 
+def tiles(numels, geometry, rows: int, block: int) -> tuple[list[int], list[int]]:
+    """(tensor, first element) of every tile of ``rows`` rows and ``block`` columns of every matrix;
+    one fully masked tile (past the end of tensor 0) when there is none, so a launch is never empty."""
+    tile_tensor: list[torch.Tensor] = []
+    tile_start: list[torch.Tensor] = []
+    for i, (numel, (per_row, per_matrix)) in enumerate(zip(numels, geometry)):
+        if numel == 0:
+            continue
+        matrices = torch.arange(numel // per_matrix, dtype=torch.int64) * per_matrix
+        first_rows = torch.arange(0, per_matrix // per_row, rows, dtype=torch.int64) * per_row
+        first_cols = torch.arange(0, per_row, block, dtype=torch.int64)
+        starts = (matrices[:, None, None] + first_rows[None, :, None] + first_cols[None, None, :]).flatten()
+        tile_start.append(starts)
+        tile_tensor.append(torch.full_like(starts, i))
+    if not tile_start:
+        return [0], [numels[0] if numels else 0]
+    return torch.cat(tile_tensor).tolist(), torch.cat(tile_start).tolist()
+
+
 def layout_cells(layout: str, numel: int, per_row: int, per_matrix: int) -> int:
     """How many values a tensor of ``numel`` elements has in ``layout`` (see template.LAYOUT_INDEX)."""
     if numel == 0:
@@ -201,10 +228,14 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
         for module, spec, plan in kernels:
             kernel = getattr(module, f"reduce_phase_{phase}") if phase < plan.phases else module.fused_step
             cfg = plan.config
-            kernel[(plan.grid,)](
-                plan.ptr_table, plan.hp_table, plan.numels, plan.chunk_tensor, plan.chunk_start,
+            grid, chunk_tensor, chunk_start = plan.grid, plan.chunk_tensor, plan.chunk_start
+            if phase in plan.tiled:
+                grid, chunk_tensor, chunk_start = plan.tile_grid, plan.tile_tensor, plan.tile_start
+            kernel[(grid,)](
+                plan.ptr_table, plan.hp_table, plan.numels, chunk_tensor, chunk_start,
                 plan.chunk_count, plan.done, plan.acc_tensor, first.acc_group, first.group_done, n_programs,
                 plan.geometry, plan.small_base, plan.acc_small,
-                BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ALIGNED=plan.aligned, num_warps=cfg["num_warps"],
+                BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ROWS=cfg["ROWS"], ALIGNED=plan.aligned,
+                num_warps=cfg["num_warps"],
             )
             launches[spec.lowered.program.name] += 1

@@ -312,7 +312,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
 
 SIGNATURE = ("ptrs, hparams, numels, chunk_tensor, chunk_start, chunk_count, done, acc_tensor, acc_group, "
              "group_done, n_programs, geometry, small_base, acc_small, "
-             "BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr")
+             "BLOCK: tl.constexpr, ITERS: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr")
 KERNEL_ARGS = tuple(a.split(":")[0].strip() for a in SIGNATURE.split(","))
 
 
@@ -419,25 +419,50 @@ def _weight(r) -> str | None:
     return AXIS_LENGTH[r.over] if r.arg_layout in constant else None
 
 
+def tiled_phases(lowered: Lowered) -> frozenset[int]:
+    """Reduction phases with a reduction kept per column. Their programs take tiles of ROWS rows and
+    BLOCK columns (chunk tables from codegen.launch.tiles): a column's partial result is summed in
+    registers down the tile's rows, then added with one atomic per column, where a program over a
+    contiguous chunk would need one atomic per element."""
+    return frozenset(r.phase for r in lowered.small if r.layout == "cols" and r.op != "store")
+
+
 def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, phase: int) -> None:
-    """Partial reductions of this program's chunk, added atomically to the accumulators, and the
-    per-row (column, block) values this phase stores."""
+    """Partial reductions of this program's chunk (or tile), added atomically to the accumulators,
+    and the per-row (column, block) values this phase stores."""
     low = spec.lowered
+    tiled = phase in tiled_phases(low)
     reductions = [r for r in low.reductions if r.phase == phase]
     whole = [r for r in reductions if not r.small]
-    for r in whole:
+    columns = [r for r in reductions if tiled and r.layout == "cols" and r.op != "store"]
+    for r in whole + columns:
         out.add(1, f"acc_{r.name} = tl.full([BLOCK], {_INIT[r.op]}, tl.float64)")
-    out.add(1, "for i in range(ITERS):")
-    out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
-    out.add(2, "mask = offs < n")
+    if tiled:
+        out.add(1, "# a tile: ROWS rows of BLOCK columns of one matrix, from column c0 of the row at start")
+        out.add(1, "c0 = start % g_n")
+        out.add(1, "in_row = c0 + tl.arange(0, BLOCK) < g_n")
+        out.add(1, "end = tl.minimum((start // g_rn + 1) * g_rn, n)  # of the matrix: rows past it are masked")
+        out.add(1, "for i in range(ROWS):")
+        out.add(2, "offs = start + i * g_n + tl.arange(0, BLOCK)")
+        out.add(2, "mask = in_row & (offs < end)")
+    else:
+        out.add(1, "for i in range(ITERS):")
+        out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
+        out.add(2, "mask = offs < n")
     _load_inputs(out, spec, 2, _used([r.arg for r in reductions]), phase, ", mask=mask")
     for r in reductions:
         value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
         if r.op == "store":
             out.add(2, f"tl.store(acc_small + b_{r.name} + {LAYOUT_INDEX[r.layout]}, {value}.to(tl.float64), "
                        f"mask=mask & {LAYOUT_OWNER[r.layout]})")
+        elif r in columns:
+            keep, part = _contribution(r, f"{value}.to(tl.float64)")
+            if r.op == "max":
+                out.add(2, f"acc_{r.name} = tl.maximum(acc_{r.name}, tl.where({keep}, {part}, float('-inf')))")
+            else:
+                out.add(2, f"acc_{r.name} += tl.where({keep}, {part}, 0.0)")
         elif r.small:
-            _small_reduction(out, r, f"{value}.to(tl.float64)")
+            _small_reduction(out, r, f"{value}.to(tl.float64)", tiled)
         elif r.op == "sum":
             out.add(2, f"acc_{r.name} += tl.where(mask, {value}.to(tl.float64), 0.0)")
         else:
@@ -448,16 +473,26 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, phase: i
         # float64 partial sums and atomics, as the reference: float32 atomics flush subnormal values
         # to zero (a squared norm of tiny updates would vanish), float32 sums lose digits
         out.add(1, f"{atomic}({reduction_slot(spec, r.name)}, {combine}(acc_{r.name}, axis=0))")
+    if columns:
+        out.add(1, "offs = start + tl.arange(0, BLOCK)  # the tile's columns, in its first row")
+        for r in columns:
+            atomic = "tl.atomic_max" if r.op == "max" else "tl.atomic_add"
+            out.add(1, f"{atomic}(acc_small + b_{r.name} + {LAYOUT_INDEX['cols']}, acc_{r.name}, "
+                       "mask=in_row & (offs < n))")
 
 
-def _small_reduction(out: _Lines, r, value: str) -> None:
-    """One block's contribution to a per-row (column, block) reduction: from the first element of
-    each cell of the argument's layout, weighted by the elements it stands for."""
+def _contribution(r, value: str) -> tuple[str, str]:
+    """Which elements add to a per-row (column, block) reduction, and what each adds: the first
+    element of each cell of the argument's layout, weighted by the elements it stands for."""
     weight = _weight(r)
-    if weight is not None:
-        value = f"{value} * {weight}"
     owner = LAYOUT_OWNER[r.arg_layout]
-    keep = f"mask & {owner}" if owner else "mask"
+    return (f"mask & {owner}" if owner else "mask"), (f"{value} * {weight}" if weight is not None else value)
+
+
+def _small_reduction(out: _Lines, r, value: str, tiled: bool) -> None:
+    """One block's contribution to a per-row (column, block) reduction, added atomically: with one
+    atomic when the block lies in one cell of the result, else one per contributing element."""
+    keep, value = _contribution(r, value)
     identity = "float('-inf')" if r.op == "max" else "0.0"
     atomic, combine = ("tl.atomic_max", "tl.max") if r.op == "max" else ("tl.atomic_add", "tl.sum")
     out.add(2, f"part = tl.where({keep}, {value}, {identity})")
@@ -465,8 +500,10 @@ def _small_reduction(out: _Lines, r, value: str) -> None:
     cell = _ONE_CELL.get(r.layout)
     if r.layout == "scalar":
         out.add(2, f"{atomic}({target}, {combine}(part, axis=0))")
-        return
-    if cell is not None:
+    elif cell is not None and tiled:  # a tile's row lies in one row and one matrix
+        out.add(2, "first = start + i * g_n")
+        out.add(2, f"{atomic}({target} + first // {cell}, {combine}(part, axis=0), mask=first < end)")
+    elif cell is not None:
         out.add(2, "first = start + i * BLOCK")
         out.add(2, "last = tl.minimum(first + BLOCK, n) - 1")
         out.add(2, f"if first // {cell} == last // {cell}:")

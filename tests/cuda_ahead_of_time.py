@@ -26,7 +26,7 @@ from fusedopt.optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, s
 SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64",
              "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64", "acc_group": "*fp64",
              "group_done": "*i32", "n_programs": "i32", "geometry": "*i64", "small_base": "*i64",
-             "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr",
+             "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr", "ROWS": "constexpr",
              "ALIGNED": "constexpr"}
 PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program(), "lion": lion.program(),
             "sgd-nesterov": sgd.program(with_momentum=True, nesterov=True)}
@@ -49,7 +49,7 @@ def main() -> None:
             entry = {}
             for aligned in (True, False):
                 src = triton.compiler.ASTSource(fn=fn, signature=SIGNATURE, constexprs={
-                    "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ALIGNED": aligned})
+                    "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": aligned})
                 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
                 entry["aligned" if aligned else "unaligned"] = widths(kernel.asm["ptx"])
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
@@ -66,7 +66,7 @@ def main() -> None:
         names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
         for n in names:
             src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE, constexprs={
-                "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ALIGNED": True})
+                "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True})
             triton.compile(src, target=GPUTarget("cuda", 90, 32))
         compiled[f"{name}_kernels_compiled"] = sorted(names)
     print(json.dumps({"kernels": out, **compiled}))
