@@ -203,10 +203,12 @@ def tiles(numels, geometry, rows: int, block: int) -> tuple[list[int], list[int]
 
 def layout_cells(layout: str, numel: int, per_row: int, per_matrix: int) -> int:
     """How many values a tensor of ``numel`` elements has in ``layout`` (see template.LAYOUT_INDEX)."""
+    if layout in ("scalar", "tensor"):
+        return 1  # an empty tensor has its per-tensor value too
     if numel == 0:
         return 0
     return {"full": numel, "rows": numel // per_row, "blocks": numel // per_row, "batch": numel // per_matrix,
-            "cols": numel // per_matrix * per_row, "scalar": 1}[layout]
+            "cols": numel // per_matrix * per_row, "scalar": 1, "tensor": 1}[layout]
 
 
 def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:

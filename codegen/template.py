@@ -175,13 +175,19 @@ def _load(spec: KernelSpec, col: str, mask: str) -> str:
         other = ", other=0" if mask else ""
         return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
                 f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT_BLOCK}{mask}{other}))")
-    return f"tl.load(ptr_{col} + {LAYOUT_INDEX[_layout(spec, col)]}{mask}).to(tl.float32)"
+    layout = _layout(spec, col)
+    return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"
+
+
+def _unless_scalar(layout: str, mask: str) -> str:
+    """A per-tensor value is at index 0, which exists even for an empty tensor: never masked."""
+    return "" if layout == "scalar" else mask
 
 
 def _load_small(spec: KernelSpec, name: str, mask: str) -> str:
     """A stored or reduced per-row (column, block) value, float32, for each element at ``offs``."""
     r = next(r for r in spec.lowered.reductions if r.name == name)
-    value = f"tl.load(acc_small + b_{name} + {LAYOUT_INDEX[r.layout]}{mask})"
+    value = f"tl.load(acc_small + b_{name} + {LAYOUT_INDEX[r.layout]}{_unless_scalar(r.layout, mask)})"
     if r.op == "mean":
         value = f"({value} / {AXIS_LENGTH[r.over]})"
     return f"{value}.to(tl.float32)"
@@ -298,7 +304,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
         owner = LAYOUT_OWNER[_layout(spec, target)]
         if owner is not None:  # a per-row (column, block) state: its first element writes it
             written = f"_to_bf16_rne({value})" if spec.dtype_of(target) == "bf16" else f"({value}).to(tl.float32)"
-            where = f"{owner} & mask" if masked else owner
+            where = f"{owner} & mask" if masked and _layout(spec, target) != "scalar" else owner
             out.add(3, f"tl.store(ptr_{target} + {LAYOUT_INDEX[_layout(spec, target)]}, {written}, mask={where})")
             continue
         if target == ir.PARAM and _rounds_stochastically(spec):
@@ -453,8 +459,9 @@ def _reduce_body(out: _Lines, spec: KernelSpec, element: TritonPrinter, phase: i
     for r in reductions:
         value = f"tl.broadcast_to({element(r.arg)}, [BLOCK])"
         if r.op == "store":
+            keep = LAYOUT_OWNER[r.layout] if r.layout == "scalar" else f"mask & {LAYOUT_OWNER[r.layout]}"
             out.add(2, f"tl.store(acc_small + b_{r.name} + {LAYOUT_INDEX[r.layout]}, {value}.to(tl.float64), "
-                       f"mask=mask & {LAYOUT_OWNER[r.layout]})")
+                       f"mask={keep})")
         elif r in columns:
             keep, part = _contribution(r, f"{value}.to(tl.float64)")
             if r.op == "max":

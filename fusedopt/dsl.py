@@ -87,7 +87,8 @@ class _Handle:
                 got = ir.layout_of(expr, {n: s.layout for n, s in b.states.items()})
             except ValueError as exc:
                 raise _fail(b.rule, f"'{self._name}' mixes layouts: {exc}", "use one partition per rule") from exc
-            if target != "full" and got not in ("scalar", "batch", target):
+            allowed = ("scalar",) if target == "tensor" else ("scalar", "batch", target)
+            if target != "full" and got not in allowed:
                 raise _fail(b.rule, f"state '{self._name}' has layout '{target}' but is set to a value with layout "
                             f"'{got}'", f"reduce it first, e.g. mean(x, over='{target}')")
         if unknown:
@@ -125,7 +126,8 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
     quantized storage uses the unsigned map (values below 0 would be stored as 0); ``layout``: "full"
     (the shape of p), "rows" (one value per row: shape[:-1] + (1,)) or "cols" (one per column:
     shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors, or "blocks" (one value
-    per block of the optimizer's partition, shape (n_blocks, 1)). Row and column layouts need a rule
+    per block of the optimizer's partition, shape (n_blocks, 1)) or "tensor" (one value per tensor,
+    shape ()). Row and column layouts need a rule
     option ``matrix`` (True for tensors of two or more dimensions) to branch on."""
     b = _Builder.current("state()")
     if not isinstance(name, str) or not name.isidentifier():

@@ -40,7 +40,7 @@ ABSMAX_SUFFIX = "_absmax"
 SR_SEED = "sr_seed"  # the hyperparameter a program with stochastic rounding gains
 MASTER = "master_param"  # the float32 state a program with master weights keeps in place of p
 STATE_INITS = ("zeros", "p", "g")
-STATE_LAYOUTS = ("full", "rows", "cols", "blocks")
+STATE_LAYOUTS = ("full", "rows", "cols", "blocks", "tensor")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
 MATRIX_OPTION = "matrix"
 
@@ -53,7 +53,8 @@ class StateSpec:
     init: str = "zeros"  # "zeros", or a copy of "p" or "g" taken when the state is created
     dtype: str = "fp32"  # storage dtype; compute is always fp32 (fp64 in the oracle)
     layout: str = "full"  # "full" (like p), "rows" (shape[:-1] + (1,)), "cols" (shape[:-2] + (1, m)),
-    # "blocks" (n_blocks, 1): one value per block of a partition that views p as (n_blocks, block_numel)
+    # "blocks" (n_blocks, 1): one value per block of a partition that views p as (n_blocks, block_numel),
+    # "tensor" (shape ()): one value per tensor
     nonnegative: bool = False  # never negative (a second moment): quantized with the unsigned map
 
     @property
@@ -258,7 +259,8 @@ def layout_of(expr: sympy.Basic, states: dict[str, str]) -> str:
     if isinstance(expr, sympy.Symbol):
         if expr.name in (PARAM, GRAD):
             return "full"
-        return states.get(expr.name, "scalar")
+        layout = states.get(expr.name, "scalar")
+        return "scalar" if layout == "tensor" else layout
     if isinstance(expr, Reduction):
         inner = layout_of(expr.args[0], states)
         if expr.over in ("tensor", "group"):

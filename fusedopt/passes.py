@@ -63,7 +63,7 @@ class Lowered:
     @functools.cached_property
     def layouts(self) -> dict[str, str]:
         """Layout of every name that is not one value per element or per tensor."""
-        out = {s.name: s.layout for s in self.program.states if s.layout != "full"}
+        out = {s.name: _kept(s.layout) for s in self.program.states if s.layout != "full"}
         out.update({r.name: r.layout for r in self.small})
         return out
 
@@ -98,6 +98,11 @@ class Lowered:
 
     def key(self) -> str:
         return hashlib.sha256(self.text().encode()).hexdigest()
+
+
+def _kept(layout: str) -> str:
+    """The layout a state's values have (ir.layout_of): a per-tensor state holds one scalar."""
+    return "scalar" if layout == "tensor" else layout
 
 
 def _is_scalar(expr: sympy.Basic, scalar_names: frozenset[str]) -> bool:
@@ -171,7 +176,7 @@ def store_small_states(program: ir.Program, reductions: list[ReductionSpec], upd
     reads it from there and copies it into the state. A read of the old value that is left in the
     updating phase (the new value was rewritten beyond recognition) reads a copy stored in phase 0.
     """
-    small_states = {s.name: s.layout for s in program.states if s.layout != "full"}
+    small_states = {s.name: _kept(s.layout) for s in program.states if s.layout != "full"}
     written = [(t, e) for t, e in updates if t in small_states]
     if not written:
         return reductions, updates

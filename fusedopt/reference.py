@@ -232,6 +232,8 @@ def state_shape(spec: ir.StateSpec, param_shape, view: tuple[int, int] | None = 
             raise ValueError(f"state '{spec.name}' has the blocks layout, which needs a partition of the "
                              "parameter (use fusedopt.AdamMini, or an optimizer that provides block views)")
         return (view[0], 1)
+    if spec.layout == "tensor":
+        return ()
     shape = list(param_shape)
     if spec.layout == "rows":
         shape[-1] = 1

@@ -51,6 +51,14 @@ def block_mix(p, g, t, lr=0.1, beta=0.9):
     p.set(p - lr * m / (sqrt(v) + 1e-3) / (1 + abs(spread)))
 
 
+@rule("tensor_state")
+def tensor_state(p, g, t, lr=0.1, beta=0.9):
+    """A per-tensor state: an average of the gradient's norm, normalising the step."""
+    s = state("norm_avg", layout="tensor")
+    s.set(lerp(s, sqrt(total(g * g)), 1 - beta) + amax(abs(p)) * 0)
+    p.set(p - lr * g / (s + 1e-3))
+
+
 @st.composite
 def matrix_shapes(draw):
     rows = draw(st.sampled_from([1, 2, 3, 5, 17]))
@@ -128,6 +136,18 @@ def test_block_reductions_and_states_match_the_reference(device, views, n_steps,
     params = [torch.randn(n * b, generator=gen).to(device) for n, b in views]
     grads = [[torch.randn(n * b, generator=gen).to(device) for n, b in views] for _ in range(n_steps)]
     _run_steps(block_mix.program(), params, grads, views=views)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5]), min_size=1, max_size=4),
+       n_steps=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_per_tensor_states_match_the_reference(device, sizes, n_steps, seed):
+    require_kernel_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    grads = [[torch.randn(n, generator=gen).to(device) for n in sizes] for _ in range(n_steps)]
+    after = _run_steps(tensor_state.program(), params, grads)
+    assert all(p.shape == (n,) for p, n in zip(after, sizes))
 
 
 def test_reductions_see_their_argument_at_every_element():
