@@ -43,8 +43,9 @@ IMPLS = ("fusedopt-triton", "fusedopt-reference", "torch-foreach", "torch-fused"
 
 
 class RuleSpec:
-    def __init__(self, fused: type, torch_cls: type | None, baseline: str, **kwargs: Any):
+    def __init__(self, fused: type, torch_cls: type | None, baseline: str, named: bool = False, **kwargs: Any):
         self.fused = fused  # the fusedopt class
+        self.named = named  # takes named parameters and the model's width and heads (Adam-mini)
         self.torch_cls = torch_cls  # the torch.optim class, None if torch has no such rule
         self.baseline = baseline  # the rule whose torch rows this rule's ratios are taken against
         self.kwargs = kwargs  # hyperparameters, shared by both sides
@@ -57,6 +58,7 @@ RULES = {
     "lion": RuleSpec(fusedopt.Lion, None, "adamw", lr=1e-4, weight_decay=1e-1),
     "lamb": RuleSpec(fusedopt.LAMB, None, "adamw", lr=1e-3),  # two reduction phases + global clipping
     "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
+    "adam-mini": RuleSpec(fusedopt.AdamMini, None, "adamw", named=True, lr=1e-3, weight_decay=1e-2),
     # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW
     "adamw8bit": RuleSpec(fusedopt.AdamW8bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
     "adamw4bit": RuleSpec(fusedopt.AdamW4bit, None, "adamw", lr=1e-3, weight_decay=1e-2),
@@ -143,8 +145,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _make_optimizer(rule: str, impl: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]],
+                    model: dict[str, int]) -> torch.optim.Optimizer:
     spec = RULES[rule]
+    params = [p for _, p in named]
+    if impl.startswith("fusedopt-") and spec.named:
+        return spec.fused(named, backend=impl.removeprefix("fusedopt-"), **model, **spec.kwargs)
     if impl.startswith("fusedopt-"):
         return spec.fused(params, backend=impl.removeprefix("fusedopt-"), **spec.kwargs)
     if spec.torch_cls is None:
@@ -160,11 +166,13 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(rule: str, impl: str, params: list[torch.nn.Parameter], grads: list[torch.Tensor],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """One row: a fresh optimizer over ``params``, timed; its state is dropped afterwards."""
+def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], grads: list[torch.Tensor],
+            args: argparse.Namespace, model: dict[str, int]) -> dict[str, Any]:
+    """One row: a fresh optimizer over the named parameters, timed; its state is dropped afterwards.
+    ``model``: the list's width and heads, for rules that partition by head."""
+    params = [p for _, p in named]
     t0 = time.perf_counter()
-    opt = _make_optimizer(rule, impl, params)
+    opt = _make_optimizer(rule, impl, named, model)
     init_s = time.perf_counter() - t0  # fusedopt lowers its rule and registers the kernel here
     step: Callable[[], Any] = opt.step
     if impl == "torch-compiled":
@@ -260,7 +268,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             done += 1
             harness.progress(f"[{done}/{total}] {shape_name} {rule} {impl} ...")
             try:
-                row = measure(rule, impl, params, grads, args)
+                row = measure(rule, impl, named, grads, args, shapes.architecture(shape_name, args.scale))
             except Exception as exc:  # one failing implementation must not cost the rest of a long run
                 message = f"{shape_name} {args.dtype_name} {rule} {impl}: {type(exc).__name__}: {exc}"
                 meta["failures"].append(message.splitlines()[0])

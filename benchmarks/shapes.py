@@ -87,6 +87,15 @@ def tiny() -> ParamList:
 
 
 SHAPES: dict[str, Callable[[], ParamList]] = {"llama1b": llama1b, "gpt2": gpt2, "tiny": tiny}
+# (width, attention heads, key/value heads) of each list, for rules that partition by head (Adam-mini)
+ARCHITECTURES = {"llama1b": (2048, 32, 8), "gpt2": (768, 12, 12), "tiny": (32, 4, 4)}
+
+
+def architecture(name: str, scale: float = 1.0) -> dict[str, int]:
+    """``dim``, ``n_heads`` and ``n_kv_heads`` of a list, with the width divided as param_list divides it."""
+    _check_name(name)
+    dim, heads, kv_heads = ARCHITECTURES[name]
+    return {"dim": _scaled((dim,), scale)[0], "n_heads": heads, "n_kv_heads": kv_heads}
 
 
 def _check_name(name: str) -> None:
