@@ -95,6 +95,21 @@ def state_bytes(
     return m * k * (2 + window_value_bytes) + (numel + 1) // 2 + 4 * math.ceil(numel / quant_block) + 8
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FUSED_STATES = ("window_index", "window_value", "error_codes", "error_min", "error_max", "step")
+
+
+def _kernel_supports(group: dict) -> bool:
+    """Can the fused kernel run this group (see the ``backend`` argument of :class:`MicroAdam`)?"""
+    q, block = group["quant_block"], group["block"]
+    return (
+        not group["exact_error_feedback"]
+        and group["window_dtype"] in (None, *_KERNEL_DTYPES)
+        and q & (q - 1) == 0
+        and block % q == 0
+    )
+
+
 def _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, window_dtype) -> None:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
@@ -136,6 +151,14 @@ class MicroAdam(torch.optim.Optimizer):
             ablations; costs 4 B/param instead of 0.5).
         window_dtype: dtype of the stored window values; ``None`` means the compute dtype (float32,
             float64 for float64 parameters). The default bf16 is the official storage.
+        backend: "triton" runs each group as one fused multi-tensor launch
+            (:mod:`codegen.microadam_kernel`, same results as the eager code: bit-exact selections,
+            window and error codes); "reference" runs the eager code below. ``None`` (the default)
+            picks "triton" for CUDA parameters of groups the kernel supports and "reference"
+            otherwise. The kernel needs 4-bit error feedback (not ``exact_error_feedback``), a
+            float32, bfloat16 or float16 window, and ``quant_block`` a power of two dividing ``block``
+            (the defaults qualify); with ``backend="triton"`` any other group is an error. Float64 or
+            non-contiguous parameters of a fused group are stepped by the eager code.
     """
 
     def __init__(
@@ -151,6 +174,7 @@ class MicroAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         exact_error_feedback: bool = False,
         window_dtype: torch.dtype | None = torch.bfloat16,
+        backend: str | None = None,
     ):
         _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, window_dtype)
         defaults = {
@@ -165,6 +189,10 @@ class MicroAdam(torch.optim.Optimizer):
             "exact_error_feedback": bool(exact_error_feedback),
             "window_dtype": window_dtype,
         }
+        if backend not in (None, "reference", "triton"):
+            raise ValueError(f"backend must be 'triton', 'reference' or None (by device), got {backend!r}")
+        self.backend = backend
+        self._hparam_tensors: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_args(
@@ -172,6 +200,13 @@ class MicroAdam(torch.optim.Optimizer):
                 group["weight_decay"],
                 group["window_dtype"],
             )
+            if backend == "triton" and not _kernel_supports(group):
+                raise ValueError(
+                    "backend='triton' needs 4-bit error feedback (exact_error_feedback=False), a float32, "
+                    "bfloat16 or float16 window_dtype (or None) and quant_block a power of two dividing block; "
+                    f"got exact_error_feedback={group['exact_error_feedback']}, window_dtype="
+                    f"{group['window_dtype']}, block={group['block']}, quant_block={group['quant_block']}"
+                )
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(
@@ -194,7 +229,9 @@ class MicroAdam(torch.optim.Optimizer):
         d, m, dev = p.numel(), group["m"], p.device
         dtypes = self._state_dtypes(group, p)
         state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.int64)
+        # the fused kernel reads and advances the counter on the device; the eager code on the host
+        step_device = dev if self._fused(group, p) else "cpu"
+        state["step"] = torch.zeros((), dtype=torch.int64, device=step_device)
         state["window_index"] = torch.zeros((m, layout.k), dtype=torch.int16, device=dev)
         state["window_value"] = torch.zeros((m, layout.k), dtype=dtypes["window_value"], device=dev)
         if group["exact_error_feedback"]:
@@ -232,17 +269,42 @@ class MicroAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            fused = []
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("MicroAdam does not take sparse gradients; use a dense gradient")
+                if self._fused(group, p):
+                    fused.append(p)
+                else:
                     self._step_param(group, p)
+            if fused:
+                self._step_fused(group, fused)
         return loss
 
-    def _step_param(self, group: dict, p: torch.Tensor) -> None:
-        if p.grad.is_sparse:
-            raise ValueError("MicroAdam does not take sparse gradients; use a dense gradient")
-        d, m, q = p.numel(), group["m"], group["quant_block"]
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    def _backend_for(self, p: torch.Tensor) -> str:
+        if self.backend is not None:
+            return self.backend
+        return "triton" if p.device.type == "cuda" else "reference"
+
+    def _fused(self, group: dict, p: torch.Tensor) -> bool:
+        """Does the fused kernel step this parameter? (The group must be supported, the tensors flat.)"""
+        if self._backend_for(p) != "triton" or not _kernel_supports(group):
+            return False
+        grad = p.grad if p.grad is not None else p
+        return (
+            p.dtype in _KERNEL_DTYPES
+            and grad.dtype in _KERNEL_DTYPES
+            and p.is_contiguous()
+            and grad.is_contiguous()
+            and grad.shape == p.shape
+            and grad.device == p.device
+            and p.numel() > 0
+        )
+
+    def _state_of(self, group: dict, p: torch.Tensor) -> tuple[dict, sparse.TopkLayout]:
+        d, m = p.numel(), group["m"]
         layout = sparse.topk_layout(d, group["block"], group["density"])
         state = self.state[p]
         if not state:
@@ -253,6 +315,59 @@ class MicroAdam(torch.optim.Optimizer):
                 f"m={m}, block={group['block']}, density={group['density']} need {(m, layout.k)}; "
                 "m, block and density cannot change once a parameter has state"
             )
+        return state, layout
+
+    def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
+        """The group's lr, beta1, beta2, eps and weight_decay as 0-d float64 tensors on ``device``, kept
+        for the life of the group and rewritten in place when a value changes (so a new lr is new data
+        for the kernel, never new code)."""
+        values = (float(group["lr"]), *map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
+        key = id(group)
+        cached = self._hparam_tensors.get(key)
+        if cached is None or cached[1][0].device != device:
+            tensors = [torch.tensor(v, dtype=torch.float64, device=device) for v in values]
+            self._hparam_tensors[key] = (values, tensors)
+            return tensors
+        old, tensors = cached
+        if old != values:
+            for t, v, o in zip(tensors, values, old):
+                if v != o:
+                    t.fill_(v)
+            self._hparam_tensors[key] = (values, tensors)
+        return tensors
+
+    def _step_fused(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One launch of the fused kernel over ``params`` (all on one device; else one per device)."""
+        from codegen import microadam_kernel
+
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p)
+        for device, ps in by_device.items():
+            states = []
+            for p in ps:
+                state, _ = self._state_of(group, p)
+                if state["step"].device != device:
+                    state["step"] = state["step"].to(device)
+                states.append(state)
+            microadam_kernel.step(
+                ps,
+                [p.grad for p in ps],
+                *([s[name] for s in states] for name in _FUSED_STATES),
+                self._hparams_on(group, device),
+                m=group["m"],
+                density=group["density"],
+                block=group["block"],
+                quant_block=group["quant_block"],
+            )
+
+    def _step_param(self, group: dict, p: torch.Tensor) -> None:
+        d, m, q = p.numel(), group["m"], group["quant_block"]
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        state, layout = self._state_of(group, p)
+        if state["step"].device.type != "cpu":
+            state["step"] = state["step"].cpu()
         cd = _compute_dtype(p.dtype)
 
         # 1. error-feedback add

@@ -1,0 +1,349 @@
+"""The fused MicroAdam step (codegen/microadam_kernel.py) against the eager oracle (fusedopt/microadam.py).
+
+Without a GPU the kernel runs in the Triton interpreter (tests/conftest.py), so most cases use small
+blocks (block=64, quant_block=32) to cross block and quantization-block boundaries with small tensors;
+one case runs at the defaults (4096, 2048).
+
+What is compared, after every step, between ``MicroAdam(backend="triton")`` and
+``MicroAdam(backend="reference")`` fed the same gradients:
+
+* window indices, window values, error codes, error min/max and step counters: **bit for bit**. They
+  depend only on the gradients and the error feedback, never on the parameters, and the kernel does
+  the oracle's float32 operations in the oracle's order (decode, add, bf16 rounding to nearest even,
+  IEEE division, clamp), so any difference is a bug;
+* parameters: within a tolerance derived per element. Both sides start the step from the same
+  parameters (the reference is re-synchronised to the fused parameters after each comparison, so
+  the bound is per step and does not grow with the step count). The float32 value before the final
+  rounding is ``v = theta * (1 - lr*wd) - lr * u``; the two sides' ``u`` can differ by a few float32
+  ulps: the CPU ``torch.sqrt`` of float32 is not correctly rounded (off by one ulp for ~15 % of
+  inputs; the kernel's ``sqrt_rn`` is), and ``beta**age`` (Python's ``pow``) and the kernel's binary
+  exponentiation may round differently in float64. So ``|v_fused - v_ref| <= 2^-20 * (|theta| +
+  lr*|u|)`` (a generous 8 float32 ulps of the larger term, plus the rounding of the subtraction), and
+  the stored values, one rounding each to the parameter dtype, differ by at most that plus one unit in
+  the last place of the stored dtype (bf16: 2^-7 relative, fp32: 2^-23). ``lr*|u|`` is bounded by
+  ``|theta_old| + |theta_new|``. A wrong rule (an age off by one, a wrong bias correction) changes
+  ``lr*u`` by a fraction of itself, far above 2^-20, and the bf16 cases use lr and magnitudes where
+  ``lr*u`` exceeds a bf16 ulp of the parameter; :func:`test_a_wrong_kernel_is_caught` shows that the
+  comparison fails for deliberately broken kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from codegen import microadam_kernel
+from fusedopt.microadam import MicroAdam
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(block=64, quant_block=32)
+EXACT_STATES = ("window_index", "window_value", "error_codes", "error_min", "error_max")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at |x| (float64), the normal spacing at the smallest normal below it."""
+    info = torch.finfo(dtype)
+    mag = x.abs().double().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def param_tolerance(old: torch.Tensor, ref_new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-element bound on |fused - reference| after one step from the same state (module docstring)."""
+    old, new = old.double(), ref_new.double()
+    return _ulp(new, dtype) + 2.0**-20 * (2 * old.abs() + new.abs())
+
+
+def make_grads(sizes, dtypes, steps, seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        row = []
+        for n, dtype in zip(sizes, dtypes):
+            g = torch.randn(n, generator=gen)
+            if ties:  # few distinct magnitudes: the k-th largest falls inside a tie
+                g = (g * 2).round() / 2
+            row.append(g.to(dtype))
+        out.append(row)
+    return out
+
+
+def compare(sizes, dtypes, steps, seed, ties=False, **kw):
+    """Step a fused and a reference optimizer side by side; assert after every step. Returns the
+    largest parameter difference seen, in units of the tolerance."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    init = [torch.randn(n, generator=gen) for n in sizes]
+    fused = [torch.nn.Parameter(x.to(dtype).to(DEVICE).clone()) for x, dtype in zip(init, dtypes)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    assert not any(a.data_ptr() == b.data_ptr() for a in fused for b in ref)
+    opt_f = MicroAdam(fused, backend="triton", **kw)
+    opt_r = MicroAdam(ref, backend="reference", **kw)
+    worst = 0.0
+    for t, grads in enumerate(make_grads(sizes, dtypes, steps, seed, ties), start=1):
+        old = [p.detach().clone() for p in ref]
+        for pf, pr, g in zip(fused, ref, grads):
+            pf.grad = g.to(DEVICE)
+            pr.grad = g.to(DEVICE).clone()
+        opt_f.step()
+        opt_r.step()
+        for i, (pf, pr) in enumerate(zip(fused, ref)):
+            sf, sr = opt_f.state[pf], opt_r.state[pr]
+            for name in EXACT_STATES:
+                assert sf[name].dtype == sr[name].dtype, (name, sf[name].dtype, sr[name].dtype)
+                assert torch.equal(_bits(sf[name]).cpu(), _bits(sr[name]).cpu()), \
+                    f"step {t}, tensor {i} ({sizes[i]} elements, {dtypes[i]}): {name} differs"
+            assert int(sf["step"]) == int(sr["step"]) == t
+            diff = (pf.detach().double() - pr.detach().double()).abs().cpu()
+            tol = param_tolerance(old[i], pr.detach(), dtypes[i]).cpu()
+            bad = diff > tol
+            assert not bad.any(), (f"step {t}, tensor {i} ({sizes[i]} elements, {dtypes[i]}): parameter off by "
+                                   f"{diff[bad].max().item():.3g} > tolerance {tol[bad].min().item():.3g}")
+            worst = max(worst, float((diff / tol).max()))
+            with torch.no_grad():
+                pr.copy_(pf)  # the next step starts from the same parameters
+    return worst
+
+
+# sizes below, at and above block (64) and quant_block (32), odd lengths, several blocks plus a tail
+SIZES = [1, 2, 7, 31, 32, 33, 63, 64, 65, 97, 128, 129, 161]
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(1, 4))
+    sizes = draw(st.lists(st.sampled_from(SIZES), min_size=n, max_size=n))
+    dtypes = draw(st.lists(st.sampled_from([torch.float32, torch.bfloat16]), min_size=n, max_size=n))
+    kw = dict(
+        lr=draw(st.sampled_from([1e-3, 1e-2, 0.1])),
+        m=3,
+        density=draw(st.sampled_from([0.05, 0.1, 0.3])),
+        weight_decay=draw(st.sampled_from([0.0, 0.1])),
+        window_dtype=draw(st.sampled_from([torch.bfloat16, None])),
+        **SMALL,
+    )
+    return sizes, dtypes, draw(st.integers(1, 25)), draw(st.integers(0, 2**31 - 1)), draw(st.booleans()), kw
+
+
+@settings(max_examples=8)
+@given(cases())
+@example(([33, 129, 1, 64], [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16], 25, 7, True,
+          dict(lr=1e-2, m=3, density=0.1, weight_decay=0.1, window_dtype=torch.bfloat16, **SMALL)))
+def test_fused_matches_oracle(case):
+    sizes, dtypes, steps, seed, ties, kw = case
+    compare(sizes, dtypes, steps, seed, ties, **kw)
+
+
+def test_fused_matches_oracle_at_default_blocks():
+    """block=4096, quant_block=2048: a tensor smaller than a block, one with a full block plus a tail
+    holding a partial quantization block, bf16 and fp32, past the window wrap (m=2)."""
+    compare([5, 4096 + 2048 + 3], [torch.bfloat16, torch.float32], 3, 11, lr=1e-2, m=2, weight_decay=0.1)
+
+
+def test_fp16_parameters_and_fp32_window():
+    compare([65, 40], [torch.float16, torch.float16], 4, 3, lr=1e-2, m=3, density=0.1, window_dtype=None, **SMALL)
+
+
+# ---- a broken kernel must fail the comparison ---------------------------------------------------
+
+MUTANTS = {
+    # ring ages off by one
+    "age": ("age = (t - 1 - row_i) % m", "age = (t - row_i) % m"),
+    # ties go to the higher index
+    "ties": ("keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))",
+             "keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) > tl.sum(tie.to(tl.int32), axis=0) - need))"),
+    # nibbles swapped
+    "nibbles": ("(even * 16 + odd).to(tl.uint8)", "(odd * 16 + even).to(tl.uint8)"),
+    # bias correction with the window mass instead of 1 - beta^t
+    "bias": ("(1.0 - _power(beta1, t))", "(1.0 - _power(beta1, tl.minimum(t, m)))"),
+}
+
+
+def _mutant_kernel(tmp_path, name: str):
+    source = open(microadam_kernel.__file__).read()
+    old, new = MUTANTS[name]
+    assert source.count(old) == 1, f"mutation '{name}' no longer applies"
+    path = tmp_path / f"microadam_mutant_{name}.py"
+    path.write_text(source.replace(old, new))
+    spec = importlib.util.spec_from_file_location(f"microadam_mutant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.microadam_step
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_a_wrong_kernel_is_caught(tmp_path, monkeypatch, name):
+    kw = dict(lr=1e-2, m=3, density=0.1, weight_decay=0.1, **SMALL)
+    case = ([65, 33], [torch.float32, torch.bfloat16], 6, 5, True)
+    compare(*case, **kw)  # the real kernel passes this case
+    monkeypatch.setattr(microadam_kernel, "microadam_step", _mutant_kernel(tmp_path, name))
+    with pytest.raises(AssertionError):
+        compare(*case, **kw)
+
+
+def test_tolerance_is_tight_for_bf16():
+    """The bf16 bound is one bf16 ulp plus float32 terms: a step with a changed lr (1.1x) leaves it."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(64, generator=gen).to(torch.bfloat16)
+    g = torch.randn(64, generator=gen).to(torch.bfloat16)
+    out = []
+    for lr in (0.1, 0.11):
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = g.clone()
+        MicroAdam([p], lr=lr, m=3, density=0.3, backend="reference", **SMALL).step()
+        out.append(p.detach())
+    tol = param_tolerance(p0, out[0], torch.bfloat16)
+    assert ((out[1].double() - out[0].double()).abs() > tol).any()
+
+
+# ---- no recompilation, one launch ----------------------------------------------------------------
+
+
+def _compiled_count() -> int | None:
+    caches = getattr(microadam_kernel.microadam_step, "device_caches", None)
+    if caches is None:  # the interpreter compiles nothing
+        return None
+    return sum(len(c[0]) for c in caches.values())
+
+
+def test_changing_lr_changes_data_not_code():
+    sizes, dtypes = [65, 33], [torch.float32, torch.bfloat16]
+    kw = dict(lr=1e-2, m=3, density=0.1, **SMALL)
+    init = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(d) for n, d in zip(sizes, dtypes)]
+    fused = [torch.nn.Parameter(x.to(DEVICE).clone()) for x in init]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    opt_f = MicroAdam(fused, backend="triton", **kw)
+    opt_r = MicroAdam(ref, backend="reference", **kw)
+    grads = make_grads(sizes, dtypes, 6, 0, False)
+    keys = compiled = None
+    for t, row in enumerate(grads, start=1):
+        if t == 4:  # as a scheduler does
+            for opt in (opt_f, opt_r):
+                opt.param_groups[0]["lr"] = 0.1
+        old = [p.detach().clone() for p in ref]
+        for pf, pr, g in zip(fused, ref, row):
+            pf.grad, pr.grad = g.to(DEVICE), g.to(DEVICE).clone()
+        opt_f.step()
+        opt_r.step()
+        for pf, pr, o, d in zip(fused, ref, old, dtypes):
+            assert ((pf.detach().double() - pr.detach().double()).abs() <= param_tolerance(o, pr.detach(), d)).all()
+            with torch.no_grad():
+                pr.copy_(pf)
+        if t == 1:
+            keys, compiled = set(microadam_kernel.compile_keys), _compiled_count()
+    lr_tensor = opt_f._hparams_on(opt_f.param_groups[0], fused[0].device)[0]
+    assert float(lr_tensor) == 0.1
+    assert microadam_kernel.compile_keys == keys
+    assert _compiled_count() == compiled
+    # not vacuous: a different window dtype is a different kernel
+    p = torch.nn.Parameter(torch.zeros(8, device=DEVICE))
+    p.grad = torch.ones(8, device=DEVICE)
+    MicroAdam([p], backend="triton", window_dtype=torch.float16, **SMALL).step()
+    assert len(microadam_kernel.compile_keys) > len(keys)
+
+
+def test_kernel_takes_no_python_numbers():
+    """Every argument is a tensor or a constexpr, so no value (lr, a size) is a specialisation key."""
+    fn = microadam_kernel.microadam_step
+    fn = getattr(fn, "fn", fn)
+    import inspect
+
+    names = list(inspect.signature(fn).parameters)
+    constexprs = {"BLOCK", "QBLOCK", "KMAX", "WDTYPE", "ALIGNED"}
+    assert set(names[-len(constexprs):]) == constexprs
+    assert names[: -len(constexprs)] == ["tensors", "hparams", "group", "block_tensor", "block_index",
+                                         "block_count", "done", "scratch"]
+
+
+class _Counting:
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_launch_per_step(monkeypatch):
+    """Four tensors of three dtypes, several blocks each: one launch per step, no eager fallback."""
+    counting = _Counting(microadam_kernel.microadam_step)
+    monkeypatch.setattr(microadam_kernel, "microadam_step", counting)
+    monkeypatch.setattr(MicroAdam, "_step_param", lambda *a: pytest.fail("the eager step ran"))
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE).to(d)) for n, d in zip([130, 64, 5, 97], dtypes)]
+    opt = MicroAdam(params, lr=1e-2, m=3, density=0.1, backend="triton", **SMALL)
+    before = microadam_kernel.launches["microadam"]
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(counting.grids) == 3
+    assert microadam_kernel.launches["microadam"] - before == 3
+    assert all(int(opt.state[p]["step"]) == 3 for p in params)
+
+
+# ---- the backend argument ------------------------------------------------------------------------
+
+
+def test_backend_choice_and_errors():
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="backend must be"):
+        MicroAdam([p], backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' needs"):
+        MicroAdam([p], backend="triton", exact_error_feedback=True)
+    with pytest.raises(ValueError, match="backend='triton' needs"):
+        MicroAdam([p], backend="triton", block=96, quant_block=6)
+    assert MicroAdam([p]).backend is None  # by device: CUDA tensors fused, the rest eager
+
+
+def test_float64_and_non_contiguous_parameters_fall_back_to_the_eager_step():
+    kw = dict(lr=1e-2, m=3, density=0.1, **SMALL)
+    shapes = [(8, 9), (9, 8), (40,)]
+    init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    fused = [torch.nn.Parameter(init[0].double().to(DEVICE)), torch.nn.Parameter(init[1].to(DEVICE).t()),
+             torch.nn.Parameter(init[2].to(DEVICE))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    opt_f = MicroAdam(fused, backend="triton", **kw)
+    opt_r = MicroAdam(ref, backend="reference", **kw)
+    for _ in range(2):
+        for pf, pr in zip(fused, ref):
+            pf.grad = torch.randn_like(pf)
+            pr.grad = pf.grad.clone()
+        opt_f.step()
+        opt_r.step()
+    assert torch.equal(fused[0], ref[0]) and torch.equal(fused[1], ref[1])  # the same eager code
+    assert opt_f.state[fused[2]]["step"].device == fused[2].device  # fused: the counter on the device
+    for name in EXACT_STATES:
+        assert torch.equal(_bits(opt_f.state[fused[2]][name]), _bits(opt_r.state[ref[2]][name]))
+
+
+def test_state_dict_round_trip_with_the_fused_backend():
+    kw = dict(lr=1e-2, m=3, density=0.1, backend="triton", **SMALL)
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(70, generator=gen).to(DEVICE))]
+    opt = MicroAdam(a, **kw)
+    grads = [torch.randn(70, generator=gen).to(DEVICE) for _ in range(5)]
+    for g in grads[:2]:
+        a[0].grad = g
+        opt.step()
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opt_b = MicroAdam(b, **kw)
+    opt_b.load_state_dict(opt.state_dict())
+    for g in grads[2:]:
+        a[0].grad, b[0].grad = g, g.clone()
+        opt.step()
+        opt_b.step()
+    assert torch.equal(a[0], b[0])
+    assert int(opt_b.state[b[0]]["step"]) == 5
