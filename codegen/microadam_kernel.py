@@ -377,7 +377,39 @@ def step(params: list[torch.Tensor], grads: list[torch.Tensor], window_index: li
          m: int, density: float, block: int, quant_block: int) -> None:
     """One MicroAdam step over every tensor, as one launch. ``hparams``: 0-d float64 tensors lr, beta1,
     beta2, eps, weight_decay on the parameters' device; ``steps``: int64 0-d counters on that device.
-    The states are those of :class:`fusedopt.microadam.MicroAdam` (window values fp32, bf16 or fp16)."""
+    The states are those of :class:`fusedopt.microadam.MicroAdam` (window values fp32, bf16 or fp16).
+
+    Traced by torch.compile this is the custom op ``fusedopt::microadam_step`` (opaque to the compiler:
+    it builds pointer tables from real addresses); run eagerly it launches directly."""
+    args = (params, grads, window_index, window_value, error_codes, error_min, error_max, steps, hparams)
+    if torch.compiler.is_compiling():
+        microadam_step_op(*args, m, density, block, quant_block)
+    else:
+        _launch(*args, m=m, density=density, block=block, quant_block=quant_block)
+        # as the op would: autograd sees that these tensors changed
+        ops._bump_versions([*params, *window_index, *window_value, *error_codes, *error_min, *error_max, *steps])
+
+
+@torch.library.custom_op("fusedopt::microadam_step", mutates_args=(
+    "params", "window_index", "window_value", "error_codes", "error_min", "error_max", "steps"))
+def microadam_step_op(params: list[torch.Tensor], grads: list[torch.Tensor], window_index: list[torch.Tensor],
+                      window_value: list[torch.Tensor], error_codes: list[torch.Tensor],
+                      error_min: list[torch.Tensor], error_max: list[torch.Tensor], steps: list[torch.Tensor],
+                      hparams: list[torch.Tensor], m: int, density: float, block: int, quant_block: int) -> None:
+    """One fused MicroAdam step (see :func:`step`); the parameters, window, error feedback and step
+    counters are updated in place."""
+    _launch(params, grads, window_index, window_value, error_codes, error_min, error_max, steps, hparams,
+            m=m, density=density, block=block, quant_block=quant_block)
+
+
+@microadam_step_op.register_fake
+def _microadam_step_fake(params, grads, window_index, window_value, error_codes, error_min, error_max, steps,
+                         hparams, m, density, block, quant_block) -> None:
+    return None
+
+
+def _launch(params, grads, window_index, window_value, error_codes, error_min, error_max, steps, hparams, *,
+            m: int, density: float, block: int, quant_block: int) -> None:
     if not params:
         return
     if not supported(block, quant_block):

@@ -111,7 +111,10 @@ def _kernel_supports(group: dict) -> bool:
 
 
 def _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, window_dtype) -> None:
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"a tensor lr must hold one floating-point number, got {lr!r}")
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (window length) must be an int >= 1, got {m!r}; the paper uses m=10")
@@ -193,6 +196,7 @@ class MicroAdam(torch.optim.Optimizer):
             raise ValueError(f"backend must be 'triton', 'reference' or None (by device), got {backend!r}")
         self.backend = backend
         self._hparam_tensors: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_args(
@@ -320,21 +324,32 @@ class MicroAdam(torch.optim.Optimizer):
     def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
         """The group's lr, beta1, beta2, eps and weight_decay as 0-d float64 tensors on ``device``, kept
         for the life of the group and rewritten in place when a value changes (so a new lr is new data
-        for the kernel, never new code)."""
-        values = (float(group["lr"]), *map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
+        for the kernel, never new code). A tensor lr (float64, on ``device``) is passed as it is: the
+        form for torch.compile, where an lr scheduler fills the tensor and nothing recompiles."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.reshape(())
+            if lr.dtype != torch.float64 or lr.device != device:
+                lr = lr.to(device=device, dtype=torch.float64)
+        consts = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
+        if torch.compiler.is_compiling():
+            tensor_lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64,
+                                                                             device=device)
+            return [tensor_lr, *(torch.tensor(v, dtype=torch.float64, device=device) for v in consts)]
+        values = (None if isinstance(lr, torch.Tensor) else float(lr), *consts)
         key = id(group)
         cached = self._hparam_tensors.get(key)
         if cached is None or cached[1][0].device != device:
-            tensors = [torch.tensor(v, dtype=torch.float64, device=device) for v in values]
+            tensors = [torch.tensor(v or 0.0, dtype=torch.float64, device=device) for v in values]
             self._hparam_tensors[key] = (values, tensors)
-            return tensors
-        old, tensors = cached
-        if old != values:
-            for t, v, o in zip(tensors, values, old):
-                if v != o:
-                    t.fill_(v)
-            self._hparam_tensors[key] = (values, tensors)
-        return tensors
+        else:
+            old, tensors = cached
+            if old != values:
+                for t, v, o in zip(tensors, values, old):
+                    if v is not None and v != o:
+                        t.fill_(v)
+                self._hparam_tensors[key] = (values, tensors)
+        return [lr, *tensors[1:]] if isinstance(lr, torch.Tensor) else tensors
 
     def _step_fused(self, group: dict, params: list[torch.Tensor]) -> None:
         """One launch of the fused kernel over ``params`` (all on one device; else one per device)."""
@@ -409,3 +424,8 @@ class MicroAdam(torch.optim.Optimizer):
         if wd != 0.0:
             theta = theta * (1.0 - lr * wd)
         p.copy_((theta - lr * u).view_as(p))
+
+
+# LR schedulers wrap ``optimizer.step`` in a closure over a weakref that dynamo cannot trace; this marker
+# tells them the step is already tracked (they only read ``_opt_called``, set in __init__).
+MicroAdam.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]

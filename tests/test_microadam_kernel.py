@@ -347,3 +347,41 @@ def test_state_dict_round_trip_with_the_fused_backend():
         opt_b.step()
     assert torch.equal(a[0], b[0])
     assert int(opt_b.state[b[0]]["step"]) == 5
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+
+def test_compiled_step_is_one_graph_without_recompiles():
+    """opt.step() compiled with fullgraph=True (aot_eager: functionalized, so ``mutates_args`` and the
+    fake impl are exercised) runs the custom op fusedopt::microadam_step: the first two steps compile
+    (the first creates the state), then 20 steps with a cosine schedule on a tensor lr compile
+    nothing; the trajectory is the eager fused one, bit for bit."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).to(DEVICE)
+        lr = torch.tensor(0.01, dtype=torch.float64, device=DEVICE)
+        opt = MicroAdam(model.parameters(), lr=lr, m=3, density=0.1, backend="triton", **SMALL)
+        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+    x, y = torch.randn(32, 8, device=DEVICE), torch.randn(32, 1, device=DEVICE)
+    counter = CompileCounterWithBackend("aot_eager")  # functionalized: mutates_args and the fake impl count
+    runs = []
+    for compiled in (False, True):
+        model, opt, sched = setup()
+        step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+        for k in range(22):
+            if k == 2:
+                warm = counter.frame_count
+            with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                step()
+                opt.zero_grad()
+                sched.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert 0 < counter.frame_count == warm
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
