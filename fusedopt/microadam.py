@@ -44,7 +44,9 @@ Deliberate differences from the official implementation:
 State per parameter (``k`` from :func:`fusedopt.sparse.topk_layout`, ``nq = ceil(d / quant_block)``):
 
 =================  ==================================  =====================================
-``step``           int64 scalar                        steps taken by this parameter
+``step``           int64 scalar                        steps taken by this parameter (on the
+                                                       parameter's device when the fused kernel
+                                                       steps it, on the host otherwise)
 ``window_index``   int16 [m, k]                        block-local indices of each row
 ``window_value``   ``window_dtype`` [m, k] (bf16)      selected values of ``a`` (not raw g)
 ``error_codes``    uint8 [ceil(d / 2)]                 4-bit error-feedback codes, 2 per byte
