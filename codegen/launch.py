@@ -121,7 +121,7 @@ class Plan:
             self.tile_tensor = on_device(tile_tensor, torch.int32)
             self.tile_start = on_device(tile_start, torch.int64)
             self.tile_grid = len(tile_tensor)
-        self.phases = spec.lowered.n_phases
+        self.phases = 0 if spec.single_pass else spec.lowered.n_phases
         self.ptr_table = torch.zeros((len(numels), self.n_cols), dtype=torch.int64, device=device)
         self.hp_table = torch.zeros(max(1, n_hparams), dtype=torch.int64, device=device)
         self.grid = len(chunk_tensor)
@@ -226,8 +226,11 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
     for _, _, plan in kernels:
         if plan.small_init is not None:  # per-row reductions start from their identities
             plan.acc_small.copy_(plan.small_init)
-    for phase in range(first.phases + 1):
+    phases = max(plan.phases for _, _, plan in kernels)
+    for phase in range(phases + 1):  # reduction phases in step, then every updating kernel
         for module, spec, plan in kernels:
+            if plan.phases <= phase < phases:
+                continue
             kernel = getattr(module, f"reduce_phase_{phase}") if phase < plan.phases else module.fused_step
             cfg = plan.config
             grid, chunk_tensor, chunk_start = plan.grid, plan.chunk_tensor, plan.chunk_start

@@ -9,6 +9,7 @@ A program travels through the op as the key of its lowered form, registered here
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -17,7 +18,7 @@ from fusedopt import ir, quant
 from fusedopt.passes import Lowered, lower
 
 from . import cache, config, launch
-from .template import QUANT_BUCKET_BITS, QUANT_BUCKET_SPAN, KernelSpec, TORCH_TO_NAME, render
+from .template import QUANT_BUCKET_BITS, QUANT_BUCKET_SPAN, KernelSpec, TORCH_TO_NAME, render, single_pass_possible
 
 _PROGRAMS: dict[str, Lowered] = {}
 _PLANS = launch.PlanCache()
@@ -122,9 +123,24 @@ def _kernels(program_key, params, grads, states, steps, hparams, private: bool =
     hp_pointers = [h.data_ptr() for h in hparams]
     if low.program.has_quantized_states:
         hp_pointers += [t.data_ptr() for t in _quant_tables(params[0].device)]
-    kernels = []
+    parts = []  # (spec, the tensors it steps, their geometry)
     for (p_dtype, g_dtype, device), idx in by_signature.items():
         spec = KernelSpec(low, dtype_name(p_dtype), dtype_name(g_dtype), target_for(device))
+        geometry = [_geometry(low.program, params[i], [states[k * n + i] for k in range(n_states)]) for i in idx] \
+            if low.program.has_small_layouts else [None] * len(idx)
+        # tensors whose rows each lie in one chunk take every phase in one kernel
+        chunk = launch.chunk_elements(spec.target)
+        one_pass = [j for j, g in enumerate(geometry) if g is not None and chunk % g[0] == 0] \
+            if single_pass_possible(low) else []
+        if one_pass:
+            parts.append((dataclasses.replace(spec, single_pass=True), [idx[j] for j in one_pass],
+                          [geometry[j] for j in one_pass]))
+        rest = [j for j in range(len(idx)) if j not in set(one_pass)]
+        if rest:
+            parts.append((spec, [idx[j] for j in rest], [geometry[j] for j in rest]))
+    kernels = []
+    for spec, idx, geometry in parts:
+        device = params[idx[0]].device
         module = cache.load(source(spec), device)
         pointers = []
         for i in idx:
@@ -132,16 +148,14 @@ def _kernels(program_key, params, grads, states, steps, hparams, private: bool =
             pointers += [states[k * n + i].data_ptr() for k in range(n_states)]
             pointers.append(steps[i].data_ptr())
         numels = [params[i].numel() for i in idx]
-        geometry = [_geometry(low.program, params[i], [states[k * n + i] for k in range(n_states)]) for i in idx] \
-            if low.program.has_small_layouts else None
+        geometry = geometry if low.program.has_small_layouts else None
         # by address and size: a new tensor at a freed one's address needs its own chunk tables
-        key = (program_key, spec.param_dtype, spec.grad_dtype, device, tuple(pointers[:: len(spec.columns)]),
-               tuple(numels), tuple(geometry or ()))
+        key = (program_key, spec, device, tuple(pointers[:: len(spec.columns)]), tuple(numels), tuple(geometry or ()))
         make = lambda: launch.Plan(spec, numels, len(hp_pointers), device, geometry)  # noqa: E731
         plan = make() if private else _PLANS.get(key, make)
         plan.refresh(pointers, hp_pointers)
         kernels.append((module, spec, plan))
-    return kernels, list(by_signature.values())
+    return kernels, [idx for _, idx, _ in parts]
 
 
 def _geometry(program: ir.Program, param: torch.Tensor, states: list[torch.Tensor]) -> tuple[int, int]:

@@ -41,6 +41,8 @@ class KernelSpec:
     param_dtype: str  # "fp32" | "bf16" | "fp16"
     grad_dtype: str
     target: str  # "cuda" | "interpreter"
+    # every phase in one kernel, each program on its own rows (see single_pass_possible)
+    single_pass: bool = False
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -266,10 +268,22 @@ def render(spec: KernelSpec) -> str:
         out.lines += _q8_store_source().splitlines()
     if any(s.dtype == "q4" for s in prog.states):
         out.lines += _q4_store_source().splitlines()
-    for phase in range(low.n_phases):
-        _kernel(out, spec, scalar, element, phase)
+    if not spec.single_pass:
+        for phase in range(low.n_phases):
+            _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
     return out.text()
+
+
+def single_pass_possible(lowered: Lowered) -> bool:
+    """Whether a program's phases can all run in one kernel, for tensors whose rows (or blocks) each lie
+    in one program's chunk: every reduction and stored value is per row or per block of values per
+    row, per block or per element, so a program reduces, stores and updates its own rows and reads
+    nothing another program writes. It then reads its chunk once from memory (later phases find it
+    in cache) and the step is one launch instead of one per phase."""
+    return bool(lowered.reductions) and all(
+        r.small and r.layout in ("rows", "blocks") and r.arg_layout in ("full", "rows", "blocks")
+        for r in lowered.reductions)
 
 
 def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -> None:
@@ -384,6 +398,12 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     if not final:
         _reduce_body(out, spec, element, phase)
         return
+    if spec.single_pass:
+        for p in range(low.n_phases):
+            out.add(1, f"# phase {p}, on this program's own rows; the barrier makes its results visible")
+            _reduce_body(out, spec, element, p)
+            out.add(1, "tl.debug_barrier()")
+        out.add(1, "# the update")
     out.add(1, "for i in range(ITERS):")
     out.add(2, "offs = start + i * BLOCK + tl.arange(0, BLOCK)")
     # A mask whose value is unknown per 16-byte group blocks vectorised access, so blocks that lie

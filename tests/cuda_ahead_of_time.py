@@ -69,6 +69,18 @@ def main() -> None:
                 "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True})
             triton.compile(src, target=GPUTarget("cuda", 90, 32))
         compiled[f"{name}_kernels_compiled"] = sorted(names)
+    # every phase in one kernel, for tensors whose blocks fit a program's chunk
+    import dataclasses
+
+    from codegen import ops
+
+    spec = dataclasses.replace(ops.kernel_spec(adam_mini.program(), torch.float32, torch.float32, "cuda"),
+                               single_pass=True)
+    module = cache.load(ops.source(spec), torch.device("cpu"))
+    triton.compile(triton.compiler.ASTSource(fn=module.fused_step, signature=SIGNATURE, constexprs={
+        "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True}),
+        target=GPUTarget("cuda", 90, 32))
+    compiled["adam_mini_single_pass_kernels_compiled"] = sorted(n for n in dir(module) if n.startswith(("reduce", "fused")))
     print(json.dumps({"kernels": out, **compiled}))
 
 

@@ -52,6 +52,7 @@ def test_per_row_column_and_block_kernels_compile_for_sm90(compiled):
     assert compiled["adafactor_factored_kernels_compiled"] == factored
     assert compiled["adafactor_hf_bf16_rows_kernels_compiled"] == factored
     assert compiled["adam_mini_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
+    assert compiled["adam_mini_single_pass_kernels_compiled"] == ["fused_step"]  # with a barrier between phases
 
 
 STATES = {"adam-amsgrad": 3, "adamw": 2, "lion": 1, "sgd-nesterov": 1}

@@ -260,3 +260,40 @@ def test_a_transposed_matrix_takes_the_reference_path_and_agrees():
             opt.step()
         results.append(p.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+# ---- every phase in one kernel ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("views,launches", [([(8, 64), (2, CHUNK)], 1), ([(8, 64), (3, 7)], 1 + 3)])
+def test_blocks_that_fit_a_chunk_take_every_phase_in_one_launch(views, launches):
+    """Adam-mini's tensors whose blocks each lie in one program's chunk: one launch per step; the rest
+    take the three phases. Either way the result is the reference's."""
+    device = any_kernel_device()
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(n * b, generator=gen).to(device) for n, b in views]
+    grads = [[torch.randn(n * b, generator=gen).to(device) for n, b in views] for _ in range(3)]
+    before = launch.launches["adam_mini"]
+    _run_steps(adam_mini.program(), params, grads, views=views, weight_decay=0.1)
+    assert launch.launches["adam_mini"] - before == 3 * launches
+
+
+@rule("block_and_tensor")
+def block_and_tensor(p, g, t, lr=0.1):
+    v = state("v", layout="blocks")
+    v.set(mean(g * g, over="blocks"))
+    p.set(p - lr * g / (sqrt(v) + rms(g) + 1e-3))
+
+
+def test_one_kernel_for_a_rule_reducing_over_whole_tensors_would_be_wrong(monkeypatch):
+    """Why a per-tensor reduction rules the single kernel out: a program cannot wait for the others'
+    share of the tensor's sum. Forcing it is caught by the comparison with the reference."""
+    device = any_kernel_device()
+    views = [(4, 64), (2, CHUNK)]  # blocks that fit, in several chunks
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n * b, generator=gen).to(device) for n, b in views]
+    grads = [[torch.randn(n * b, generator=gen).to(device) for n, b in views]]
+    assert not ops.single_pass_possible(ops.lowered(block_and_tensor.program()))
+    _run_steps(block_and_tensor.program(), params, grads, views=views)  # the phased kernels agree
+    monkeypatch.setattr(ops, "single_pass_possible", lambda low: True)
+    with pytest.raises(AssertionError):
+        _run_steps(block_and_tensor.program(), params, grads, views=views)
