@@ -71,3 +71,9 @@ def test_alignment_hints_vectorise_every_tensor_access(ptx_widths):
 def test_without_the_hints_no_access_is_vectorised(ptx_widths):
     for name, entry in ptx_widths.items():
         assert entry["unaligned"] == {"v4_loads": 0, "v4_stores": 0}, (name, entry)
+
+
+def test_the_fused_microadam_step_compiles_for_sm90(compiled):
+    """With float32 and bfloat16 window values, with and without alignment hints."""
+    assert compiled["microadam_variants_compiled"] == [
+        "window0-aligned1", "window0-aligned0", "window1-aligned1", "window1-aligned0"]
