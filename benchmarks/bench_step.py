@@ -58,6 +58,8 @@ RULES = {
     "lion": RuleSpec(fusedopt.Lion, None, "adamw", lr=1e-4, weight_decay=1e-1),
     "lamb": RuleSpec(fusedopt.LAMB, None, "adamw", lr=1e-3),  # two reduction phases + global clipping
     "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
+    # MicroAdam: sparse window and 4-bit error feedback (about 0.9 B/param); run with --dtype bf16 as the paper
+    "microadam": RuleSpec(fusedopt.MicroAdam, None, "adamw", lr=1e-4),
     "adam-mini": RuleSpec(fusedopt.AdamMini, None, "adamw", named=True, lr=1e-3, weight_decay=1e-2),
     # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW
     "adamw8bit": RuleSpec(fusedopt.AdamW8bit, None, "adamw", lr=1e-3, weight_decay=1e-2),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, the GPU tests, then benchmarks. Usage (repository root):
-#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b [OUTDIR]
+#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b,layouts,tune [OUTDIR]
 # Logs and result files go to OUTDIR (default $OUT, else benchmarks/out); the summary is printed last.
 set -uo pipefail
 parts=${1:-tests,gpt2}
@@ -17,6 +17,13 @@ for part in ${parts//,/ }; do
     tests) timeout 300 python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     gpt2|llama1b) timeout 420 python3 -m benchmarks.bench_step --shapes "$part" ${BENCH_ARGS:-} --out "$out" \
                     > "$out/bench_$part.txt" 2> "$out/bench_$part.err"; echo "bench $part rc=$?"; tail -5 "$out/bench_$part.err" ;;
+    layouts) for shapes in gpt2 llama1b; do  # per-row/column/block rules (fp32) and MicroAdam (bf16, as the paper)
+               timeout 420 python3 -m benchmarks.bench_step --shapes $shapes --rules adafactor,adam-mini \
+                 --out "$out" > "$out/bench_layouts_$shapes.txt" 2>> "$out/bench_layouts.err"
+               timeout 420 python3 -m benchmarks.bench_step --shapes $shapes --rules microadam,adamw --dtype bf16 \
+                 --impls fusedopt-triton,torch-fused --out "$out" > "$out/bench_microadam_$shapes.txt" \
+                 2>> "$out/bench_layouts.err"
+             done; tail -5 "$out/bench_layouts.err" ;;
     tune) for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=4096,ITERS=1,num_warps=8 \
                      BLOCK=1024,ITERS=8,num_warps=4 BLOCK=2048,ITERS=4,num_warps=8 BLOCK=512,ITERS=8,num_warps=4; do
             FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules adamw \

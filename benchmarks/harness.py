@@ -139,8 +139,11 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
     Per parameter with a gradient: read and write the parameter, read the gradient, read and write
     every tensor in its state that lives on the parameter's device (torch.optim keeps a
     non-capturable ``step`` on the host; it moves no device memory). Element sizes are those of the
-    actual tensors, so bf16 parameters or fp32 states of bf16 parameters are counted as they are.
+    actual tensors, so bf16 parameters or fp32 states of bf16 parameters are counted as they are. An
+    optimizer that writes only part of its state (MicroAdam: one window row of m) says what its
+    state moves through ``state_bytes_moved(p)``.
     """
+    moved_by = getattr(optimizer, "state_bytes_moved", None)
     moved = state = n = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -150,8 +153,10 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
             moved += 2 * _nbytes(p) + _nbytes(p.grad)
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.device == p.device:
-                    moved += 2 * _nbytes(value)
+                    moved += 0 if moved_by else 2 * _nbytes(value)
                     state += _nbytes(value)
+            if moved_by:
+                moved += moved_by(p)
     return Traffic(bytes_per_step=moved, state_bytes=state, n_params=n)
 
 

@@ -57,8 +57,8 @@ def eligible(param: torch.Tensor, grad: torch.Tensor, states: Sequence[torch.Ten
     are found from an element's flat index in row-major order, so every tensor must be contiguous."""
     if param.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
         return False
-    if row_major and not (param.is_contiguous() and grad.is_contiguous()):
-        return False
+    if row_major and not (param.is_contiguous() and grad.is_contiguous() and param.numel() > 0):
+        return False  # (an empty matrix still has per-row or per-column states: the reference keeps them)
     if param.is_contiguous() and grad.is_contiguous() and all(t.is_contiguous() for t in states):
         return all(t.shape == param.shape and t.device == param.device for t in (grad, *states))
     if not _dense(param):
@@ -183,12 +183,15 @@ _IDENTITY = {"sum": 0.0, "mean": 0.0, "max": float("-inf")}
 
 
 def tiles(numels, geometry, rows: int, block: int) -> tuple[list[int], list[int]]:
-    """(tensor, first element) of every tile of ``rows`` rows and ``block`` columns of every matrix;
-    one fully masked tile (past the end of tensor 0) when there is none, so a launch is never empty."""
+    """(tensor, first element) of every tile of ``rows`` rows and ``block`` columns of every matrix; an
+    empty tensor gets one fully masked tile (which still writes its per-tensor values), so a launch is
+    never empty either."""
     tile_tensor: list[torch.Tensor] = []
     tile_start: list[torch.Tensor] = []
     for i, (numel, (per_row, per_matrix)) in enumerate(zip(numels, geometry)):
         if numel == 0:
+            tile_start.append(torch.zeros(1, dtype=torch.int64))
+            tile_tensor.append(torch.full((1,), i, dtype=torch.int64))
             continue
         matrices = torch.arange(numel // per_matrix, dtype=torch.int64) * per_matrix
         first_rows = torch.arange(0, per_matrix // per_row, rows, dtype=torch.int64) * per_row

@@ -170,7 +170,8 @@ def _geometry(program: ir.Program, param: torch.Tensor, states: list[torch.Tenso
         n_blocks = blocks[0].numel()
         if (n_blocks == 0) != (numel == 0) or (numel and numel % n_blocks):
             raise ValueError(f"rule '{program.name}': a parameter of shape {shape} cannot be split into "
-                             f"{n_blocks} equal blocks (its per-block state's length)")
+                             f"{n_blocks} equal blocks (its per-block state's length); its partition must "
+                             "divide it into equal blocks (see fusedopt.partition.Blocks)")
         per_row = numel // n_blocks if n_blocks else 1
         per_matrix = max(numel, 1)
     else:
@@ -183,7 +184,8 @@ def _geometry(program: ir.Program, param: torch.Tensor, states: list[torch.Tenso
             if t.numel() != cells or not t.is_contiguous():
                 raise ValueError(f"rule '{program.name}': state '{spec.name}' of a parameter of shape {shape} "
                                  f"has shape {tuple(t.shape)}; its '{spec.layout}' layout needs {cells} "
-                                 "contiguous values")
+                                 "contiguous values: load a checkpoint of the same rule, or make the state "
+                                 "contiguous")
     return per_row, per_matrix
 
 

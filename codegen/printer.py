@@ -147,6 +147,10 @@ class TritonPrinter:
         return (f"tl.where({x} > 0, {self._const(1.0)}, tl.where({x} < 0, {self._const(-1.0)}, "
                 f"{self._const(0.0)}))")
 
+    def _print_NonFinite(self, e) -> str:
+        x = self(e.args[0])  # NaN compares false with everything, so it counts as non-finite
+        return f"tl.where(tl.abs({x}) < float('inf'), {self._const(0.0)}, {self._const(1.0)})"
+
     def _print_exp(self, e) -> str:
         return self._fn64("exp", self(e.args[0]))
 

@@ -300,20 +300,22 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
         value = element(expr)
         if not ir.free_names(expr) & per_element:  # a per-tensor constant: broadcast it to the block
             value = f"tl.broadcast_to({value}, [BLOCK])"
-        if spec.dtype_of(target) == "q4":
-            if masked:
-                value = f"tl.where(mask, {value}, 0.0)"
-            state = next(s for s in prog.states if s.name == target)
-            out.add(3, f"_q4_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, "
-                       f"q4mid_{'u' if state.nonnegative else 's'}, offs, (start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK)")
-            continue
-        if spec.dtype_of(target) == "q8":
+        if spec.dtype_of(target) in ir.QUANTIZED:
             if masked:
                 value = f"tl.where(mask, {value}, 0.0)"
             state = next(s for s in prog.states if s.name == target)
             kind = "u" if state.nonnegative else "s"
-            out.add(3, f"_q8_store({value}, ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}, qmid_{kind}, qbase_{kind}, "
-                       f"offs, (start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
+            indent = 3
+            if low.skip_flag is not None:  # a skipped step keeps the codes (re-encoding may move them)
+                out.add(3, f"if s_{low.skip_flag} == 0:")
+                indent = 4
+            pointers = f"ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}"
+            if state.dtype == "q4":
+                out.add(indent, f"_q4_store({value}, {pointers}, q4mid_{kind}, offs, "
+                                f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK)")
+            else:
+                out.add(indent, f"_q8_store({value}, {pointers}, qmid_{kind}, qbase_{kind}, offs, "
+                                f"(start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
             continue
         owner = LAYOUT_OWNER[_layout(spec, target)]
         if owner is not None:  # a per-row (column, block) state: its first element writes it
@@ -416,7 +418,11 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     out.add(1, "# the last program of this tensor to finish advances its step counter (and resets its")
     out.add(1, "# reduction accumulators); the last program of all resets the group accumulators")
     out.add(1, "if tl.atomic_add(done + tid, 1) == tl.load(chunk_count + tid) - 1:")
-    out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
+    if low.skip_flag is not None:  # a skipped step does not count
+        out.add(2, f"tl.store(ptr_{ir.STEP}, tl.where(s_{low.skip_flag} != 0, s_{ir.STEP} - 1.0, s_{ir.STEP})"
+                   ".to(tl.float32))")
+    else:
+        out.add(2, f"tl.store(ptr_{ir.STEP}, s_{ir.STEP}.to(tl.float32))")
     out.add(2, "tl.store(done + tid, 0)")
     for r in low.reductions:
         if r.over == "tensor":

@@ -2,6 +2,7 @@
 
 from . import dsl, ir, passes, reference
 from .dsl import Rule, RuleError, rule, state
+from .microadam import MicroAdam
 from .monitor import OptimizerMonitor
 from .optim import FusedOptimizer, kernel_source, phases
 from .torch_compat import LAMB, SGD, Adafactor, Adam, Adam8bit, AdamMini, AdamW, AdamW4bit, AdamW8bit, Lion
@@ -17,6 +18,7 @@ __all__ = [
     "FusedOptimizer",
     "LAMB",
     "Lion",
+    "MicroAdam",
     "OptimizerMonitor",
     "Rule",
     "RuleError",

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import optimizers
 from .dsl import Rule
+from .microadam import MicroAdam
 from .optim import FusedOptimizer
 from .partition import Blocks
 from .torch_compat import LAMB, SGD, Adafactor, Adam, AdamMini, AdamW, Lion
@@ -69,6 +70,8 @@ RULES: dict[str, DemoRule] = {
         DemoRule("adafactor", lambda m: Adafactor(m.parameters()), "torch's defaults (lr 1e-2)"),
         DemoRule("adamw8bit", lambda m: AdamW(decay_groups(m, 0.1), lr=3e-3, betas=(0.9, 0.95), state_dtype="q8"),
                  "as adamw, 8-bit moments (tensors >= 4096 elements)"),
+        DemoRule("microadam", lambda m: MicroAdam(m.parameters(), lr=1e-2, betas=(0.9, 0.95)),
+                 "lr 1e-2, betas (0.9, 0.95), window 10, density 1 %"),
     )
 }
 

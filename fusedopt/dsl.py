@@ -282,6 +282,10 @@ CLIP_HPARAM = "max_grad_norm"
 # on the device and every program reads it as this hyperparameter.
 CLIP_SCALE = "clip_scale"
 CLIP_MODES = ("norm", "scale")
+# Skipping the step of a group with a NaN or infinite gradient: "group" finds it with a fused reduction
+# over the group; "flag" reads a flag the caller computed (for groups that run as several programs).
+SKIP_FLAG = "nonfinite_flag"
+SKIP_MODES = ("group", "flag")
 
 
 # ---- the decorator ------------------------------------------------------------------------------
@@ -322,7 +326,8 @@ class Rule:
                         "use a number (a hyperparameter) or a bool (a static option)")
 
     def program(self, clip: bool | str | None = False, state_dtype: str | None = None,
-                stochastic_rounding: bool = False, master_weights: bool = False, **options: bool) -> ir.Program:
+                stochastic_rounding: bool = False, master_weights: bool = False, skip_nonfinite: str | None = None,
+                **options: bool) -> ir.Program:
         """The rule's IR for these static options. ``clip=True`` (or "norm") adds global-norm gradient
         clipping: the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
@@ -332,7 +337,10 @@ class Rule:
         bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
         ``sr_seed``. ``master_weights=True`` keeps a float32 copy of each parameter as the state
         ``master_param``: the rule reads and updates it in place of ``p``, and ``p`` receives its new
-        value rounded to the parameter's dtype (for bf16/fp16 training)."""
+        value rounded to the parameter's dtype (for bf16/fp16 training). ``skip_nonfinite`` ("group" or
+        "flag") leaves parameters, states and step counters as they were when a gradient of the group
+        holds a NaN or an infinity: "group" detects it with a reduction over the group, "flag" reads
+        the hyperparameter ``nonfinite_flag`` (nonzero: skip) that the caller computed."""
         if state_dtype is not None and state_dtype not in ir.STORAGE_DTYPES:
             raise _fail(self.name, f"state_dtype={state_dtype!r} is not a storage dtype",
                         f"use one of {list(ir.STORAGE_DTYPES)}")
@@ -353,6 +361,10 @@ class Rule:
             program = _with_stochastic_rounding(program)
         if master_weights:
             program = _with_master_weights(program)
+        if skip_nonfinite:
+            if skip_nonfinite not in SKIP_MODES:
+                raise _fail(self.name, f"skip_nonfinite={skip_nonfinite!r}", f"pass None or one of {list(SKIP_MODES)}")
+            program = _with_skip_nonfinite(program, skip_nonfinite)
         return program
 
     def __repr__(self) -> str:
@@ -377,6 +389,20 @@ def _with_master_weights(program: ir.Program) -> ir.Program:
     updates.append((ir.PARAM, new_value))
     states = (ir.StateSpec(ir.MASTER, init="p", dtype="fp32"),) + program.states
     return dataclasses.replace(program, states=states, updates=tuple(updates))
+
+
+@functools.lru_cache(maxsize=None)
+def _with_skip_nonfinite(program: ir.Program, mode: str) -> ir.Program:
+    hparams, defaults = program.hparams, program.defaults
+    if mode == "group":
+        flag = ir.MaxGroup(ir.NonFinite(ir.symbol(ir.GRAD)))
+    else:
+        if SKIP_FLAG in hparams:
+            raise _fail(program.name, f"it has its own '{SKIP_FLAG}'", "rename it to skip non-finite steps")
+        hparams, defaults, flag = hparams + (SKIP_FLAG,), defaults + (0.0,), ir.symbol(SKIP_FLAG)
+    keep = sympy.Eq(flag, 0, evaluate=False)
+    updates = tuple((target, sympy.Piecewise((expr, keep), (ir.symbol(target), True))) for target, expr in program.updates)
+    return dataclasses.replace(program, hparams=hparams, defaults=defaults, updates=updates, skip_when=flag)
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,6 +74,9 @@ class Program:
     updates: tuple[tuple[str, sympy.Expr], ...]  # target ("p" or a state name) -> new value
     # bf16 parameters are written with stochastic rounding (hyperparameter SR_SEED seeds the stream)
     stochastic_rounding: bool = False
+    # a scalar that is nonzero when the step must leave everything as it was (a non-finite gradient
+    # in the group): every update already keeps its old value then; the step counter does not advance
+    skip_when: sympy.Expr | None = None
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -141,6 +144,8 @@ class Program:
             lines.append(f"  {target} <- {sympy.srepr(expr)}")
         if self.stochastic_rounding:
             lines.append("  stochastic_rounding")
+        if self.skip_when is not None:
+            lines.append(f"  skip_when {sympy.srepr(self.skip_when)}")
         return "\n".join(lines) + "\n"
 
     def pretty(self) -> str:
@@ -207,8 +212,20 @@ for _op in REDUCE_OPS:
         globals()[_op.capitalize() + _over.capitalize()] = reduction(_op, _over)
 
 
+class NonFinite(sympy.Function):
+    """1 where x is NaN or infinite, 0 where it is finite."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return sympy.Integer(0 if arg.is_finite else 1)
+        return None
+
+
 # Node kinds every backend can run; anything else in a rule is a definition-time error.
-SUPPORTED_NODES = (Reduction, 
+SUPPORTED_NODES = (Reduction, NonFinite, 
     sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Abs, sympy.sign, sympy.exp,
     sympy.log, sympy.Min, sympy.Max, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair,
     sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan, sympy.Equality,

@@ -18,13 +18,15 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import torch
 
 from . import ir, quant, reference
-from .dsl import CLIP_HPARAM, CLIP_SCALE, Rule
+from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
 STOCHASTIC_ROUNDING = "stochastic_rounding"
 MASTER_WEIGHTS = "master_weights"
+NONFINITE = "nonfinite"  # what a step does when a gradient holds NaN or Inf
+NONFINITE_POLICIES = ("propagate", "skip")
 
 BACKENDS = ("reference", "triton")
 
@@ -148,8 +150,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._groups: list[_ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
         self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
-        self._clip_modes: dict[int, str] = {}  # id(group) -> how its gradients are clipped
-        self._clip_scales: dict[int, torch.Tensor] = {}  # id(group) -> its clipping factor (mode "scale")
+        self._multi: dict[int, bool] = {}  # id(group) -> whether its tensors run as several programs
+        # id(group) -> {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}, computed before the
+        # launches of a group that runs as several programs, one copy on each device of the group
+        self._factors: dict[int, dict[torch.device, dict[str, torch.Tensor]]] = {}
         super().__init__(params, defaults)
         self._opt_called = True  # step() is never wrapped by LR schedulers (see below)
 
@@ -171,6 +175,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults[STOCHASTIC_ROUNDING] = False  # bf16 parameters written with stochastic rounding
         defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
         defaults[MASTER_WEIGHTS] = False  # a float32 copy of each parameter, updated in its place
+        defaults[NONFINITE] = "propagate"  # or "skip": a NaN/Inf gradient leaves the group's step undone
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -212,6 +217,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group[STOCHASTIC_ROUNDING] and any(isinstance(p, torch.Tensor) and p.dtype == torch.float16 for p in params):
             raise ValueError(f"{type(self).__name__}: stochastic_rounding rounds bfloat16 parameters; this group has "
                              "float16 ones. Fix: train in bfloat16, or use master_weights=True")
+        if group[NONFINITE] not in NONFINITE_POLICIES:
+            raise ValueError(f"{type(self).__name__}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
+                             "flow into the parameters and states) or 'skip' (the group's step is skipped)")
         seed = group[ir.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32:
             raise ValueError(f"{type(self).__name__}: sr_seed={seed!r}; expected an int in [0, 2**32)")
@@ -249,8 +257,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             chosen = dict(zip(self._group_options(), options))
             if matrix is not None:
                 chosen[ir.MATRIX_OPTION] = matrix
-            program = self.rule.program(clip=options[-4] or False, state_dtype=storage, stochastic_rounding=options[-2],
-                                        master_weights=options[-1], **chosen)
+            *_, clip, _, rounding, master, skip = options
+            program = self.rule.program(clip=clip or False, state_dtype=storage, stochastic_rounding=rounding,
+                                        master_weights=master, skip_nonfinite=skip, **chosen)
             prepared = _Prepared(program, reference.compile_program(program), {}, program.has_group_reductions)
             program.needs_reference, program.uses_blocks, program.has_small_layouts  # computed now, read later
             self._prepared_by_options[options] = prepared
@@ -265,38 +274,50 @@ class FusedOptimizer(torch.optim.Optimizer):
         return prepared
 
     def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
-        """The static choices: the rule's options, the tensor kind, whether gradients are clipped, the
-        state storage, whether bf16 parameters are rounded stochastically, and master weights."""
-        return (*(group[k] for k in self._group_options()), matrix, self._clip_mode(group), storage,
-                group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS])
+        """The static choices: the rule's options, the tensor kind, how gradients are clipped, the
+        state storage, whether bf16 parameters are rounded stochastically, master weights, and how a
+        non-finite gradient skips the step."""
+        multi = self._runs_as_several_programs(group)
+        clip = None if group.get(CLIP_HPARAM) is None else ("scale" if multi else "norm")
+        skip = None if group[NONFINITE] == "propagate" else ("flag" if multi else "group")
+        return (*(group[k] for k in self._group_options()), matrix, clip, storage, group[STOCHASTIC_ROUNDING],
+                group[MASTER_WEIGHTS], skip)
 
-    def _clip_mode(self, group: Mapping[str, Any]) -> str | None:
-        """None without max_grad_norm; "norm" when one program steps the whole group, so its kernels
-        reduce the global norm themselves; "scale" when the group's tensors run as several programs
-        (matrix and vector variants, quantized and float32 states, several devices): then the factor
-        is computed on the device before the step (see _update_clip_scale) and read by each."""
-        if group.get(CLIP_HPARAM) is None:
-            return None
-        mode = self._clip_modes.get(id(group))
-        if mode is None:
+    def _runs_as_several_programs(self, group: Mapping[str, Any]) -> bool:
+        """Whether the group's tensors run as several programs (matrix and vector variants, quantized
+        and float32 states, several devices). Then a group-wide clipping factor and non-finite flag
+        cannot be reductions of one fused step: they are computed on the device before the launches
+        (see _update_group_factors) and every program reads them as hyperparameters."""
+        multi = self._multi.get(id(group))
+        if multi is None:
             kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
-            mode = self._clip_modes[id(group)] = "scale" if len(kinds) > 1 else "norm"
-            if mode == "scale":  # made now, not inside a traced step
-                device = group["params"][0].device
-                self._clip_scales[id(group)] = torch.ones((), dtype=torch.float64, device=device)
-        return mode
+            multi = self._multi[id(group)] = len(kinds) > 1
+            if multi:  # made now, not inside a traced step
+                self._factors[id(group)] = {
+                    device: {name: torch.full((), value, dtype=torch.float64, device=device)
+                             for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
+                    for device in dict.fromkeys(p.device for p in group["params"])}
+        return multi
 
-    def _update_clip_scale(self, group: Mapping[str, Any], grads: list) -> None:
-        """min(1, max_grad_norm / (||g|| + 1e-6)) over every gradient of the group, into the group's
-        factor tensor, without a host sync (as torch.nn.utils.clip_grad_norm_ computes it)."""
+    def _update_group_factors(self, group: Mapping[str, Any], grads: list) -> None:
+        """Over every gradient of the group, without a host sync: the clipping factor
+        min(1, max_grad_norm / (||g|| + 1e-6)) (as torch.nn.utils.clip_grad_norm_ computes it, the norm
+        in float64) and the flag that a gradient holds a NaN or an infinity."""
         grads = [g for g in grads if g is not None]
-        scale = self._clip_scales[id(group)]
+        first, *others = self._factors[id(group)].values()
         if not grads:
             return
-        norms = [n.to(scale.device) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
-        total = torch.linalg.vector_norm(torch.stack(norms).double())
-        max_norm = group[CLIP_HPARAM]
-        scale.copy_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        device = first[CLIP_SCALE].device
+        if group.get(CLIP_HPARAM) is not None:
+            norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            first[CLIP_SCALE].copy_(torch.clamp(group[CLIP_HPARAM] / (total + 1e-6), max=1.0))
+        if group[NONFINITE] == "skip":  # the largest magnitude is NaN or Inf exactly when one element is
+            peaks = torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))])
+            first[SKIP_FLAG].copy_((~torch.isfinite(peaks)).any())
+        for copy in others:  # each device's programs read their own copy
+            for name, value in first.items():
+                copy[name].copy_(value, non_blocking=True)
 
     def _static_options(self, group: Mapping[str, Any]) -> tuple:
         """Everything static about a group, whatever its tensors."""
@@ -317,8 +338,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if name in self._alias_of:
                 key, i = self._alias_of[name]
                 value = group[key][i]
-            elif name == CLIP_SCALE:
-                value = self._clip_scales[id(group)]
+            elif name in (CLIP_SCALE, SKIP_FLAG):
+                value = self._factors[id(group)][device][name]
             else:
                 value = group[name]
             if not isinstance(value, torch.Tensor) or value.device != device:
@@ -374,10 +395,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: _ParamGroup, params: list, eager: bool) -> None:
-        clip_scale = None
-        if self._clip_mode(group) == "scale":
-            clip_scale = functools.partial(self._update_clip_scale, group)
-            clip_scale([p.grad for p in params])
+        factors = None
+        *_, clip, _, _, _, skip = self._static_options(group)[:-1]
+        if clip == "scale" or skip == "flag":
+            factors = functools.partial(self._update_group_factors, group)
+            factors([p.grad for p in params])
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, *self._kind_of(group, p)), []).append(i)
@@ -387,16 +409,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
                 prepared = self._prepared(group, matrix, storage)
             if len(by_kind) > 1 and prepared.group_wide:
-                raise RuntimeError(f"{type(self).__name__}: a group with {CLIP_HPARAM} (or another group-wide "
-                                   "reduction) must have its parameters on one device and, for rules with "
-                                   "per-tensor kinds, of one kind; split the group")
+                raise RuntimeError(f"{type(self).__name__}: rule '{self.rule.name}' reduces over the whole group "
+                                   "in its own update, which one fused call must see whole, but this group's "
+                                   f"parameters need {len(by_kind)} (devices, tensor kinds or state storages); "
+                                   "split the group")
             call = self._step_tensors(prepared, group, device, [params[i] for i in idx], eager)
             calls.append((call, idx))
         if not eager:
             return
         self._fast.pop(id(group), None)
         if len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
-            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls, clip_scale)
+            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls, factors)
 
     def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):
         """Steps ``params``; returns the bound eager call when one fused call did all of it, else None."""
@@ -580,8 +603,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._groups = list(self.param_groups)
         self._fast = {}
-        self._clip_modes = {}
-        self._clip_scales = {}
+        self._multi = {}
+        self._factors = {}
 
 
 def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[str, Any]:

@@ -67,6 +67,18 @@ class Lowered:
         out.update({r.name: r.layout for r in self.small})
         return out
 
+    @property
+    def skip_flag(self) -> str | None:
+        """The scalar (a reduction result or a hyperparameter) that is nonzero when the step is
+        skipped (see ir.Program.skip_when), or None."""
+        flag = self.program.skip_when
+        if flag is None:
+            return None
+        if isinstance(flag, sympy.Symbol):
+            return flag.name
+        return next(r.name for r in self.reductions
+                    if (r.op, r.over, r.arg) == (flag.op, flag.over, flag.args[0]))
+
     def available_in(self, name: str) -> int:
         """The first phase whose kernel can compute scalar ``name`` (after the reductions it reads)."""
         deps = dict(self.scalars)[name].free_symbols

@@ -13,6 +13,7 @@ Python floats; elementwise math runs in ``compute_dtype``.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Mapping, NamedTuple, Sequence
 
@@ -73,6 +74,7 @@ class Compiled(NamedTuple):
     # group reductions, computed over every tensor before the per-tensor code runs:
     # (slot the result goes to, "sum" | "max", code computing the argument per tensor, argument slot)
     groups: tuple[tuple[str, str, tuple, object], ...] = ()
+    skip: object = None  # the slot of Program.skip_when: nonzero when the step is skipped
 
 
 class _Flattener:
@@ -169,7 +171,7 @@ def _relational(op):
 
 
 _FUNCTIONS = (
-    (sympy.Abs, "abs"), (sympy.sign, "sign"), (sympy.exp, "exp"), (sympy.log, "log"),
+    (ir.NonFinite, "nonfinite"), (sympy.Abs, "abs"), (sympy.sign, "sign"), (sympy.exp, "exp"), (sympy.log, "log"),
     (sympy.Min, "min"), (sympy.Max, "max"),
     (sympy.StrictGreaterThan, "gt"), (sympy.GreaterThan, "ge"), (sympy.StrictLessThan, "lt"),
     (sympy.LessThan, "le"), (sympy.Equality, "eq"), (sympy.Unequality, "ne"),
@@ -194,6 +196,7 @@ _OPS = {
     "max_tensor": lambda x, like: _tensor_max(x, like),
     "abs": torch.abs,
     "sign": torch.sign,
+    "nonfinite": lambda x: (~torch.isfinite(x)).to(x.dtype) if isinstance(x, torch.Tensor) else float(not math.isfinite(x)),
     "exp": torch.exp,
     "log": torch.log,
     "min": lambda *xs: _reduce(_min, xs),
@@ -211,7 +214,8 @@ _OPS = {
 def compile_program(program: ir.Program) -> Compiled:
     flat = _Flattener()
     outputs = tuple((target, flat(expr)) for target, expr in program.updates)
-    return Compiled(program, tuple(flat.code), outputs, tuple(flat.groups))
+    skip = flat(program.skip_when) if program.skip_when is not None else None
+    return Compiled(program, tuple(flat.code), outputs, tuple(flat.groups), skip)
 
 
 def _run(code: tuple, env: dict) -> dict:
@@ -335,6 +339,10 @@ def step(
                 dense = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                 dense = dense.to(torch.float32).expand(p.shape) if dense.numel() == 1 else dense
                 codes, absmax = quant.encode_state(dense.reshape(p.shape), spec.dtype, not spec.nonnegative)
+                if compiled.skip is not None:  # a skipped step keeps the codes (re-encoding may move them)
+                    skip = torch.as_tensor(_value(env, compiled.skip) != 0, device=dest.device)
+                    codes = torch.where(skip, dest.reshape(codes.shape), codes)
+                    absmax = torch.where(skip, states[target + ir.ABSMAX_SUFFIX][i], absmax)
                 dest.copy_(codes.reshape(dest.shape))
                 states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
                 continue
@@ -349,3 +357,5 @@ def step(
                 dest.copy_(value)
             else:
                 dest.fill_(value)
+        if compiled.skip is not None:  # a skipped step does not count
+            steps[i].sub_(torch.as_tensor(_value(env, compiled.skip) != 0, dtype=steps[i].dtype))

@@ -101,12 +101,12 @@ class Lion(_AdamFamily):
     def __init__(self, params: Iterable, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize: bool = False, max_grad_norm: float | None = None, state_dtype: str = "fp32",
                  quant_threshold: int = 4096, stochastic_rounding: bool = False, sr_seed: int = 0,
-                 master_weights: bool = False,
+                 master_weights: bool = False, nonfinite: str = "propagate",
                  backend: str | None = None):
         super().__init__(params, lion, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
                          stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, nonfinite=nonfinite, backend=backend)
 
 
 class SGD(FusedOptimizer):
@@ -143,12 +143,12 @@ class LAMB(_AdamFamily):
                  bias_correction: bool = True, trust_clip: bool = False, always_adapt: bool = False,
                  max_grad_norm: float | None = 1.0, state_dtype: str = "fp32", quant_threshold: int = 4096,
                  stochastic_rounding: bool = False, sr_seed: int = 0,
-                 master_weights: bool = False, backend: str | None = None):
+                 master_weights: bool = False, nonfinite: str = "propagate", backend: str | None = None):
         super().__init__(params, lamb, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, trust_clip=trust_clip, always_adapt=always_adapt,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
                          stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, nonfinite=nonfinite, backend=backend)
 
 
 class Adafactor(FusedOptimizer):
@@ -283,7 +283,7 @@ class AdamMini(_AdamFamily):
                  dim: int, n_heads: int, n_kv_heads: int | None = None, partition=None,
                  max_grad_norm: float | None = None, state_dtype: str = "fp32", quant_threshold: int = 4096,
                  stochastic_rounding: bool = False, sr_seed: int = 0,
-                 master_weights: bool = False, backend: str | None = None):
+                 master_weights: bool = False, nonfinite: str = "propagate", backend: str | None = None):
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named or not all(isinstance(n, str) for n, _ in named):
             raise TypeError("AdamMini takes model.named_parameters(): (name, parameter) pairs")
@@ -296,7 +296,7 @@ class AdamMini(_AdamFamily):
         super().__init__(groups, adam_mini, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, state_dtype=state_dtype, quant_threshold=quant_threshold,
                          stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, nonfinite=nonfinite, backend=backend)
 
     def _block_view(self, p: torch.Tensor) -> tuple[int, int]:
         return self._views[p]

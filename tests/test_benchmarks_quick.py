@@ -156,10 +156,10 @@ def test_unknown_choice_is_one_line_listing_valid_values(argv, bad, valid, capsy
 def test_a_failing_implementation_is_reported_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     make = bench_step._make_optimizer
 
-    def broken(rule, impl, params):
+    def broken(rule, impl, named, model):
         if rule == "adam":
             raise RuntimeError("deliberately broken")
-        return make(rule, impl, params)
+        return make(rule, impl, named, model)
 
     monkeypatch.setattr(bench_step, "_make_optimizer", broken)
     argv = ["--quick", "--rules", "adam,sgd", "--impls", "torch-foreach", "--out", str(tmp_path)]

@@ -33,6 +33,8 @@ CONFIGS = {
     # matrices and vectors as two programs, clipped together by a factor computed before them
     "adafactor-clipped-cosine": (lambda ps: fusedopt.Adafactor(ps, lr=0.01, max_grad_norm=1.0, backend="reference"),
                                  lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20), ()),
+    "adamw8bit-skip-nonfinite": (lambda ps: fusedopt.AdamW8bit(ps, lr=0.01, nonfinite="skip", backend="reference"),
+                                 lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20), ()),
     "sgd-onecycle-momentum": (lambda ps: fusedopt.SGD(ps, lr=0.05, momentum=0.9, backend="reference"),
                               lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=STEPS + 5,
                                                                             cycle_momentum=True), ("momentum",)),

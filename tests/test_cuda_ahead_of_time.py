@@ -44,6 +44,7 @@ def test_reduction_phase_kernels_compile_for_sm90(compiled):
     assert compiled["lamb_clip_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
     assert compiled["max_scaled_kernels_compiled"] == ["fused_step", "reduce_phase_0"]  # float64 atomic max
     assert compiled["adamw_q8_sr_kernels_compiled"] == ["fused_step"]
+    assert compiled["adamw_q8_skip_nonfinite_kernels_compiled"] == ["fused_step", "reduce_phase_0"]
 
 
 def test_per_row_column_and_block_kernels_compile_for_sm90(compiled):

@@ -297,3 +297,53 @@ def test_one_kernel_for_a_rule_reducing_over_whole_tensors_would_be_wrong(monkey
     monkeypatch.setattr(ops, "single_pass_possible", lambda low: True)
     with pytest.raises(AssertionError):
         _run_steps(block_and_tensor.program(), params, grads, views=views)
+
+
+# ---- empty tensors -----------------------------------------------------------------------------------
+
+@rule("cols_and_tensor")
+def cols_and_tensor(p, g, t, lr=0.1):
+    s = state("s", layout="tensor")
+    s.set(s + 1)
+    p.set(p - lr * g * mean(g * g, over="cols") - s * 0)
+
+
+def test_an_empty_tensor_keeps_its_per_tensor_state_in_tiled_phases():
+    """The store of a per-tensor state shares a phase (over tiles) with a column reduction; an empty
+    tensor gets a masked tile of its own, so its state still advances, as in the reference."""
+    device = any_kernel_device()
+    program = cols_and_tensor.program()
+    assert template.tiled_phases(ops.lowered(program))
+    sizes = [0, 5]
+    result = {}
+    for backend in ("triton", "reference"):
+        ps = [torch.zeros(n, device=device) for n in sizes]
+        gs = [torch.ones(n, device=device) for n in sizes]
+        ss = [torch.zeros((), device=device) for _ in sizes]
+        ts = [torch.zeros((), device=device) for _ in sizes]
+        lr = torch.tensor(0.1, dtype=torch.float64, device=device)
+        for _ in range(3):
+            if backend == "triton":
+                ops.fused_step(ops.register(program), ps, gs, ss, ts, [lr])
+            else:
+                reference.step(program, ps, gs, {"s": ss}, ts, {"lr": lr})
+        result[backend] = [x.item() for x in ss]
+    assert result["triton"] == result["reference"] == [3.0, 3.0]
+
+
+def test_empty_matrices_in_a_fused_adafactor_step():
+    """A (0, 4) matrix still has a (1, 4) column factor: such tensors take the reference path."""
+    device = any_kernel_device()
+    shapes = [(0, 4), (3, 4), (4, 0)]
+    finals = {}
+    for backend in ("triton", "reference"):
+        params = [torch.ones(s, device=device).requires_grad_() for s in shapes]
+        opt = fusedopt.Adafactor(params, backend=backend)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            opt.step()
+        finals[backend] = (params[1].detach().cpu(), opt.state[params[0]]["col_var"].shape,
+                           opt.state[params[2]]["row_var"].shape)
+    torch.testing.assert_close(finals["triton"][0], finals["reference"][0])
+    assert finals["triton"][1:] == finals["reference"][1:] == ((1, 4), (4, 1))

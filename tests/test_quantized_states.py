@@ -364,7 +364,11 @@ def test_clipping_spans_a_group_split_by_the_quant_threshold():
     assert opt.state[ours[1]]["momentum_buffer"].dtype == torch.uint8
     assert opt.state[ours[0]]["momentum_buffer"].dtype == torch.float32
     torch.testing.assert_close(ours[0].cpu(), theirs[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours[1].cpu(), theirs[1], rtol=0, atol=0.05)  # 8-bit momentum
+    # 8-bit momentum: the large tensor moves as torch's does, to within the map's resolution (the
+    # dynamic map's steps are a few percent of a block's absmax), against moves of about 1e-2
+    moved, expected = ours[1].detach().cpu() - base[1], theirs[1].detach() - base[1]
+    assert float(expected.abs().max()) > 5e-3
+    torch.testing.assert_close(moved, expected, rtol=0, atol=0.05 * float(expected.abs().max()))
 
 
 def test_the_bucket_table_refuses_buckets_wider_than_the_kernel_compares(monkeypatch):

@@ -72,9 +72,9 @@ def _check_no_recompiles(device, sched_name, opt_name):
     models = [make(), make()]
     models[1].load_state_dict(models[0].state_dict())
     # LAMB: reduction phases and clipping; Adafactor: per-row and per-column values in four phases, and
-    # clipping across its matrix and vector programs (a factor computed before the launches)
+    # clipping and the non-finite check across its matrix and vector programs (computed before the launches)
     make_opt = {"adam": fusedopt.Adam, "lamb": fusedopt.LAMB,
-                "adafactor": functools.partial(fusedopt.Adafactor, max_grad_norm=1.0)}[opt_name]
+                "adafactor": functools.partial(fusedopt.Adafactor, max_grad_norm=1.0, nonfinite="skip")}[opt_name]
     opts = [make_opt(m.parameters(), lr=0.01, backend="triton") for m in models]
     if sched_name == "onecycle":  # cycles betas[0] as well as lr
         scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=60) for o in opts]
