@@ -64,6 +64,8 @@ import triton.language as tl
 from fusedopt import sparse
 
 from codegen import launch, ops
+from codegen.launch import _upload
+from codegen.topk import select_topk
 
 # columns of the tensor table
 P_PARAM, P_GRAD, P_WINDEX, P_WVALUE, P_CODES, P_EMIN, P_EMAX, P_STEP = range(8)
@@ -228,20 +230,11 @@ def microadam_step(
 
         # 2. top-k of |a|: radix select of the k-th largest key, ties to the lower index
         key = a.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        key = tl.where(valid, key, -1)
-        threshold = tl.full([], 0, tl.int32)
-        for i in range(31):
-            candidate = threshold | (1 << (30 - i))
-            count = tl.sum((key >= candidate).to(tl.int32), axis=0)
-            threshold = tl.where(count >= k, candidate, threshold)
-        above = key > threshold
-        need = k - tl.sum(above.to(tl.int32), axis=0)
-        tie = key == threshold
-        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+        keep, rank = select_topk(tl.where(valid, key, -1), k)
 
         # 3. window row (t - 1) mod m, compacted in index order
         slot = (t - 1) % m
-        column = slot * k_row + j * k_full + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        column = slot * k_row + j * k_full + rank
         tl.store(windex + column, lane.to(tl.int16), mask=keep)
         if WDTYPE == 1:
             tl.store(wvalue + column, _to_bf16_rne(a), mask=keep)
@@ -306,14 +299,6 @@ def microadam_step(
 
 
 # ---- host side -----------------------------------------------------------------------------------
-
-
-def _upload(dest: torch.Tensor, values: list[int]) -> None:
-    host = torch.tensor(values, dtype=torch.int64).reshape(dest.shape)
-    if dest.device.type == "cuda":
-        dest.copy_(host.pin_memory(), non_blocking=True)
-    else:
-        dest.copy_(host)
 
 
 def _max_programs(device: torch.device, target: str) -> int:

@@ -34,6 +34,22 @@ _KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def select_topk(key, k):
+    """Which lanes hold the k largest keys (int32, -1 for padding), ties to the lower index, and each
+    kept lane's rank among the kept ones in index order (steps 2 to 4 of the module docstring)."""
+    threshold = tl.full([], 0, tl.int32)
+    for i in range(31):
+        candidate = threshold | (1 << (30 - i))
+        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    above = key > threshold
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    tie = key == threshold
+    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    return keep, tl.cumsum(keep.to(tl.int32), axis=0) - 1
+
+
+@triton.jit
 def _block_topk_kernel(
     a_ptr,
     index_ptr,
@@ -55,17 +71,8 @@ def _block_topk_kernel(
     key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     key = tl.where(valid, key, -1)
 
-    threshold = tl.full([], 0, tl.int32)
-    for i in range(31):
-        candidate = threshold | (1 << (30 - i))
-        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(count >= k, candidate, threshold)
-
-    above = key > threshold
-    need = k - tl.sum(above.to(tl.int32), axis=0)
-    tie = key == threshold
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
-    column = j.to(tl.int64) * k_full + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    keep, rank = select_topk(key, k)
+    column = j.to(tl.int64) * k_full + rank
     tl.store(index_ptr + column, lane.to(tl.int16), mask=keep)
     tl.store(value_ptr + column, x, mask=keep)
 

@@ -160,9 +160,11 @@ def test_fp16_parameters_and_fp32_window():
 MUTANTS = {
     # ring ages off by one
     "age": ("age = (t - 1 - row_i) % m", "age = (t - row_i) % m"),
-    # ties go to the higher index
-    "ties": ("keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))",
-             "keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) > tl.sum(tie.to(tl.int32), axis=0) - need))"),
+    # ties go to the higher index (the selection of the reversed block, reversed back)
+    "ties": ("keep, rank = select_topk(tl.where(valid, key, -1), k)",
+             "keep, rank = select_topk(tl.flip(tl.where(valid, key, -1), 0), k)\n"
+             "        keep = tl.flip(keep, 0)\n"
+             "        rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1"),
     # nibbles swapped
     "nibbles": ("(even * 16 + odd).to(tl.uint8)", "(odd * 16 + even).to(tl.uint8)"),
     # bias correction with the window mass instead of 1 - beta^t
