@@ -115,14 +115,20 @@ def _run_steps(program, params, grads_per_step, views=None, **values):
     return params
 
 
+def _random_case(shapes, n_steps, seed, device, dtype=torch.float32):
+    """Parameters of ``shapes`` (ints: flat sizes) and ``n_steps`` lists of gradients, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(n_steps)]
+    return params, grads
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @given(shapes=st.lists(matrix_shapes(), min_size=1, max_size=3), n_steps=st.integers(1, 3),
        seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_row_and_column_reductions_and_states_match_the_reference(device, shapes, n_steps, seed, dtype):
     require_kernel_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(n_steps)]
+    params, grads = _random_case(shapes, n_steps, seed, device, dtype)
     _run_steps(factored_mix.program(matrix=True), params, grads)
 
 
@@ -137,9 +143,7 @@ def block_views(draw):
 @given(views=st.lists(block_views(), min_size=1, max_size=4), n_steps=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_block_reductions_and_states_match_the_reference(device, views, n_steps, seed):
     require_kernel_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n * b, generator=gen).to(device) for n, b in views]
-    grads = [[torch.randn(n * b, generator=gen).to(device) for n, b in views] for _ in range(n_steps)]
+    params, grads = _random_case([n * b for n, b in views], n_steps, seed, device)
     _run_steps(block_mix.program(), params, grads, views=views)
 
 
@@ -148,9 +152,7 @@ def test_block_reductions_and_states_match_the_reference(device, views, n_steps,
        n_steps=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_per_tensor_states_match_the_reference(device, sizes, n_steps, seed):
     require_kernel_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=gen).to(device) for n in sizes]
-    grads = [[torch.randn(n, generator=gen).to(device) for n in sizes] for _ in range(n_steps)]
+    params, grads = _random_case(sizes, n_steps, seed, device)
     after = _run_steps(tensor_state.program(), params, grads)
     assert all(p.shape == (n,) for p, n in zip(after, sizes))
 
@@ -210,9 +212,7 @@ def test_a_wrong_column_index_is_caught(monkeypatch):
        lr=st.sampled_from([1e-3, 0.05]), weight_decay=st.sampled_from([0.0, 0.01]))
 def test_factored_adafactor_matches_the_reference(device, variant, shapes, n_steps, seed, dtype, lr, weight_decay):
     require_kernel_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
-    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(n_steps)]
+    params, grads = _random_case(shapes, n_steps, seed, device, dtype)
     _run_steps(adafactor.program(matrix=True, **variant), params, grads, lr=lr, weight_decay=weight_decay)
 
 
@@ -220,9 +220,7 @@ def test_factored_adafactor_matches_the_reference(device, variant, shapes, n_ste
 @given(views=st.lists(block_views(), min_size=1, max_size=4), n_steps=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_adam_mini_matches_the_reference(device, views, n_steps, seed):
     require_kernel_device(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n * b, generator=gen).to(device) for n, b in views]
-    grads = [[torch.randn(n * b, generator=gen).to(device) for n, b in views] for _ in range(n_steps)]
+    params, grads = _random_case([n * b for n, b in views], n_steps, seed, device)
     _run_steps(adam_mini.program(), params, grads, views=views, weight_decay=0.1)
 
 
