@@ -211,7 +211,7 @@ def layout_cells(layout: str, numel: int, per_row: int, per_matrix: int) -> int:
     if numel == 0:
         return 0
     return {"full": numel, "rows": numel // per_row, "blocks": numel // per_row, "batch": numel // per_matrix,
-            "cols": numel // per_matrix * per_row, "scalar": 1, "tensor": 1}[layout]
+            "cols": numel // per_matrix * per_row}[layout]
 
 
 def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
