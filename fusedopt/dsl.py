@@ -49,6 +49,7 @@ class _Builder:
         self.known = known
         self.states: dict[str, ir.StateSpec] = {}
         self.updates: dict[str, sympy.Expr] = {}
+        self.selections: dict[str, sympy.Expr] = {}
 
     @classmethod
     def current(cls, what: str) -> "_Builder":
@@ -119,7 +120,7 @@ class _Handle:
 
 
 def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full",
-          nonnegative: bool = False) -> _Handle:
+          nonnegative: bool = False, quant_block: int | None = None) -> _Handle:
     """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16" or "q8" (8-bit
     blockwise, see fusedopt.quant; ``Rule.program(state_dtype=...)`` switches every full-size fp32
     state of a rule at once); ``nonnegative``: the state is never negative (a second moment), so a
@@ -128,19 +129,28 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
     shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors, or "blocks" (one value
     per block of the optimizer's partition, shape (n_blocks, 1)) or "tensor" (one value per tensor,
     shape ()). Row and column layouts need a rule
-    option ``matrix`` (True for tensors of two or more dimensions) to branch on."""
+    option ``matrix`` (True for tensors of two or more dimensions) to branch on.
+
+    ``dtype="q4minmax"`` (rules with a :func:`window` only) keeps the state as 4-bit codes, two per
+    byte, with a bf16 minimum and maximum per ``quant_block`` elements (default 2048, even), as
+    MicroAdam keeps its error feedback (see fusedopt.sparse)."""
     b = _Builder.current("state()")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise _fail(b.rule, f"state name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
-    if name.startswith("_") or name in ir.RESERVED or name in b.known:
-        raise _fail(b.rule, f"state '{name}' shadows a reserved name or hyperparameter",
-                    "give the state another name")
-    if name in b.states:
-        raise _fail(b.rule, f"state '{name}' is declared twice", f"call state('{name}') once and reuse the handle")
+    _declare(b, name, "state")
     if init not in ir.STATE_INITS:
         raise _fail(b.rule, f"state '{name}' has init={init!r}", f"use one of {list(ir.STATE_INITS)}")
-    if dtype not in ir.STORAGE_DTYPES:
-        raise _fail(b.rule, f"state '{name}' has dtype={dtype!r}", f"use one of {list(ir.STORAGE_DTYPES)}")
+    if dtype not in (*ir.STORAGE_DTYPES, ir.MINMAX):
+        raise _fail(b.rule, f"state '{name}' has dtype={dtype!r}",
+                    f"use one of {[*ir.STORAGE_DTYPES, ir.MINMAX]}")
+    if dtype == ir.MINMAX:
+        quant_block = ir.DEFAULT_MINMAX_BLOCK if quant_block is None else quant_block
+        if isinstance(quant_block, bool) or not isinstance(quant_block, int) or quant_block < 2 or quant_block % 2:
+            raise _fail(b.rule, f"state '{name}' has quant_block={quant_block!r}",
+                        "use an even int >= 2 (two 4-bit codes share a byte), e.g. 2048")
+    elif quant_block is not None:
+        raise _fail(b.rule, f"state '{name}' has quant_block={quant_block!r} but dtype={dtype!r}",
+                    f"quant_block applies to dtype='{ir.MINMAX}' only (q8 and q4 blocks are fixed)")
+    if layout == "window":
+        raise _fail(b.rule, f"state '{name}' has layout='window'", "declare windows with window(name, m, density, block)")
     if layout not in ir.STATE_LAYOUTS:
         raise _fail(b.rule, f"state '{name}' has layout={layout!r}", f"use one of {list(ir.STATE_LAYOUTS)}")
     if layout != "full" and init != "zeros":
@@ -150,8 +160,121 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
                     "quantize full-size states only (factored and per-block states are already small)")
     if not isinstance(nonnegative, bool):
         raise _fail(b.rule, f"state '{name}' has nonnegative={nonnegative!r}", "pass True or False")
-    b.states[name] = ir.StateSpec(name, init, dtype, layout, nonnegative)
+    if dtype == ir.MINMAX and init != "zeros":
+        raise _fail(b.rule, f"state '{name}' with dtype={dtype!r} has init={init!r}", "use init='zeros'")
+    b.states[name] = ir.StateSpec(name, init, dtype, layout, nonnegative, block=quant_block or 0)
     return _Handle(b, name)
+
+
+def _declare(b: _Builder, name: str, what: str) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _fail(b.rule, f"{what} name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
+    if name.startswith("_") or name in ir.RESERVED or name in b.known:
+        raise _fail(b.rule, f"{what} '{name}' shadows a reserved name or hyperparameter", f"give the {what} another name")
+    if name in b.states:
+        raise _fail(b.rule, f"{what} '{name}' is declared twice", f"call {what}('{name}') once and reuse the handle")
+
+
+class _Window:
+    """A window (see :func:`window`): ``push`` once, then read ``kept`` and ``sum``."""
+
+    def __init__(self, builder: _Builder, name: str):
+        self._builder = builder
+        self._name = name
+
+    def _sympy_(self):
+        raise _fail(self._builder.rule, f"the window '{self._name}' is read as a number",
+                    f"read it through {self._name}.sum(beta, power) or {self._name}.kept")
+
+    def _pushed(self, what: str) -> sympy.Symbol:
+        b = self._builder
+        if self._name not in b.updates:
+            raise _fail(b.rule, f"'{self._name}.{what}' is read before '{self._name}.push(...)'",
+                        "push this step's values first: the window's reads see the row just pushed")
+        return ir.symbol(self._name)
+
+    def push(self, value: Any, score: Any = None) -> None:
+        """Write this step's row: per top-k block of the tensor, the ``k`` elements whose ``score``
+        (default: ``value``) has the largest magnitude (ties to the lower index) keep their ``value``."""
+        b = self._builder
+        if self._name in b.updates:
+            raise _fail(b.rule, f"window '{self._name}' is pushed twice", "push once per step")
+        exprs = {}
+        for what, x in (("value", value), ("score", value if score is None else score)):
+            try:
+                expr = sympy.sympify(x, strict=True)
+            except (sympy.SympifyError, TypeError) as exc:
+                raise _fail(b.rule, f"{self._name}.push() got the {what} {x!r}, which is not an expression",
+                            "pass arithmetic over p, g, t, states and hyperparameters") from exc
+            if _is_condition(expr):
+                raise _fail(b.rule, f"{self._name}.push() got a comparison as its {what} ({expr})",
+                            "push numbers; wrap comparisons in where(cond, a, b)")
+            unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
+            if unknown:
+                raise _fail(b.rule, f"the {what} pushed into '{self._name}' reads undeclared name(s) {unknown}",
+                            "declare states with state('name') and hyperparameters as keyword arguments")
+            if expr.atoms(*ir.WINDOW_NODES) or expr.atoms(ir.Reduction):
+                raise _fail(b.rule, f"the {what} pushed into '{self._name}' reads a window or a reduction ({expr})",
+                            "push an elementwise expression of p, g, states and hyperparameters")
+            exprs[what] = ir.fold_constants(expr)
+        b.updates[self._name] = exprs["value"]
+        b.selections[self._name] = exprs["score"]
+
+    @property
+    def kept(self):
+        """The condition "this step's push kept this element", for where(...)."""
+        return sympy.Eq(ir.Kept(self._pushed("kept")), 1, evaluate=False)
+
+    def sum(self, beta: Any = 1, power: int = 1):
+        """``sum over rows of beta**age * value**power`` at each element, age 0 for the row just pushed
+        (an element a row did not keep adds 0). ``beta`` is a per-tensor scalar (hyperparameters and
+        t), ``power`` an int from 1 to 4."""
+        b = self._builder
+        window = self._pushed("sum")
+        beta = _expr(beta)
+        if not ir.free_names(beta) <= b.known - {ir.PARAM, ir.GRAD}:
+            raise _fail(b.rule, f"{self._name}.sum() got beta={beta}, which varies per element",
+                        "use a hyperparameter (or an expression of hyperparameters and t) as beta")
+        if isinstance(power, bool) or not isinstance(power, int) or not 1 <= power <= 4:
+            raise _fail(b.rule, f"{self._name}.sum() got power={power!r}", "use an int from 1 to 4")
+        return ir.WindowSum(window, ir.fold_constants(beta), sympy.Integer(power))
+
+    def __repr__(self) -> str:
+        return f"<window {self._name}>"
+
+
+def window(name: str = "window", m: int = 10, density: float = 0.01, block: int = 4096,
+           dtype: str = "bf16") -> _Window:
+    """Declare a window: a ring buffer of the last ``m`` block top-k selections (MicroAdam's sliding
+    window of sparse gradients). Each step, ``w.push(value, score)`` writes one row: the tensor is cut
+    into blocks of ``block`` elements (a partial last block keeps its own count) and each block keeps
+    ``max(1, ceil(density * block))`` entries, those with the largest ``|score|``, as (int16
+    block-local index, ``dtype`` value) pairs; row ``(t - 1) mod m`` is overwritten. ``w.sum(beta,
+    power)`` reads the window back at every element and ``w.kept`` says which elements this step kept.
+    The eager semantics are fusedopt.sparse's; a rule has at most one window. ``m``, ``density`` and
+    ``block`` fix the state's shape: an optimizer may override them per param group."""
+    b = _Builder.current("window()")
+    _declare(b, name, "window")
+    check = _window_problem(m, density, block, dtype)
+    if check:
+        raise _fail(b.rule, f"window '{name}' has {check[0]}", check[1])
+    if any(s.layout == "window" for s in b.states.values()):
+        raise _fail(b.rule, f"window '{name}' is its second window", "use one window per rule")
+    b.states[name] = ir.StateSpec(name, "zeros", dtype, "window", block=block, m=m, density=float(density))
+    return _Window(b, name)
+
+
+def _window_problem(m, density, block, dtype) -> tuple[str, str] | None:
+    """(problem, fix) for window settings that cannot work, else None."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        return f"m={m!r}", "use an int >= 1 (rows of the ring buffer); MicroAdam uses m=10"
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        return f"density={density!r}", "use a number in (0, 1]; 0.01 keeps 1 % of each block"
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= 32767:
+        return f"block={block!r}", "use an int from 1 to 32767 (block-local indices are int16); 4096 is the default"
+    if dtype not in ir.WINDOW_VALUE_DTYPES:
+        return f"dtype={dtype!r}", f"use one of {list(ir.WINDOW_VALUE_DTYPES)} for the stored values"
+    return None
 
 
 # ---- elementwise functions ---------------------------------------------------------------------
@@ -355,6 +478,13 @@ class Rule:
             raise _fail(self.name, f"clip={clip!r}", f"pass False, True or one of {list(CLIP_MODES)}")
         full = {**self.options, **options}
         program = _build(self, tuple(sorted(full.items())), clip or "")
+        if program.window is not None:
+            asked = [n for n, v in (("state_dtype", state_dtype), ("stochastic_rounding", stochastic_rounding),
+                                    ("master_weights", master_weights), ("skip_nonfinite", skip_nonfinite)) if v]
+            if asked:
+                raise _fail(self.name, f"{asked} were asked for a rule with a window",
+                            "set storage dtypes in the rule (or with configure_states); the window template "
+                            "has none of these options")
         if state_dtype not in (None, "fp32"):
             program = _with_state_dtype(program, state_dtype)
         if stochastic_rounding:
@@ -369,6 +499,55 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
+
+
+_SETTINGS = {"window": ("m", "density", "block", "dtype"), ir.MINMAX: ("dtype", "quant_block"),
+             "full": ("dtype",)}
+
+
+def configure_states(program: ir.Program, settings: dict[str, dict[str, Any]]) -> ir.Program:
+    """The program with some states' shape settings changed, e.g. ``{"window": {"m": 20}, "error":
+    {"dtype": "fp32"}}``: a window's ``m``, ``density``, ``block`` and value ``dtype``; a full-size state's
+    storage ``dtype`` (in a rule with a window: fp32, bf16 or q4minmax) and a q4minmax state's
+    ``quant_block``. The update expressions do not depend on these, so any rule takes them; an
+    optimizer uses this to offer them as constructor arguments."""
+    frozen = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items()))
+    return _configured(program, frozen)
+
+
+@functools.lru_cache(maxsize=None)
+def _configured(program: ir.Program, settings: tuple) -> ir.Program:
+    specs = {s.name: s for s in program.states}
+    windowed = program.window is not None
+    for name, values in settings:
+        spec = specs.get(name)
+        if spec is None:
+            raise _fail(program.name, f"it has no state '{name}' to configure", f"states are {list(specs)}")
+        kind = "window" if spec.layout == "window" else ir.MINMAX if spec.dtype == ir.MINMAX else spec.layout
+        values = dict(values)
+        allowed = _SETTINGS.get(kind, ())
+        bad = sorted(set(values) - set(allowed))
+        if bad:
+            raise _fail(program.name, f"state '{name}' ({kind}) has no setting(s) {bad}", f"settable: {list(allowed)}")
+        if kind == "window":
+            merged = {**dict(m=spec.m, density=spec.density, block=spec.block, dtype=spec.dtype), **values}
+            problem = _window_problem(**merged)
+            if problem:
+                raise _fail(program.name, f"window '{name}' gets {problem[0]}", problem[1])
+            spec = dataclasses.replace(spec, m=merged["m"], density=float(merged["density"]), block=merged["block"],
+                                       dtype=merged["dtype"])
+        else:
+            dtype = values.get("dtype", spec.dtype)
+            dtypes = ("fp32", "bf16", ir.MINMAX) if windowed else ("fp32", "bf16", *ir.QUANTIZED)
+            if dtype not in dtypes:
+                raise _fail(program.name, f"state '{name}' gets dtype={dtype!r}", f"use one of {list(dtypes)}")
+            block = values.get("quant_block", spec.block or ir.DEFAULT_MINMAX_BLOCK)
+            if dtype == ir.MINMAX and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2):
+                raise _fail(program.name, f"state '{name}' gets quant_block={block!r}", "use an even int >= 2, e.g. 2048")
+            spec = dataclasses.replace(spec, dtype=dtype, block=block if dtype == ir.MINMAX else 0,
+                                       init="zeros" if dtype == ir.MINMAX else spec.init)
+        specs[name] = spec
+    return dataclasses.replace(program, states=tuple(specs[s.name] for s in program.states))
 
 
 @functools.lru_cache(maxsize=None)
@@ -450,7 +629,9 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
                     f"add the option {ir.MATRIX_OPTION}=False and declare them under `if {ir.MATRIX_OPTION}:`")
     unset = [s for s in b.states if s not in b.updates]
     if unset:
-        raise _fail(rule.name, f"state(s) {unset} are declared but never set", "set them or remove them")
+        raise _fail(rule.name, f"state(s) {unset} are declared but never set (a window: never pushed)",
+                    "set (push) them or remove them")
+    _check_window_rule(rule.name, b, clip)
     order = [ir.PARAM] + list(b.states)
     updates = tuple((name, ir.fold_constants(b.updates[name])) for name in order)
     for name, expr in updates:
@@ -467,7 +648,31 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
         options=options,
         states=tuple(b.states.values()),
         updates=updates,
+        selections=tuple(b.selections.items()),
     )
+
+
+def _check_window_rule(name: str, b: _Builder, clip: str) -> None:
+    """A rule with a window runs on its own template (codegen.window_template): one program per top-k
+    block, so it takes only elementwise math and full-size states besides the window."""
+    minmax = [s.name for s in b.states.values() if s.dtype == ir.MINMAX]
+    if not b.selections:
+        if minmax:
+            raise _fail(name, f"state(s) {minmax} use dtype='{ir.MINMAX}', which only rules with a window keep",
+                        "use dtype 'q8' or 'q4', or add a window")
+        return
+    if clip:
+        raise _fail(name, "gradient clipping was asked for a rule with a window",
+                    "clip the gradients before the step (torch.nn.utils.clip_grad_norm_)")
+    other = [f"{s.name} ({s.layout}, {s.dtype})" for s in b.states.values()
+             if s.layout != "window" and (s.layout != "full" or s.dtype not in ("fp32", "bf16", ir.MINMAX))]
+    if other:
+        raise _fail(name, f"state(s) {other} sit beside a window",
+                    f"in a rule with a window, other states are full-size fp32, bf16 or {ir.MINMAX}")
+    reductions = [str(r) for e in b.updates.values() for r in e.atoms(ir.Reduction)]
+    if reductions:
+        raise _fail(name, f"it reduces ({reductions[0]}) beside a window", "a rule with a window is elementwise "
+                    "apart from its top-k and window sums")
 
 
 def rule(name: str) -> Callable[[Callable[..., None]], Rule]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "q8": torch.uint8, "q4": torch.uint8}  # quantized: the codes
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "q8": torch.uint8,
+           "q4": torch.uint8, "q4minmax": torch.uint8}  # quantized: the codes
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Unit roundoff of each storage dtype: half the distance between 1 and the next number.

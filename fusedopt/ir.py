@@ -37,10 +37,20 @@ STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
 # 128 elements), stored under "<state>_absmax".
 QUANTIZED = ("q8", "q4")
 ABSMAX_SUFFIX = "_absmax"
+# 4-bit min/max storage (MicroAdam's error feedback, see fusedopt.sparse): two codes per byte, kept
+# under the state's name, and per quantization block its bf16 minimum and maximum under "<state>_min"
+# and "<state>_max". Only rules with a window keep such states.
+MINMAX = "q4minmax"
+MINMAX_SUFFIXES = ("_min", "_max")
+DEFAULT_MINMAX_BLOCK = 2048
+# A window (layout "window"): a ring buffer of m rows, each holding the block top-k selection of one
+# step as k (int16 block-local index, value) pairs, stored as "<window>_index" and "<window>_value".
+WINDOW_SUFFIXES = ("_index", "_value")
+WINDOW_VALUE_DTYPES = ("fp32", "bf16", "fp16")
 SR_SEED = "sr_seed"  # the hyperparameter a program with stochastic rounding gains
 MASTER = "master_param"  # the float32 state a program with master weights keeps in place of p
 STATE_INITS = ("zeros", "p", "g")
-STATE_LAYOUTS = ("full", "rows", "cols", "blocks", "tensor")
+STATE_LAYOUTS = ("full", "rows", "cols", "blocks", "tensor", "window")
 # The per-tensor static option a rule may declare: True for tensors with two or more dimensions.
 MATRIX_OPTION = "matrix"
 
@@ -56,10 +66,34 @@ class StateSpec:
     # "blocks" (n_blocks, 1): one value per block of a partition that views p as (n_blocks, block_numel),
     # "tensor" (shape ()): one value per tensor
     nonnegative: bool = False  # never negative (a second moment): quantized with the unsigned map
+    block: int = 0  # a q4minmax state: its quantization block; a window: its top-k block
+    m: int = 0  # a window: its rows
+    density: float = 0.0  # a window: the fraction of each top-k block one row keeps
 
     @property
     def quantized(self) -> bool:
         return self.dtype in QUANTIZED
+
+    @property
+    def storage(self) -> tuple[str, ...]:
+        """The names of the tensors that keep this state."""
+        if self.quantized:
+            return (self.name, self.name + ABSMAX_SUFFIX)
+        if self.dtype == MINMAX:
+            return (self.name, *(self.name + s for s in MINMAX_SUFFIXES))
+        if self.layout == "window":
+            return tuple(self.name + s for s in WINDOW_SUFFIXES)
+        return (self.name,)
+
+    def describe(self) -> str:
+        """One line of Program.text."""
+        extra = f" layout={self.layout}" if self.layout != "full" else ""
+        extra += " nonnegative" if self.nonnegative else ""
+        if self.dtype == MINMAX:
+            extra += f" quant_block={self.block}"
+        if self.layout == "window":
+            extra += f" m={self.m} density={self.density!r} block={self.block}"
+        return f"state {self.name}: init={self.init} dtype={self.dtype}{extra}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +111,13 @@ class Program:
     # a scalar that is nonzero when the step must leave everything as it was (a non-finite gradient
     # in the group): every update already keeps its old value then; the step counter does not advance
     skip_when: sympy.Expr | None = None
+    # per window: the score whose largest magnitudes its push keeps (block-wise top-k)
+    selections: tuple[tuple[str, sympy.Expr], ...] = ()
+
+    @property
+    def window(self) -> StateSpec | None:
+        """The rule's window state, if it has one (a rule has at most one)."""
+        return next((s for s in self.states if s.layout == "window"), None)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -85,7 +126,7 @@ class Program:
     @property
     def storage_names(self) -> tuple[str, ...]:
         """The tensors kept per parameter: each state, and after a quantized one its absmax."""
-        return tuple(n for s in self.states for n in ((s.name, s.name + ABSMAX_SUFFIX) if s.quantized else (s.name,)))
+        return tuple(n for s in self.states for n in s.storage)
 
     @property
     def has_quantized_states(self) -> bool:
@@ -138,10 +179,11 @@ class Program:
         for name, value in self.options:
             lines.append(f"  option {name} = {value!r}")
         for s in self.states:
-            lines.append(f"  state {s.name}: init={s.init} dtype={s.dtype}" + (
-                f" layout={s.layout}" if s.layout != "full" else "") + (" nonnegative" if s.nonnegative else ""))
+            lines.append("  " + s.describe())
         for target, expr in self.updates:
             lines.append(f"  {target} <- {sympy.srepr(expr)}")
+        for window, score in self.selections:
+            lines.append(f"  select {window} by |{sympy.srepr(score)}|")
         if self.stochastic_rounding:
             lines.append("  stochastic_rounding")
         if self.skip_when is not None:
@@ -153,6 +195,7 @@ class Program:
         lines = [f"rule {self.name}({', '.join(self.hparams)})"]
         lines += [f"  state {s.name} ({s.dtype}, init {s.init})" for s in self.states]
         lines += [f"  {target} <- {expr}" for target, expr in self.updates]
+        lines += [f"  {window} keeps the top-k of |{score}|" for window, score in self.selections]
         return "\n".join(lines)
 
     def key(self) -> str:
@@ -224,8 +267,32 @@ class NonFinite(sympy.Function):
         return None
 
 
+class Kept(sympy.Function):
+    """1 where this step's push into the window (the argument, a Symbol) kept the element, else 0."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, window):
+        return None
+
+
+class WindowSum(sympy.Function):
+    """``sum over the window's rows of beta**age * value**power`` at each element (rows that did not
+    keep the element add 0; age 0 is this step's row). Arguments: the window's Symbol, beta (a
+    scalar expression) and the power (a positive Integer)."""
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, window, beta, power):
+        return None
+
+
+WINDOW_NODES = (Kept, WindowSum)
+
 # Node kinds every backend can run; anything else in a rule is a definition-time error.
-SUPPORTED_NODES = (Reduction, NonFinite, 
+SUPPORTED_NODES = (Reduction, NonFinite, Kept, WindowSum,
     sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow, sympy.Abs, sympy.sign, sympy.exp,
     sympy.log, sympy.Min, sympy.Max, sympy.Piecewise, sympy.functions.elementary.piecewise.ExprCondPair,
     sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan, sympy.Equality,
@@ -278,6 +345,8 @@ def layout_of(expr: sympy.Basic, states: dict[str, str]) -> str:
             return "full"
         layout = states.get(expr.name, "scalar")
         return "scalar" if layout == "tensor" else layout
+    if isinstance(expr, WINDOW_NODES):
+        return "full"
     if isinstance(expr, Reduction):
         inner = layout_of(expr.args[0], states)
         if expr.over in ("tensor", "group"):

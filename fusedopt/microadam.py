@@ -1,4 +1,5 @@
-"""MicroAdam (Modoranu et al., NeurIPS 2024) as an eager ``torch.optim.Optimizer``.
+"""MicroAdam (Modoranu et al., NeurIPS 2024): the optimizer that runs the DSL rule
+:mod:`fusedopt.optimizers.microadam` (a :class:`fusedopt.window_optimizer.WindowOptimizer`).
 
 MicroAdam keeps no dense moments. Per parameter (``d`` elements, flat) and step ``t``:
 
@@ -49,11 +50,12 @@ State per parameter (``k`` from :func:`fusedopt.sparse.topk_layout`, ``nq = ceil
                                                        steps it, on the host otherwise)
 ``window_index``   int16 [m, k]                        block-local indices of each row
 ``window_value``   ``window_dtype`` [m, k] (bf16)      selected values of ``a`` (not raw g)
-``error_codes``    uint8 [ceil(d / 2)]                 4-bit error-feedback codes, 2 per byte
-``error_min``      bf16 [nq]                           per-quantization-block minimum
-``error_max``      bf16 [nq]                           per-quantization-block maximum
-``error_feedback`` compute dtype [d]                   only with ``exact_error_feedback=True``,
-                                                       instead of the three ``error_*`` above
+``error``          uint8 [ceil(d / 2)]                 4-bit error-feedback codes, 2 per byte;
+                                                       with ``exact_error_feedback=True`` the
+                                                       error feedback itself, float32 (float64
+                                                       for float64 parameters), shaped like p
+``error_min``      bf16 [nq]                           per-quantization-block minimum (4-bit only)
+``error_max``      bf16 [nq]                           per-quantization-block maximum (4-bit only)
 =================  ==================================  =====================================
 
 At the defaults (m=10, density 0.01) this is 0.5 (codes) + 0.4 (window) + 0.002 (min/max) B/param:
@@ -64,21 +66,23 @@ has no such rounding to lose).
 
 from __future__ import annotations
 
-import math
-from itertools import chain
-
 import torch
 
-from fusedopt import sparse
+from . import dsl, sparse
+from .optimizers.microadam import microadam
+from .window_optimizer import WindowOptimizer
+from .window_optimizer import state_bytes as _program_state_bytes
 
 DEFAULT_BLOCK = 4096
 DEFAULT_QUANT_BLOCK = 2048
+WINDOW_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", None: "fp32"}
 
-_COMPUTE = {torch.float64: torch.float64}  # every other float dtype computes in float32
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return _COMPUTE.get(dtype, torch.float32)
+def _settings(m: int, density: float, block: int, quant_block: int, exact_error_feedback: bool,
+              window_dtype: torch.dtype | None) -> dict:
+    error = {"dtype": "fp32"} if exact_error_feedback else {"dtype": "q4minmax", "quant_block": quant_block}
+    return {"window": {"m": m, "density": density, "block": block, "dtype": WINDOW_DTYPES[window_dtype]},
+            "error": error}
 
 
 def state_bytes(
@@ -93,23 +97,9 @@ def state_bytes(
     (nothing is allocated): window ``m * k * (2 + window_value_bytes)``, codes ``ceil(numel / 2)``,
     min and max ``2 * 2 * ceil(numel / quant_block)`` and the 8-byte step."""
     sparse.check_quant_block(quant_block)
-    k = sparse.topk_layout(numel, block, density).k
-    return m * k * (2 + window_value_bytes) + (numel + 1) // 2 + 4 * math.ceil(numel / quant_block) + 8
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FUSED_STATES = ("window_index", "window_value", "error_codes", "error_min", "error_max", "step")
-
-
-def _kernel_supports(group: dict) -> bool:
-    """Can the fused kernel run this group (see the ``backend`` argument of :class:`MicroAdam`)?"""
-    q, block = group["quant_block"], group["block"]
-    return (
-        not group["exact_error_feedback"]
-        and group["window_dtype"] in (None, *_KERNEL_DTYPES)
-        and q & (q - 1) == 0
-        and block % q == 0
-    )
+    dtype = {2: torch.bfloat16, 4: torch.float32}[window_value_bytes]
+    program = dsl.configure_states(microadam.program(), _settings(m, density, block, quant_block, False, dtype))
+    return _program_state_bytes(program, numel)
 
 
 def _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, window_dtype) -> None:
@@ -128,18 +118,15 @@ def _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, wi
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if window_dtype is not None and window_dtype not in (
-        torch.bfloat16,
-        torch.float16,
-        torch.float32,
-        torch.float64,
-    ):
+    if window_dtype not in WINDOW_DTYPES:
         raise ValueError(
-            f"window_dtype must be a float dtype or None (the compute dtype), got {window_dtype!r}"
+            f"window_dtype must be torch.bfloat16, torch.float16, torch.float32 or None (float32 and None: the "
+            f"compute dtype, float64 for float64 parameters), got {window_dtype!r}"
         )
 
 
-class MicroAdam(torch.optim.Optimizer):
+
+class MicroAdam(WindowOptimizer):
     """MicroAdam: Adam moments rebuilt from a window of ``m`` block-top-k gradients, with 4-bit
     quantized error feedback (see the module docstring for the update and the state).
 
@@ -154,16 +141,16 @@ class MicroAdam(torch.optim.Optimizer):
         weight_decay: decoupled, ``theta *= 1 - lr * weight_decay`` before the update.
         exact_error_feedback: keep the error feedback unquantized in the compute dtype (for tests and
             ablations; costs 4 B/param instead of 0.5).
-        window_dtype: dtype of the stored window values; ``None`` means the compute dtype (float32,
-            float64 for float64 parameters). The default bf16 is the official storage.
-        backend: "triton" runs each group as one fused multi-tensor launch
-            (:mod:`codegen.microadam_kernel`, same results as the eager code: bit-exact selections,
-            window and error codes); "reference" runs the eager code below. ``None`` (the default)
-            picks "triton" for CUDA parameters of groups the kernel supports and "reference"
-            otherwise. The kernel needs 4-bit error feedback (not ``exact_error_feedback``), a
-            float32, bfloat16 or float16 window, and ``quant_block`` a power of two dividing ``block``
-            (the defaults qualify); with ``backend="triton"`` any other group is an error. Float64 or
-            non-contiguous parameters of a fused group are stepped by the eager code.
+        window_dtype: dtype of the stored window values: bf16 (the default, the official storage), fp16,
+            or float32 / ``None``: the compute dtype (float32, float64 for float64 parameters).
+        backend: "triton" runs each group as one fused multi-tensor launch of the kernel generated
+            from the rule (:mod:`codegen.window_template`; the same selections, window and error
+            codes as the eager interpreter, bit for bit); "reference" runs the eager interpreter
+            (:mod:`fusedopt.window_reference`). ``None`` (the default) picks "triton" for CUDA
+            parameters of groups the kernel supports and "reference" otherwise. The kernel needs a
+            4-bit ``quant_block`` that is a power of two dividing ``block`` (the defaults qualify);
+            with ``backend="triton"`` any other group is an error. Float64 or non-contiguous
+            parameters of a fused group are stepped by the eager interpreter.
     """
 
     def __init__(
@@ -194,253 +181,17 @@ class MicroAdam(torch.optim.Optimizer):
             "exact_error_feedback": bool(exact_error_feedback),
             "window_dtype": window_dtype,
         }
-        if backend not in (None, "reference", "triton"):
-            raise ValueError(f"backend must be 'triton', 'reference' or None (by device), got {backend!r}")
-        self.backend = backend
-        self._hparam_tensors: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
-        self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_args(
-                *(group[n] for n in ("lr", "m", "density", "block", "quant_block", "betas", "eps")),
-                group["weight_decay"],
-                group["window_dtype"],
-            )
-            if backend == "triton" and not _kernel_supports(group):
-                raise ValueError(
-                    "backend='triton' needs 4-bit error feedback (exact_error_feedback=False), a float32, "
-                    "bfloat16 or float16 window_dtype (or None) and quant_block a power of two dividing block; "
-                    f"got exact_error_feedback={group['exact_error_feedback']}, window_dtype="
-                    f"{group['window_dtype']}, block={group['block']}, quant_block={group['quant_block']}"
-                )
-            for p in group["params"]:
-                if not p.is_floating_point():
-                    raise ValueError(
-                        f"MicroAdam optimizes floating-point parameters, got one of dtype {p.dtype}"
-                    )
+        self._setup(params, microadam, backend, defaults)
 
-    # ---- state -----------------------------------------------------------------------------------
+    def check_group(self, group: dict) -> None:
+        _check_args(*(group[n] for n in ("lr", "m", "density", "block", "quant_block", "betas", "eps",
+                                         "weight_decay", "window_dtype")))
 
-    @staticmethod
-    def _state_dtypes(group: dict, p: torch.Tensor) -> dict[str, torch.dtype]:
-        cd = _compute_dtype(p.dtype)
-        out = {"step": torch.int64, "window_index": torch.int16, "window_value": group["window_dtype"] or cd}
-        if group["exact_error_feedback"]:
-            out["error_feedback"] = cd
-        else:
-            out.update(error_codes=torch.uint8, error_min=torch.bfloat16, error_max=torch.bfloat16)
-        return out
+    def state_settings(self, group: dict) -> dict:
+        return _settings(group["m"], group["density"], group["block"], group["quant_block"],
+                         group["exact_error_feedback"], group["window_dtype"])
 
-    def _init_state(self, group: dict, p: torch.Tensor, layout: sparse.TopkLayout) -> dict:
-        d, m, dev = p.numel(), group["m"], p.device
-        dtypes = self._state_dtypes(group, p)
-        state = self.state[p]
-        # the fused kernel reads and advances the counter on the device; the eager code on the host
-        step_device = dev if self._fused(group, p) else "cpu"
-        state["step"] = torch.zeros((), dtype=torch.int64, device=step_device)
-        state["window_index"] = torch.zeros((m, layout.k), dtype=torch.int16, device=dev)
-        state["window_value"] = torch.zeros((m, layout.k), dtype=dtypes["window_value"], device=dev)
-        if group["exact_error_feedback"]:
-            state["error_feedback"] = torch.zeros(d, dtype=dtypes["error_feedback"], device=dev)
-        else:
-            nq = math.ceil(d / group["quant_block"])
-            state["error_codes"] = torch.zeros((d + 1) // 2, dtype=torch.uint8, device=dev)
-            state["error_min"] = torch.zeros(nq, dtype=torch.bfloat16, device=dev)
-            state["error_max"] = torch.zeros(nq, dtype=torch.bfloat16, device=dev)
-        return state
-
-    def state_bytes_moved(self, p: torch.Tensor) -> int:
-        """Least bytes a step moves for ``p``'s state: the whole window is read, one row of it is
-        written; the error feedback is read and written. (For benchmarks' bandwidth figures.)"""
-        state = self.state.get(p, {})
-        m = next((g["m"] for g in self.param_groups if any(q is p for q in g["params"])), 1)
-        moved = 0
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and value.device == p.device:
-                size = value.numel() * value.element_size()
-                moved += size + (size // m if name.startswith("window_") else size)
-        return moved
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base
-        class casts each state but ``step`` to the dtype of a floating-point parameter) and is copied,
-        so stepping never writes into the loaded dictionary."""
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
-        for saved_id, p, group in zip(saved_ids, params, groups):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None:
-                continue
-            for key, dtype in self._state_dtypes(group, p).items():
-                if key in saved:
-                    device = "cpu" if key == "step" else p.device
-                    self.state[p][key] = saved[key].to(device=device, dtype=dtype, copy=True)
-
-    # ---- step ------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            fused = []
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to select or update
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"MicroAdam does not take sparse gradients (parameter of shape "
-                                     f"{tuple(p.shape)}); use dense ones, e.g. nn.Embedding(..., sparse=False)")
-                if self._fused(group, p):
-                    fused.append(p)
-                else:
-                    self._step_param(group, p)
-            if fused:
-                self._step_fused(group, fused)
-        return loss
-
-    def _backend_for(self, p: torch.Tensor) -> str:
-        if self.backend is not None:
-            return self.backend
-        return "triton" if p.device.type == "cuda" else "reference"
-
-    def _fused(self, group: dict, p: torch.Tensor) -> bool:
-        """Does the fused kernel step this parameter? (The group must be supported, the tensors flat.)"""
-        if self._backend_for(p) != "triton" or not _kernel_supports(group):
-            return False
-        grad = p.grad if p.grad is not None else p
-        return (
-            p.dtype in _KERNEL_DTYPES
-            and grad.dtype in _KERNEL_DTYPES
-            and p.is_contiguous()
-            and grad.is_contiguous()
-            and grad.shape == p.shape
-            and grad.device == p.device
-            and p.numel() > 0
-        )
-
-    def _state_of(self, group: dict, p: torch.Tensor) -> tuple[dict, sparse.TopkLayout]:
-        d, m = p.numel(), group["m"]
-        layout = sparse.topk_layout(d, group["block"], group["density"])
-        state = self.state[p]
-        if not state:
-            state = self._init_state(group, p, layout)
-        if tuple(state["window_index"].shape) != (m, layout.k):
-            raise ValueError(
-                f"the window of a parameter of {d} elements has shape {tuple(state['window_index'].shape)}, but "
-                f"m={m}, block={group['block']}, density={group['density']} need {(m, layout.k)}; "
-                "m, block and density cannot change once a parameter has state"
-            )
-        return state, layout
-
-    def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
-        """The group's lr, beta1, beta2, eps and weight_decay as 0-d float64 tensors on ``device``, kept
-        for the life of the group and rewritten in place when a value changes (so a new lr is new data
-        for the kernel, never new code). A tensor lr (float64, on ``device``) is passed as it is: the
-        form for torch.compile, where an lr scheduler fills the tensor and nothing recompiles."""
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr.reshape(())
-            if lr.dtype != torch.float64 or lr.device != device:
-                lr = lr.to(device=device, dtype=torch.float64)
-        consts = (*map(float, group["betas"]), float(group["eps"]), float(group["weight_decay"]))
-        if torch.compiler.is_compiling():
-            tensor_lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64,
-                                                                             device=device)
-            return [tensor_lr, *(torch.tensor(v, dtype=torch.float64, device=device) for v in consts)]
-        values = (None if isinstance(lr, torch.Tensor) else float(lr), *consts)
-        key = id(group)
-        cached = self._hparam_tensors.get(key)
-        if cached is None or cached[1][0].device != device:
-            tensors = [torch.tensor(v or 0.0, dtype=torch.float64, device=device) for v in values]
-            self._hparam_tensors[key] = (values, tensors)
-        else:
-            old, tensors = cached
-            if old != values:
-                for t, v, o in zip(tensors, values, old):
-                    if v is not None and v != o:
-                        t.fill_(v)
-                self._hparam_tensors[key] = (values, tensors)
-        return [lr, *tensors[1:]] if isinstance(lr, torch.Tensor) else tensors
-
-    def _step_fused(self, group: dict, params: list[torch.Tensor]) -> None:
-        """One launch of the fused kernel over ``params`` (all on one device; else one per device)."""
-        from codegen import microadam_kernel
-
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for p in params:
-            by_device.setdefault(p.device, []).append(p)
-        for device, ps in by_device.items():
-            states = []
-            for p in ps:
-                state, _ = self._state_of(group, p)
-                if state["step"].device != device:
-                    state["step"] = state["step"].to(device)
-                states.append(state)
-            microadam_kernel.step(
-                ps,
-                [p.grad for p in ps],
-                *([s[name] for s in states] for name in _FUSED_STATES),
-                self._hparams_on(group, device),
-                m=group["m"],
-                density=group["density"],
-                block=group["block"],
-                quant_block=group["quant_block"],
-            )
-
-    def _step_param(self, group: dict, p: torch.Tensor) -> None:
-        d, m, q = p.numel(), group["m"], group["quant_block"]
+    def hparam_values(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        state, layout = self._state_of(group, p)
-        if state["step"].device.type != "cpu":
-            state["step"] = state["step"].cpu()
-        cd = _compute_dtype(p.dtype)
-
-        # 1. error-feedback add
-        a = p.grad.detach().reshape(-1).to(cd)
-        if group["exact_error_feedback"]:
-            a = a + state["error_feedback"]
-        else:
-            a = a + sparse.ef_decode(state["error_codes"], state["error_min"], state["error_max"], q, d).to(
-                cd
-            )
-
-        # 2-3. block top-k into ring row (t - 1) mod m
-        state["step"] += 1
-        t = int(state["step"])
-        row = sparse.window_row(t, m)
-        index, value = sparse.block_topk(a, layout.block, group["density"])
-        state["window_index"][row] = index
-        state["window_value"][row] = value.to(state["window_value"].dtype)
-
-        # 4-5. zero the selected coordinates; the residual becomes the error feedback
-        sparse.scatter_columns(index, torch.zeros_like(value), layout, a)
-        if group["exact_error_feedback"]:
-            state["error_feedback"].copy_(a)
-        else:
-            codes, lo, hi = sparse.ef_encode(a, q)
-            state["error_codes"].copy_(codes)
-            state["error_min"].copy_(lo)
-            state["error_max"].copy_(hi)
-
-        # 6-8. decoupled weight decay, then the update rebuilt from the window
-        M, S = sparse.window_moments(
-            state["window_index"], state["window_value"], t, layout, beta1, beta2, cd
-        )
-        c1 = (1.0 - beta1) / (1.0 - beta1**t)
-        c2 = (1.0 - beta2) / (1.0 - beta2**t)
-        u = c1 * M / (torch.sqrt(c2 * S) + eps)
-        u = torch.where(S == 0, torch.zeros_like(u), u)  # no 0/0 at eps = 0; a NaN still propagates
-        theta = p.detach().reshape(-1).to(cd)
-        if wd != 0.0:
-            theta = theta * (1.0 - lr * wd)
-        p.copy_((theta - lr * u).view_as(p))
-
-
-# LR schedulers wrap ``optimizer.step`` in a closure over a weakref that dynamo cannot trace; this marker
-# tells them the step is already tracked (they only read ``_opt_called``, set in __init__).
-MicroAdam.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                "weight_decay": group["weight_decay"]}

@@ -269,6 +269,28 @@ def window_ages(t: int, m: int) -> list[tuple[int, int]]:
     return [(r, (t - 1 - r) % m) for r in range(min(t, m))]
 
 
+def window_sum(
+    index: torch.Tensor,
+    value: torch.Tensor,
+    t: int,
+    layout: TopkLayout,
+    beta: float,
+    power: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``sum_r beta^age(r) * value_r^power`` in ``dtype`` [numel] at step ``t``, from the ring ``index``
+    (int16 [m, k]) and ``value`` ([m, k], any float dtype); rows are added in row order."""
+    starts = column_block_starts(layout, index.device)
+    out = torch.zeros(layout.numel, dtype=dtype, device=index.device)
+    for r, age in window_ages(t, index.shape[0]):
+        val = value[r].to(dtype)
+        term = val
+        for _ in range(power - 1):
+            term = term * val
+        out.index_add_(0, starts + index[r].to(torch.int64), term * beta**age)
+    return out
+
+
 def window_moments(
     index: torch.Tensor,
     value: torch.Tensor,
@@ -278,15 +300,6 @@ def window_moments(
     beta2: float,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, S)`` in ``dtype`` [numel]: the window sums of the module docstring at step ``t``, from the
-    ring ``index`` (int16 [m, k]) and ``value`` ([m, k], any float dtype)."""
-    m = index.shape[0]
-    starts = column_block_starts(layout, index.device)
-    M = torch.zeros(layout.numel, dtype=dtype, device=index.device)
-    S = torch.zeros_like(M)
-    for r, age in window_ages(t, m):
-        pos = starts + index[r].to(torch.int64)
-        val = value[r].to(dtype)
-        M.index_add_(0, pos, val * beta1**age)
-        S.index_add_(0, pos, val * val * beta2**age)
-    return M, S
+    """``(M, S)``: the window sums of the module docstring (:func:`window_sum` with powers 1 and 2)."""
+    return (window_sum(index, value, t, layout, beta1, 1, dtype),
+            window_sum(index, value, t, layout, beta2, 2, dtype))

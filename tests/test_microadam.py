@@ -46,7 +46,7 @@ def test_section_13_5_vector():
         opt.step()
         state = opt.state[p]
         assert int(state["window_index"][row, 0]) == idx
-        torch.testing.assert_close(state["error_feedback"], torch.tensor(e, dtype=F64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(state["error"], torch.tensor(e, dtype=F64), rtol=0, atol=1e-12)
         torch.testing.assert_close(
             (before - p.detach()) / 0.01, torch.tensor(u, dtype=F64), rtol=0, atol=1e-9
         )
@@ -271,7 +271,7 @@ def test_selection_plus_error_feedback_reconstructs_accumulator(dtype):
         assert torch.equal(st_["window_index"][row], index)
         assert torch.equal(st_["window_value"][row], value.bfloat16())
         residual = sparse.scatter_columns(index, torch.zeros_like(value), layout, a.clone())
-        ef = sparse.ef_decode(st_["error_codes"], st_["error_min"], st_["error_max"], q, numel)
+        ef = sparse.ef_decode(st_["error"], st_["error_min"], st_["error_max"], q, numel)
         rebuilt = sparse.scatter_columns(index, value, layout, ef.clone())
         bound = sparse.ef_error_bound(residual, q)
         assert bool(((rebuilt - a).abs() <= bound).all())
@@ -442,7 +442,7 @@ def test_state_dict_round_trip_resumes_identically(exact):
     opt2.load_state_dict(torch.load(buf))
     assert {k: v.dtype for k, v in opt2.state[resumed[0]].items()} == dtypes
     if exact:
-        assert opt2.state[resumed[1]]["error_feedback"].dtype == torch.float32  # not cast to the bf16 param
+        assert opt2.state[resumed[1]]["error"].dtype == torch.float32  # not cast to the bf16 param
     else:
         assert dtypes["window_value"] == torch.bfloat16 and dtypes["error_min"] == torch.bfloat16
     run(opt2, resumed, grads[4:])

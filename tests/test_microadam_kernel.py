@@ -1,4 +1,5 @@
-"""The fused MicroAdam step (codegen/microadam_kernel.py) against the eager oracle (fusedopt/microadam.py).
+"""The fused MicroAdam step (the kernel codegen/window_template.py generates from the DSL rule
+fusedopt/optimizers/microadam.py) against the eager interpreter of the same rule (fusedopt/window_reference.py).
 
 Without a GPU the kernel runs in the Triton interpreter (tests/conftest.py), so most cases use small
 blocks (block=64, quant_block=32) to cross block and quantization-block boundaries with small tensors;
@@ -7,10 +8,10 @@ one case runs at the defaults (4096, 2048).
 What is compared, after every step, between ``MicroAdam(backend="triton")`` and
 ``MicroAdam(backend="reference")`` fed the same gradients:
 
-* window indices, window values, error codes, error min/max and step counters: **bit for bit**. They
-  depend only on the gradients and the error feedback, never on the parameters, and the kernel does
-  the oracle's float32 operations in the oracle's order (decode, add, bf16 rounding to nearest even,
-  IEEE division, clamp), so any difference is a bug;
+* window indices, window values, error codes, error min/max (or the exact error feedback) and step
+  counters: **bit for bit**. They depend only on the gradients and the error feedback, never on the
+  parameters, and the kernel does the interpreter's float32 operations in its order (decode, add,
+  bf16 rounding to nearest even, IEEE division, clamp), so any difference is a bug;
 * parameters: within a tolerance derived per element. Both sides start the step from the same
   parameters (the reference is re-synchronised to the fused parameters after each comparison, so
   the bound is per step and does not grow with the step count). The float32 value before the final
@@ -37,12 +38,19 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from codegen import microadam_kernel
+from codegen import cache, ops, window_ops, window_template
+from fusedopt import window_reference
 from fusedopt.microadam import MicroAdam
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(block=64, quant_block=32)
-EXACT_STATES = ("window_index", "window_value", "error_codes", "error_min", "error_max")
+EXACT_STATES = ("window_index", "window_value", "error", "error_min", "error_max")
+
+
+def kernel_module(opt: MicroAdam):
+    """The imported module of the kernel that steps ``opt``'s first group."""
+    spec = window_template.WindowKernelSpec(opt.program(opt.param_groups[0]), ops.target_for(torch.device(DEVICE)))
+    return cache.load(window_ops.source(spec), torch.device(DEVICE))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,7 @@ def compare(sizes, dtypes, steps, seed, ties=False, **kw):
         opt_r.step()
         for i, (pf, pr) in enumerate(zip(fused, ref)):
             sf, sr = opt_f.state[pf], opt_r.state[pr]
-            for name in EXACT_STATES:
+            for name in set(sf) - {"step"}:
                 assert sf[name].dtype == sr[name].dtype, (name, sf[name].dtype, sr[name].dtype)
                 assert torch.equal(_bits(sf[name]).cpu(), _bits(sr[name]).cpu()), \
                     f"step {t}, tensor {i} ({sizes[i]} elements, {dtypes[i]}): {name} differs"
@@ -155,34 +163,57 @@ def test_fp16_parameters_and_fp32_window():
     compare([65, 40], [torch.float16, torch.float16], 4, 3, lr=1e-2, m=3, density=0.1, window_dtype=None, **SMALL)
 
 
+def test_exact_error_feedback_and_fp16_window_run_fused():
+    """Storage choices are settings of the rule's states, so the kernel generated for them runs them:
+    a float32 error feedback (a full-size fp32 state) and an fp16 window."""
+    compare([65, 40, 7], [torch.float32, torch.bfloat16, torch.float32], 5, 9, lr=1e-2, m=3, density=0.1,
+            exact_error_feedback=True, window_dtype=torch.float16, **SMALL)
+
+
 # ---- a broken kernel must fail the comparison ---------------------------------------------------
 
 MUTANTS = {
     # ring ages off by one
-    "age": ("age = (t - 1 - row_i) % m", "age = (t - row_i) % m"),
+    "age": [("age = (t - 1 - row_i) % m", "age = (t - row_i) % m")],
     # ties go to the higher index (the selection of the reversed block, reversed back)
-    "ties": ("keep, rank = select_topk(tl.where(valid, key, -1), k)",
-             "keep, rank = select_topk(tl.flip(tl.where(valid, key, -1), 0), k)\n"
-             "        keep = tl.flip(keep, 0)\n"
-             "        rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1"),
-    # nibbles swapped
-    "nibbles": ("(even * 16 + odd).to(tl.uint8)", "(odd * 16 + even).to(tl.uint8)"),
-    # bias correction with the window mass instead of 1 - beta^t
-    "bias": ("(1.0 - _power(beta1, t))", "(1.0 - _power(beta1, tl.minimum(t, m)))"),
+    "ties": [("keep, rank = select_topk(tl.where(valid, key, -1), k)",
+              "keep, rank = select_topk(tl.flip(tl.where(valid, key, -1), 0), k)\n"
+              "        keep = tl.flip(keep, 0)\n"
+              "        rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1")],
+    # nibbles swapped (in the helper the generated kernel imports)
+    "nibbles": [("(even * 16 + odd).to(tl.uint8)", "(odd * 16 + even).to(tl.uint8)")],
+    # bias correction with the window mass instead of 1 - beta^t (interpreter / CUDA text)
+    "bias": [("-tl.exp2(s_t * tl.log2(s_beta1))", "-tl.exp2(tl.minimum(s_t, m.to(tl.float64)) * tl.log2(s_beta1))"),
+             ("libdevice.pow(s_beta1, s_t)", "libdevice.pow(s_beta1, tl.minimum(s_t, m.to(tl.float64)))")],
 }
 
 
-def _mutant_kernel(tmp_path, name: str):
-    source = open(microadam_kernel.__file__).read()
-    old, new = MUTANTS[name]
-    assert source.count(old) == 1, f"mutation '{name}' no longer applies"
-    path = tmp_path / f"microadam_mutant_{name}.py"
-    path.write_text(source.replace(old, new))
-    spec = importlib.util.spec_from_file_location(f"microadam_mutant_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.microadam_step
+def _mutate(text: str, name: str) -> str:
+    applied = [(old, new) for old, new in MUTANTS[name] if text.count(old) == 1]
+    assert len(applied) == 1, f"mutation '{name}' no longer applies"
+    return text.replace(*applied[0])
+
+
+def _mutant_source(tmp_path, monkeypatch, name: str):
+    """window_ops.source, returning the generated text with the mutation applied (a helper mutation
+    imports a mutated copy of codegen/jit_helpers.py instead)."""
+    real = window_ops.source
+    helpers = None
+    if name == "nibbles":
+        from codegen import jit_helpers
+
+        path = tmp_path / f"mutant_helpers_{name}.py"
+        path.write_text(_mutate(open(jit_helpers.__file__).read(), name))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        helpers = path.stem
+
+    def source(spec):
+        text = real(spec)
+        if helpers:
+            return text.replace("from codegen.jit_helpers import", f"from {helpers} import")
+        return _mutate(text, name)
+
+    return source
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
@@ -190,7 +221,7 @@ def test_a_wrong_kernel_is_caught(tmp_path, monkeypatch, name):
     kw = dict(lr=1e-2, m=3, density=0.1, weight_decay=0.1, **SMALL)
     case = ([65, 33], [torch.float32, torch.bfloat16], 6, 5, True)
     compare(*case, **kw)  # the real kernel passes this case
-    monkeypatch.setattr(microadam_kernel, "microadam_step", _mutant_kernel(tmp_path, name))
+    monkeypatch.setattr(window_ops, "source", _mutant_source(tmp_path, monkeypatch, name))
     with pytest.raises(AssertionError):
         compare(*case, **kw)
 
@@ -213,8 +244,8 @@ def test_tolerance_is_tight_for_bf16():
 # ---- no recompilation, one launch ----------------------------------------------------------------
 
 
-def _compiled_count() -> int | None:
-    caches = getattr(microadam_kernel.microadam_step, "device_caches", None)
+def _compiled_count(opt) -> int | None:
+    caches = getattr(kernel_module(opt).window_step, "device_caches", None)
     if caches is None:  # the interpreter compiles nothing
         return None
     return sum(len(c[0]) for c in caches.values())
@@ -244,26 +275,26 @@ def test_changing_lr_changes_data_not_code():
             with torch.no_grad():
                 pr.copy_(pf)
         if t == 1:
-            keys, compiled = set(microadam_kernel.compile_keys), _compiled_count()
+            keys, compiled = set(window_ops.compile_keys), _compiled_count(opt_f)
     lr_tensor = opt_f._hparams_on(opt_f.param_groups[0], fused[0].device)[0]
     assert float(lr_tensor) == 0.1
-    assert microadam_kernel.compile_keys == keys
-    assert _compiled_count() == compiled
+    assert window_ops.compile_keys == keys
+    assert _compiled_count(opt_f) == compiled
     # not vacuous: a different window dtype is a different kernel
     p = torch.nn.Parameter(torch.zeros(8, device=DEVICE))
     p.grad = torch.ones(8, device=DEVICE)
     MicroAdam([p], backend="triton", window_dtype=torch.float16, **SMALL).step()
-    assert len(microadam_kernel.compile_keys) > len(keys)
+    assert len(window_ops.compile_keys) > len(keys)
 
 
 def test_kernel_takes_no_python_numbers():
     """Every argument is a tensor or a constexpr, so no value (lr, a size) is a specialisation key."""
-    fn = microadam_kernel.microadam_step
+    fn = kernel_module(MicroAdam([torch.nn.Parameter(torch.zeros(4))], **SMALL)).window_step
     fn = getattr(fn, "fn", fn)
     import inspect
 
     names = list(inspect.signature(fn).parameters)
-    constexprs = {"BLOCK", "QBLOCK", "KMAX", "WDTYPE", "ALIGNED"}
+    constexprs = {"BLOCK", "KMAX", "ALIGNED"}
     assert set(names[-len(constexprs):]) == constexprs
     assert names[: -len(constexprs)] == ["tensors", "hparams", "group", "block_tensor", "block_index",
                                          "block_count", "done", "scratch"]
@@ -280,19 +311,20 @@ class _Counting:
 
 def test_one_launch_per_step(monkeypatch):
     """Four tensors of three dtypes, several blocks each: one launch per step, no eager fallback."""
-    counting = _Counting(microadam_kernel.microadam_step)
-    monkeypatch.setattr(microadam_kernel, "microadam_step", counting)
-    monkeypatch.setattr(MicroAdam, "_step_param", lambda *a: pytest.fail("the eager step ran"))
+    monkeypatch.setattr(window_reference, "step", lambda *a: pytest.fail("the eager step ran"))
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
     params = [torch.nn.Parameter(torch.randn(n, device=DEVICE).to(d)) for n, d in zip([130, 64, 5, 97], dtypes)]
     opt = MicroAdam(params, lr=1e-2, m=3, density=0.1, backend="triton", **SMALL)
-    before = microadam_kernel.launches["microadam"]
+    module = kernel_module(opt)
+    counting = _Counting(module.window_step)
+    monkeypatch.setattr(module, "window_step", counting)
+    before = window_ops.launches["microadam"]
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
     assert len(counting.grids) == 3
-    assert microadam_kernel.launches["microadam"] - before == 3
+    assert window_ops.launches["microadam"] - before == 3
     assert all(int(opt.state[p]["step"]) == 3 for p in params)
 
 
@@ -303,9 +335,8 @@ def test_backend_choice_and_errors():
     p = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="backend must be"):
         MicroAdam([p], backend="cuda")
-    with pytest.raises(ValueError, match="backend='triton' needs"):
-        MicroAdam([p], backend="triton", exact_error_feedback=True)
-    with pytest.raises(ValueError, match="backend='triton' needs"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run this group: .*quant_block=6, which is not a "
+                                         "power of two dividing the window block 96"):
         MicroAdam([p], backend="triton", block=96, quant_block=6)
     assert MicroAdam([p]).backend is None  # by device: CUDA tensors fused, the rest eager
 
@@ -356,7 +387,7 @@ def test_state_dict_round_trip_with_the_fused_backend():
 
 def test_compiled_step_is_one_graph_without_recompiles():
     """opt.step() compiled with fullgraph=True (aot_eager: functionalized, so ``mutates_args`` and the
-    fake impl are exercised) runs the custom op fusedopt::microadam_step: the first two steps compile
+    fake impl are exercised) runs the custom op fusedopt::window_step: the first two steps compile
     (the first creates the state), then 20 steps with a cosine schedule on a tensor lr compile
     nothing; the trajectory is the eager fused one, bit for bit."""
     import torch._dynamo

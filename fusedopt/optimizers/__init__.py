@@ -6,6 +6,7 @@ from .adam_mini import adam_mini
 from .adamw import adamw
 from .lamb import lamb
 from .lion import lion
+from .microadam import microadam
 from .sgd import sgd
 
-__all__ = ["adafactor", "adam", "adam_mini", "adamw", "lamb", "lion", "sgd"]
+__all__ = ["adafactor", "adam", "adam_mini", "adamw", "lamb", "lion", "microadam", "sgd"]

@@ -1,0 +1,101 @@
+"""Triton helpers shared by hand-assembled kernels (the window template imports them by name).
+
+* :func:`to_bf16_rne`: float32 -> bfloat16 rounded to nearest even on the bits, as torch rounds (the
+  CPU interpreter's own conversion truncates);
+* :func:`power`: ``base ** n`` in float64 by binary exponentiation (within a few float64 ulps of the
+  host's ``base ** n``), for an int64 ``n >= 0`` known only at run time;
+* :func:`load_float` / :func:`store_float`: a tensor whose dtype (0 fp32, 1 bf16, 2 fp16) is read from
+  a table at run time, as float32 values (a uniform branch, so one kernel serves mixed-dtype groups);
+* :func:`decode_minmax` / :func:`encode_minmax`: the 4-bit min/max storage of :mod:`fusedopt.sparse`
+  (two codes per byte, element ``2i`` in the high nibble; a bf16 min and max per ``QBLOCK``
+  elements) for the ``BLOCK`` elements from ``start``, ``QBLOCK`` a power of two dividing ``start``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DTYPE_CODES = {"fp32": 0, "bf16": 1, "fp16": 2}
+
+
+@triton.jit
+def to_bf16_rne(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def power(base, n):
+    result = tl.full([], 1.0, tl.float64)
+    b = base
+    e = n
+    while e > 0:
+        result = tl.where((e & 1) == 1, result * b, result)
+        b = b * b
+        e = e >> 1
+    return result
+
+
+@triton.jit
+def load_float(base, offs, mask, dtype_code):
+    if dtype_code == 0:
+        x = tl.load(base.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    elif dtype_code == 1:
+        x = tl.load(base.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(base.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def store_float(base, offs, x, mask, dtype_code):
+    if dtype_code == 0:
+        tl.store(base.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+    elif dtype_code == 1:
+        tl.store(base.to(tl.pointer_type(tl.bfloat16)) + offs, to_bf16_rne(x), mask=mask)
+    else:
+        tl.store(base.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+
+
+@triton.jit
+def decode_minmax(codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+    """``code * (hi - lo) / 15 + lo`` per element (float32 [BLOCK]); lanes past ``size`` are junk."""
+    half = tl.arange(0, BLOCK // 2)
+    qlane = tl.arange(0, BLOCK // QBLOCK)
+    packed = tl.load(codes + start // 2 + half, mask=2 * half < size, other=0).to(tl.int32)
+    code = tl.interleave(packed >> 4, packed & 15).to(tl.float32)
+    qvalid = qlane * QBLOCK < size
+    lo = tl.load(lo_ptr + start // QBLOCK + qlane, mask=qvalid, other=0.0).to(tl.float32)
+    hi = tl.load(hi_ptr + start // QBLOCK + qlane, mask=qvalid, other=0.0).to(tl.float32)
+    unit = tl.div_rn(hi - lo, 15.0)
+    return tl.reshape(tl.reshape(code, [BLOCK // QBLOCK, QBLOCK]) * unit[:, None] + lo[:, None], [BLOCK])
+
+
+@triton.jit
+def encode_minmax(r, valid, codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+    """Store ``r`` (float32 [BLOCK], lanes where ``valid``): per quantization block its min and max
+    rounded to bf16 (NaN for both if it holds a NaN, as torch.amin), then clamped 4-bit codes."""
+    half = tl.arange(0, BLOCK // 2)
+    qlane = tl.arange(0, BLOCK // QBLOCK)
+    qvalid = qlane * QBLOCK < size
+    r2 = tl.reshape(r, [BLOCK // QBLOCK, QBLOCK])
+    valid2 = tl.reshape(valid, [BLOCK // QBLOCK, QBLOCK])
+    lo = tl.min(tl.where(valid2, r2, float("inf")), axis=1)
+    hi = tl.max(tl.where(valid2, r2, float("-inf")), axis=1)
+    has_nan = tl.max(((r2 != r2) & valid2).to(tl.int32), axis=1) > 0
+    lo = to_bf16_rne(tl.where(has_nan, float("nan"), lo))
+    hi = to_bf16_rne(tl.where(has_nan, float("nan"), hi))
+    tl.store(lo_ptr + start // QBLOCK + qlane, lo, mask=qvalid)
+    tl.store(hi_ptr + start // QBLOCK + qlane, hi, mask=qvalid)
+    lo32 = lo.to(tl.float32)
+    unit = tl.div_rn(hi.to(tl.float32) - lo32, 15.0)
+    safe = tl.where(unit > 0.0, unit, 1.0)
+    q = tl.floor(tl.div_rn(r2 - lo32[:, None], safe[:, None]) + 0.5)
+    q = tl.where((unit[:, None] > 0.0) & (tl.abs(q) < float("inf")), q, 0.0)
+    q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+    q = tl.where(valid, tl.reshape(q, [BLOCK]), 0.0).to(tl.int32)
+    even, odd = tl.split(tl.reshape(q, [BLOCK // 2, 2]))
+    tl.store(codes + start // 2 + half, (even * 16 + odd).to(tl.uint8), mask=2 * half < size)

@@ -1,0 +1,265 @@
+"""The optimizer front end of rules with a window (:func:`fusedopt.dsl.window`), such as MicroAdam.
+
+``WindowOptimizer(params, rule, **hyperparameters)`` runs any such rule. Each param group builds the
+rule's program once, with the group's state settings applied (``states={"window": {"m": 20}}``, see
+:func:`fusedopt.dsl.configure_states`: a window's m, density, block and value dtype; a state's storage
+dtype and quantization block). A step runs, per group, one fused launch over the group's CUDA tensors
+(:mod:`codegen.window_ops`) and the eager interpreter (:mod:`fusedopt.window_reference`) for the
+rest; both give the same selections, window rows and quantized states, bit for bit.
+
+Every parameter counts its own steps (state ``"step"``, int64); its other states are the program's
+storage tensors (``Program.storage_names``): for MicroAdam ``error`` (packed 4-bit codes),
+``error_min``, ``error_max``, ``window_index`` and ``window_value``.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+
+from . import dsl, ir, sparse, window_reference
+from .window_passes import lower_window
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = (None, "reference", "triton")
+
+
+class WindowOptimizer(torch.optim.Optimizer):
+    """Runs a rule with a window. ``rule``: a :class:`fusedopt.dsl.Rule` that declares one window;
+    hyperparameters: the rule's (defaults from the rule); ``states``: per-group state settings;
+    ``backend``: "triton" (one fused launch per group and device; an error where the kernel cannot
+    run the group's program), "reference" (eager) or None: "triton" for CUDA tensors whose program
+    the kernel runs, "reference" for the rest. Float64 or non-contiguous parameters of a fused group
+    are stepped eagerly."""
+
+    def __init__(self, params, rule: dsl.Rule, backend: str | None = None,
+                 states: dict[str, dict[str, Any]] | None = None, **hparams):
+        unknown = sorted(set(hparams) - set(getattr(rule, "hparams", {})))
+        if unknown:
+            raise ValueError(f"rule '{rule.name}' has no hyperparameter(s) {unknown}; it has {sorted(rule.hparams)}")
+        self._setup(params, rule, backend, {**rule.hparams, **hparams, "states": dict(states or {})})
+
+    def _setup(self, params, rule: dsl.Rule, backend: str | None, defaults: dict) -> None:
+        """Check the rule and the backend, build the param groups from ``defaults`` and check every
+        group's program (so mistakes surface at construction, not inside a step)."""
+        if not isinstance(rule, dsl.Rule):
+            raise TypeError(f"rule must be a fusedopt.dsl.Rule, got {rule!r}")
+        if rule.program().window is None:
+            raise ValueError(f"rule '{rule.name}' declares no window; run it with fusedopt.FusedOptimizer")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be 'triton', 'reference' or None (by device), got {backend!r}")
+        self.rule = rule
+        self.backend = backend
+        self._hparam_tensors: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        self._programs: dict[tuple, ir.Program] = {}
+        self._kernel_keys: dict[ir.Program, str] = {}
+        self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self.check_group(group)
+            program = self.program(group)
+            problem = _kernel_problem(program)
+            if backend == "triton" and problem:
+                raise ValueError(f"backend='triton' cannot run this group: {problem}")
+            if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
+                self._kernel_key(program)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise ValueError(f"{type(self).__name__} optimizes floating-point parameters, got one of dtype {p.dtype}")
+
+    # ---- what a group runs -----------------------------------------------------------------------
+
+    def check_group(self, group: dict) -> None:
+        """Raise ValueError for a param group's values that cannot work (subclasses check theirs)."""
+
+    def state_settings(self, group: dict) -> dict[str, dict[str, Any]]:
+        """The group's state settings (subclasses map their own arguments here)."""
+        return group["states"]
+
+    def hparam_values(self, group: dict) -> dict[str, float | torch.Tensor]:
+        """The group's value of each hyperparameter of the rule (subclasses map their arguments)."""
+        return {name: group[name] for name in self.rule.hparams}
+
+    def program(self, group: dict) -> ir.Program:
+        """The group's program: the rule with the group's state settings (built once per settings, so
+        that a compiled step only looks it up)."""
+        settings = self.state_settings(group)
+        key = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items()))
+        program = self._programs.get(key)
+        if program is None:
+            program = dsl.configure_states(self.rule.program(), settings)
+            lower_window(program)  # every form a step reads, computed now
+            self._programs[key] = program
+        return program
+
+    def _kernel_key(self, program: ir.Program) -> str:
+        key = self._kernel_keys.get(program)
+        if key is None:
+            from codegen import window_ops  # the front end is the one place that reaches codegen
+
+            key = self._kernel_keys[program] = window_ops.register(program)
+        return key
+
+    def _backend_for(self, p: torch.Tensor) -> str:
+        if self.backend is not None:
+            return self.backend
+        return "triton" if p.device.type == "cuda" else "reference"
+
+    def _fused(self, program: ir.Program, p: torch.Tensor) -> bool:
+        if self._backend_for(p) != "triton":
+            return False
+        if program not in self._kernel_keys:  # a group added after construction
+            if _kernel_problem(program):
+                return False
+            self._kernel_key(program)
+        grad = p.grad if p.grad is not None else p
+        return (p.dtype in _KERNEL_DTYPES and grad.dtype in _KERNEL_DTYPES and p.is_contiguous()
+                and grad.is_contiguous() and grad.shape == p.shape and grad.device == p.device and p.numel() > 0)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def _state_of(self, program: ir.Program, p: torch.Tensor, fused: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            state.update(window_reference.init_state(program, p))
+            # the fused kernel reads and advances the counter on the device; the eager code on the host
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device if fused else "cpu")
+        window = program.window
+        expected = (window.m, sparse.topk_layout(p.numel(), window.block, window.density).k)
+        index = state.get(window.storage[0])
+        if index is None or tuple(index.shape) != expected:
+            raise ValueError(f"the window of a parameter of {p.numel()} elements has shape "
+                             f"{None if index is None else tuple(index.shape)}, but the group's settings (m="
+                             f"{window.m}, block={window.block}, density={window.density}) need {expected}; m, "
+                             "block and density cannot change once a parameter has state")
+        return state
+
+    def state_bytes_moved(self, p: torch.Tensor) -> int:
+        """Least bytes a step moves for ``p``'s state: the whole window is read and one row of it
+        written; every other state is read and written. (For benchmarks' bandwidth figures.)"""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        state = self.state.get(p, {})
+        if group is None or not state:
+            return 0
+        window = self.program(group).window
+        moved = 0
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device == p.device and name != "step":
+                size = value.numel() * value.element_size()
+                moved += size + (size // window.m if name in window.storage else size)
+        return moved
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base
+        class casts floating-point states to the parameter's dtype) and is copied, so stepping never
+        writes into the loaded dictionary."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
+        for saved_id, p, group in zip(saved_ids, params, groups):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            shapes = window_reference.storage_shapes(self.program(group), p.numel(), p.shape, p.dtype)
+            for key, (_, dtype) in shapes.items():
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+            if "step" in saved:
+                self.state[p]["step"] = saved["step"].to(device="cpu", dtype=torch.int64, copy=True)
+
+    # ---- step ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            program = self.program(group)
+            fused = []
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to select or update
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not take sparse gradients (parameter of shape "
+                                     f"{tuple(p.shape)}); use dense ones, e.g. nn.Embedding(..., sparse=False)")
+                if self._fused(program, p):
+                    fused.append(p)
+                    continue
+                state = self._state_of(program, p, fused=False)
+                if state["step"].device.type != "cpu":
+                    state["step"] = state["step"].cpu()
+                values = {k: float(v) for k, v in self.hparam_values(group).items()}
+                window_reference.step(program, p, p.grad, state, state["step"], values)
+            if fused:
+                self._step_fused(group, program, fused)
+        return loss
+
+    def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
+        """The group's hyperparameters as 0-d float64 tensors on ``device``, in the rule's order, kept
+        for the life of the group and rewritten in place when a value changes (a new lr is new data
+        for the kernel, never new code). A tensor lr is passed as it is (float64, on ``device``): the
+        form for torch.compile, where an lr scheduler fills the tensor and nothing recompiles."""
+        values = self.hparam_values(group)
+        names = list(values)
+        given = {}
+        for name, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.reshape(())
+                given[name] = v if (v.dtype, v.device) == (torch.float64, device) else v.to(device, torch.float64)
+        if torch.compiler.is_compiling():
+            return [given[n] if n in given else torch.tensor(float(values[n]), dtype=torch.float64, device=device)
+                    for n in names]
+        plain = tuple(None if n in given else float(values[n]) for n in names)
+        key = id(group)
+        cached = self._hparam_tensors.get(key)
+        if cached is None or cached[1][0].device != device:
+            tensors = [torch.tensor(v or 0.0, dtype=torch.float64, device=device) for v in plain]
+        else:
+            old, tensors = cached
+            for t, v, o in zip(tensors, plain, old):
+                if v is not None and v != o:
+                    t.fill_(v)
+        self._hparam_tensors[key] = (plain, tensors)
+        return [given.get(n, t) for n, t in zip(names, tensors)]
+
+    def _step_fused(self, group: dict, program: ir.Program, params: list[torch.Tensor]) -> None:
+        """One launch of the fused kernel over ``params`` (all on one device; else one per device)."""
+        from codegen import window_ops
+
+        key = self._kernel_key(program)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p)
+        for device, ps in by_device.items():
+            states = []
+            for p in ps:
+                state = self._state_of(program, p, fused=True)
+                if state["step"].device != device:
+                    state["step"] = state["step"].to(device)
+                states.append(state)
+            window_ops.step(key, ps, [p.grad for p in ps],
+                            [s[name] for name in program.storage_names for s in states],
+                            [s["step"] for s in states], self._hparams_on(group, device))
+
+
+def _kernel_problem(program: ir.Program) -> str | None:
+    """Why the fused kernel cannot run ``program``, or None."""
+    from codegen import window_template
+
+    return window_template.supported(program)
+
+
+def state_bytes(program: ir.Program, numel: int) -> int:
+    """Bytes of state for one parameter of ``numel`` elements, from the shapes alone (nothing is
+    allocated), the 8-byte step counter included."""
+    return window_reference.state_bytes(program, numel) + 8
+
+
+# LR schedulers wrap ``optimizer.step`` in a closure over a weakref that dynamo cannot trace; this marker
+# tells them the step is already tracked (they only read ``_opt_called``, set in __init__).
+WindowOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
