@@ -11,6 +11,12 @@ default). SGD runs with momentum 0.9. torch.optim has no Lion: Lion rows are com
 torch.optim.AdamW as a bandwidth reference. The table goes to stdout, progress to stderr, and a CSV
 and a JSON file to ``--out``. See benchmarks/README.md.
 
+Peer implementations (``peer-bnb``: bitsandbytes, ``peer-torchao``: torchao, ``peer-official``: the
+ista-daslab-optimizers MicroAdam) are other packages' optimizers for the same rules, with the
+fusedopt row's hyperparameters. They are measured when their package imports (by default on CUDA,
+or when named in ``--impls``); a missing package, or a rule the package has no counterpart for, is
+one line on stderr and under the table, not a failure.
+
 Gradients: one set of random gradients is generated per parameter list before timing. Before each
 step (untimed) ``p.grad`` is assigned again: with ``--grads fixed`` (default) the same tensors, so
 every step sees the same addresses; with ``--grads fresh`` a new clone of them, as after
@@ -21,11 +27,14 @@ addresses; when it does not, fusedopt rewrites its pointer table before the laun
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
@@ -71,6 +80,86 @@ RULES = {
 # torch.optim classes without a fused=True implementation: no torch-fused row for them
 NO_TORCH_FUSED = {"adafactor"}
 
+
+# ---- peers: other packages' optimizers, measured when they import -------------------------------
+
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _take(hp: dict[str, Any], *names: str, **renamed: str) -> dict[str, Any]:
+    """The fusedopt hyperparameters ``names`` as they are, and ``renamed`` (peer name = fusedopt name)."""
+    return {**{n: hp[n] for n in names}, **{peer: hp[ours] for peer, ours in renamed.items()}}
+
+
+class Peer:
+    """An optimizer package other than torch and fusedopt, with its classes for some of the rules.
+
+    ``classes`` maps a rule to the class name and a function from the fusedopt row's
+    hyperparameters (its optimizer's ``defaults``) to the peer's keyword arguments, so that both rows
+    run the same update with the same settings.
+    """
+
+    def __init__(self, package: str, modules: tuple[str, ...],
+                 classes: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]],
+                 writes_grad: bool = False, compiles: bool = False):
+        self.package = package  # the distribution's name, for the notes
+        self.modules = modules  # where the classes live, tried in order (older layouts last)
+        self.classes = classes
+        self.writes_grad = writes_grad  # its step overwrites p.grad: it gets a fresh clone every step
+        self.compiles = compiles  # its step runs torch.compile'd code: Dynamo is reset after its row
+
+
+PEERS = {
+    # 32-bit states for the float rules; 8-bit blockwise states (blocks of 256) for AdamW8bit, with
+    # float32 ones for tensors under min_8bit_size elements, as fusedopt's quant_threshold.
+    "peer-bnb": Peer("bitsandbytes", ("bitsandbytes.optim",), {
+        "adamw": ("AdamW", lambda hp: _take(hp, *_ADAM_KEYS)),
+        "adam": ("Adam", lambda hp: _take(hp, *_ADAM_KEYS)),
+        "sgd": ("SGD", lambda hp: _take(hp, "lr", "momentum", "dampening", "weight_decay", "nesterov")),
+        "lion": ("Lion", lambda hp: _take(hp, "lr", "betas", "weight_decay")),
+        "adamw8bit": ("AdamW8bit", lambda hp: _take(hp, *_ADAM_KEYS, min_8bit_size="quant_threshold")),
+    }),
+    # blocks of 256 (8-bit) and 128 (4-bit), as fusedopt's q8 and q4; tensors under 4096 elements keep
+    # float32 states there too. Its step compiles each parameter's update with torch.compile.
+    "peer-torchao": Peer("torchao", ("torchao.optim", "torchao.prototype.low_bit_optim"), {
+        "adamw8bit": ("AdamW8bit", lambda hp: {**_take(hp, *_ADAM_KEYS), "block_size": 256}),
+        "adamw4bit": ("AdamW4bit", lambda hp: {**_take(hp, *_ADAM_KEYS), "block_size": 128}),
+    }, compiles=True),
+    # the authors' CUDA implementation; it writes the update into p.grad
+    "peer-official": Peer("ista-daslab-optimizers", ("ista_daslab_optimizers",), {
+        "microadam": ("MicroAdam", lambda hp: _take(hp, *_ADAM_KEYS, "m", k_init="density",
+                                                    quant_block_size="quant_block")),
+    }, writes_grad=True),
+}
+ALL_IMPLS = IMPLS + tuple(PEERS)
+
+
+def load_peer(impl: str) -> tuple[ModuleType | None, str]:
+    """The first of the peer's modules that imports, or None and why none did."""
+    errors = []
+    for name in PEERS[impl].modules:
+        try:
+            return importlib.import_module(name), ""
+        except Exception as exc:  # an installed package may fail to import (no CUDA, a broken build)
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return None, errors[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_defaults(rule: str) -> tuple[tuple[str, Any], ...]:
+    spec = RULES[rule]
+    if spec.named:
+        raise ValueError(f"no peer takes named parameters ({rule})")
+    return tuple(spec.fused([torch.nn.Parameter(torch.zeros(1))], backend="reference", **spec.kwargs)
+                 .defaults.items())
+
+
+def fused_hyperparameters(rule: str) -> dict[str, Any]:
+    """The hyperparameters of the rule's fusedopt row, defaults included: the ``defaults`` of a
+    fusedopt optimizer built with the row's arguments over one CPU element (built once per rule)."""
+    return dict(_fused_defaults(rule))
+
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -98,9 +187,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default llama1b,gpt2; tiny with --quick)")
     parser.add_argument("--rules", default=",".join(RULES),
                         help=f"comma-separated rules from {', '.join(RULES)} (default: all)")
-    parser.add_argument("--impls", help=f"comma-separated implementations from {', '.join(IMPLS)} (default: "
-                        "fusedopt-triton and every torch one on CUDA; fusedopt-reference, fusedopt-triton "
-                        "(interpreter, --quick only) and torch-foreach on a CPU)")
+    parser.add_argument("--impls", help=f"comma-separated implementations from {', '.join(ALL_IMPLS)} "
+                        "(default: fusedopt-triton, every torch one and every peer whose package imports on "
+                        "CUDA; fusedopt-reference, fusedopt-triton (interpreter, --quick only) and "
+                        "torch-foreach on a CPU)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20; 3 with --quick)")
     parser.add_argument("--warmup", type=int,
                         help="untimed steps after the first one (default 3; 0 with --quick)")
@@ -127,9 +217,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.grads = _choices(args.grads, ["fixed", "fresh"], "--grads", many=False)[0]
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls:
-        args.impl_names = _choices(args.impls, IMPLS, "--impls")
+        args.impl_names = _choices(args.impls, ALL_IMPLS, "--impls")
     elif args.device.type == "cuda":
         args.impl_names = ["fusedopt-triton", "torch-foreach", "torch-fused", "torch-compiled"]
+        args.impl_names += [impl for impl in PEERS if load_peer(impl)[0] is not None]
     else:
         # the interpreter runs each program in Python: seconds per step already at gpt2 size
         args.impl_names = (["fusedopt-reference", "fusedopt-triton", "torch-foreach"] if args.quick
@@ -155,6 +246,12 @@ def _make_optimizer(rule: str, impl: str, named: list[tuple[str, torch.nn.Parame
         return spec.fused(named, backend=impl.removeprefix("fusedopt-"), **model, **spec.kwargs)
     if impl.startswith("fusedopt-"):
         return spec.fused(params, backend=impl.removeprefix("fusedopt-"), **spec.kwargs)
+    if impl in PEERS:
+        module, why = load_peer(impl)
+        if module is None:
+            raise ImportError(f"{PEERS[impl].package}: {why}")
+        class_name, peer_kwargs = PEERS[impl].classes[rule]
+        return getattr(module, class_name)(params, **peer_kwargs(fused_hyperparameters(rule)))
     if spec.torch_cls is None:
         raise ValueError(f"torch.optim has no {rule}")
     flags = {"torch-foreach": dict(foreach=True), "torch-fused": dict(fused=True),
@@ -173,6 +270,10 @@ def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], g
     """One row: a fresh optimizer over the named parameters, timed; its state is dropped afterwards.
     ``model``: the list's width and heads, for rules that partition by head."""
     params = [p for _, p in named]
+    peer = PEERS.get(impl)
+    fresh_grads = args.grads == "fresh" or (peer is not None and peer.writes_grad)
+    if peer is not None:
+        fused_hyperparameters(rule)  # built here, outside the construction time of the peer's optimizer
     t0 = time.perf_counter()
     opt = _make_optimizer(rule, impl, named, model)
     init_s = time.perf_counter() - t0  # fusedopt lowers its rule and registers the kernel here
@@ -184,7 +285,7 @@ def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], g
 
         step = compiled_step
 
-    if args.grads == "fresh":
+    if fresh_grads:
         def before_step() -> None:
             for p, g in zip(params, grads):
                 p.grad = g.clone()
@@ -205,7 +306,7 @@ def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], g
 
     for p in params:
         p.grad = None
-    if impl == "torch-compiled":
+    if _compiles(impl):
         torch._dynamo.reset()  # compiled graphs may hold the optimizer's state
 
     spec = RULES[rule]
@@ -223,23 +324,53 @@ def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], g
         "bytes_per_step": traffic.bytes_per_step,
         "state_bytes_per_param": traffic.state_bytes_per_param,
         "launches_per_step": None if launches is None else launches / (1 + args.warmup + args.steps),
-        "grads": args.grads,
+        "grads": "fresh" if fresh_grads else "fixed",
     }
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(rule, impl) pairs to measure per parameter list, torch baselines included once each."""
+def _compiles(impl: str) -> bool:
+    return impl == "torch-compiled" or (impl in PEERS and PEERS[impl].compiles)
+
+
+def _peer_rules(impl: str, rules: Sequence[str]) -> tuple[list[str], str | None]:
+    """The rules among ``rules`` that peer ``impl`` can run here, and a one-line note on what it
+    cannot (its package does not import, or has no class for a rule), None if nothing is left out."""
+    peer = PEERS[impl]
+    module, why = load_peer(impl)
+    if module is None:
+        return [], f"{impl}: {peer.package} is not importable ({why}); no {impl} rows"
+    runnable = [r for r in rules if r in peer.classes and hasattr(module, peer.classes[r][0])]
+    missing = [r for r in rules if r not in runnable]
+    if not missing:
+        return runnable, None
+    absent = [f"{r} ({peer.classes[r][0]} is not in {module.__name__})" if r in peer.classes else r
+              for r in missing]
+    return runnable, f"{impl}: {peer.package} has no counterpart for {', '.join(absent)}; no rows for them"
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
+    """(rule, impl) pairs to measure per parameter list, torch baselines included once each; and a
+    note for every requested peer that leaves rules out."""
+    notes: list[str] = []
+    peer_rules: dict[str, list[str]] = {}
+    for impl in args.impl_names:
+        if impl in PEERS:
+            peer_rules[impl], note = _peer_rules(impl, args.rule_names)
+            if note:
+                notes.append(note)
     plan: list[tuple[str, str]] = []
     for rule in args.rule_names:
         spec = RULES[rule]
         torch_rule = rule if spec.torch_cls is not None else spec.baseline
         for impl in args.impl_names:
-            pair = (rule, impl) if impl.startswith("fusedopt-") else (torch_rule, impl)
+            if impl in PEERS and rule not in peer_rules[impl]:
+                continue
+            pair = (rule, impl) if impl.startswith(("fusedopt-", "peer-")) else (torch_rule, impl)
             if impl == "torch-fused" and pair[0] in NO_TORCH_FUSED:
                 continue
             if pair not in plan:
                 plan.append(pair)
-    return plan
+    return plan, notes
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -252,8 +383,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 grads=args.grads, dtype=args.dtype_name, scale=args.scale,
                 cpu_threads=torch.get_num_threads() if device.type == "cpu" else None,
                 method="median of timed steps, device sync before and after each; first step timed alone",
-                failures=[])
-    plan = _plan(args)
+                failures=[], skipped=[])
+    plan, meta["skipped"] = _plan(args)
+    for note in meta["skipped"]:
+        harness.progress(f"skipped: {note}")
     rows: list[dict[str, Any]] = []
     total = len(plan) * len(args.shape_names)
     done = 0
@@ -277,7 +410,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 harness.progress(f"    FAILED {message}")
                 for p in params:
                     p.grad = None
-                if impl == "torch-compiled":
+                if _compiles(impl):
                     torch._dynamo.reset()
                 row = None
             _release(device)  # after measure() returned: its optimizer and state are unreachable now

@@ -8,7 +8,9 @@
   buffer, counting the bytes read plus the bytes written.
 * :func:`bytes_per_step`: the bytes an optimizer step must move at the least, read from the
   optimizer's real tensors after a step: each parameter and every state tensor read and written
-  once, each gradient read once.
+  once, each gradient read once. Tensor subclasses that wrap other tensors (torchao's quantized
+  states) are counted by the tensors they hold; a state tensor shared by several parameters (a
+  quantization map) is counted once.
 * :func:`format_table`, :func:`write_results`: the printed table, and CSV + JSON files.
 """
 
@@ -133,6 +135,28 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _storage_tensors(t: torch.Tensor) -> Iterable[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: ``t`` itself, or, for a wrapper subclass that
+    presents one shape and dtype but stores others (torchao's 8-bit and 4-bit optimizer states
+    look like float32 tensors and hold uint8 codes and scales), the tensors it wraps, recursively."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        yield t
+        return
+    names, _ = flatten()
+    for name in names:
+        yield from _storage_tensors(getattr(t, name))
+
+
+def _identity(t: torch.Tensor) -> tuple[Any, ...]:
+    """Same key for the same data: the same tensor reached from several parameters' states."""
+    try:
+        address = t.data_ptr()
+    except RuntimeError:  # no storage to point at
+        address = id(t)
+    return (t.device, address, t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
 def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
     """Least bytes one step of ``optimizer`` must move, from its tensors; call after one step.
 
@@ -142,9 +166,15 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
     actual tensors, so bf16 parameters or fp32 states of bf16 parameters are counted as they are. An
     optimizer that writes only part of its state (MicroAdam: one window row of m) says what its
     state moves through ``state_bytes_moved(p)``.
+
+    A state tensor that wraps others (a traceable tensor subclass, such as torchao's quantized
+    states) counts the bytes of the tensors it holds, not those of the shape it presents. A tensor
+    found in the state of several parameters (bitsandbytes keeps one quantization map for all of
+    them) counts once.
     """
     moved_by = getattr(optimizer, "state_bytes_moved", None)
     moved = state = n = 0
+    seen: set[tuple[Any, ...]] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -152,9 +182,15 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
             n += p.numel()
             moved += 2 * _nbytes(p) + _nbytes(p.grad)
             for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor) and value.device == p.device:
-                    moved += 0 if moved_by else 2 * _nbytes(value)
-                    state += _nbytes(value)
+                if not (isinstance(value, torch.Tensor) and value.device == p.device):
+                    continue
+                for t in _storage_tensors(value):
+                    key = _identity(t)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    moved += 0 if moved_by else 2 * _nbytes(t)
+                    state += _nbytes(t)
             if moved_by:
                 moved += moved_by(p)
     return Traffic(bytes_per_step=moved, state_bytes=state, n_params=n)
@@ -253,6 +289,8 @@ def format_table(rows: Iterable[dict[str, Any]], meta: dict[str, Any]) -> str:
     if has_lion_baseline:
         lines.append("* torch.optim has no such rule: 'vs' columns compare with torch.optim.AdamW "
                      "(same parameter list and dtype) as a bandwidth reference.")
+    for note in meta.get("skipped", []):
+        lines.append(f"skipped (no row): {note}")
     for failure in meta.get("failures", []):
         lines.append(f"FAILED (no row): {failure}")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -167,3 +169,181 @@ def test_a_failing_implementation_is_reported_and_the_run_goes_on(tmp_path, monk
     assert [(r["rule"], r["impl"]) for r in result["rows"]] == [("sgd", "torch-foreach")]
     assert result["meta"]["failures"] == ["tiny fp32 adam torch-foreach: RuntimeError: deliberately broken"]
     assert "FAILED (no row): tiny fp32 adam torch-foreach" in capsys.readouterr().out
+
+
+# ---- peer implementations ------------------------------------------------------------------------
+
+PEER_MODULES = ("bitsandbytes", "torchao", "ista_daslab_optimizers")
+
+
+def _hide_peer_packages(monkeypatch):
+    """Make every peer package fail to import, whether or not it is installed on this machine."""
+    for name in PEER_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _stand_in_modules(monkeypatch, dotted: str, **classes):
+    """Put a module ``dotted`` (and empty parents) holding ``classes`` into sys.modules."""
+    parts = dotted.split(".")
+    for i in range(1, len(parts) + 1):
+        module = types.ModuleType(".".join(parts[:i]))
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        if i > 1:
+            setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], module)
+    for name, cls in classes.items():
+        setattr(sys.modules[dotted], name, cls)
+
+
+def _recording_adamw(extra: tuple[str, ...], calls: list):
+    """torch.optim.AdamW that also accepts the peer-only keywords ``extra`` and records every
+    keyword argument it was built with."""
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            calls.append(dict(kwargs))
+            super().__init__(params, **{k: v for k, v in kwargs.items() if k not in extra})
+    return Recording
+
+
+def test_a_missing_peer_is_a_note_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A peer named in --impls whose package does not import gives one line on stderr and one under
+    the table; the other rows are measured and the run counts no failure."""
+    _hide_peer_packages(monkeypatch)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["--quick", "--rules", "adamw", "--impls", "peer-bnb,peer-torchao,torch-foreach",
+            "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        result = bench_step.main(argv)
+    assert [(r["rule"], r["impl"]) for r in result["rows"]] == [("adamw", "torch-foreach")]
+    assert result["meta"]["failures"] == []
+    skipped = result["meta"]["skipped"]
+    assert len(skipped) == 2
+    assert skipped[0].startswith("peer-bnb: bitsandbytes is not importable")
+    assert skipped[1].startswith("peer-torchao: torchao is not importable")
+    for note in skipped:
+        assert sum(line == f"skipped: {note}" for line in stderr.getvalue().splitlines()) == 1
+        assert f"skipped (no row): {note}" in stdout.getvalue().splitlines()
+
+
+def test_default_impls_take_the_peers_that_import_on_cuda_only(monkeypatch):
+    _hide_peer_packages(monkeypatch)
+    _stand_in_modules(monkeypatch, "bitsandbytes.optim", AdamW8bit=torch.optim.AdamW)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench_step.parse_args([]).impl_names == [
+        "fusedopt-triton", "torch-foreach", "torch-fused", "torch-compiled", "peer-bnb"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not any(impl.startswith("peer-") for impl in bench_step.parse_args([]).impl_names)
+
+
+def test_peer_rows_through_stand_in_modules(tmp_path, monkeypatch):
+    """The wiring of peer rows, with stand-ins: neither bitsandbytes, torchao nor
+    ista-daslab-optimizers is used here. The stand-in classes are torch.optim.AdamW (and SGD for
+    MicroAdam) that record their keyword arguments, so this says nothing about those packages'
+    speed or numerics. It checks that a peer row is planned only for the rules its module has a
+    class for (the others are one note per peer), that the class gets the fusedopt row's
+    hyperparameters under the peer's names, that the row has every column of the other rows with
+    ratios against torch and state bytes counted from the stand-in's state tensors, that torchao's
+    older module layout is found, and that a peer whose step writes into p.grad gets a fresh copy
+    of the gradients at every step."""
+    _hide_peer_packages(monkeypatch)
+    bnb_calls, ao_calls, micro_calls, grads_intact = [], [], [], []
+
+    class WritesIntoGrad(torch.optim.SGD):
+        def __init__(self, params, m, lr, quant_block_size, k_init, betas, eps, weight_decay):
+            micro_calls.append(dict(m=m, lr=lr, quant_block_size=quant_block_size, k_init=k_init,
+                                    betas=betas, eps=eps, weight_decay=weight_decay))
+            super().__init__(params, lr=lr)
+
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grads_intact.append(bool(torch.isfinite(p.grad).all()))
+                    p.grad.fill_(float("nan"))  # as the official MicroAdam, which leaves its update there
+
+    _stand_in_modules(monkeypatch, "bitsandbytes.optim",
+                      AdamW8bit=_recording_adamw(("min_8bit_size",), bnb_calls))
+    # only the older layout, and without AdamW4bit
+    _stand_in_modules(monkeypatch, "torchao.prototype.low_bit_optim",
+                      AdamW8bit=_recording_adamw(("block_size",), ao_calls))
+    _stand_in_modules(monkeypatch, "ista_daslab_optimizers", MicroAdam=WritesIntoGrad)
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["--quick", "--rules", "adamw8bit,adamw4bit,microadam",
+            "--impls", "peer-bnb,peer-torchao,peer-official,torch-foreach", "--out", str(tmp_path)]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        result = bench_step.main(argv)
+
+    rows = {(r["rule"], r["impl"]): r for r in result["rows"]}
+    assert result["meta"]["failures"] == []
+    assert set(rows) == {("adamw", "torch-foreach"), ("adamw8bit", "peer-bnb"), ("adamw8bit", "peer-torchao"),
+                         ("microadam", "peer-official")}
+    assert result["meta"]["skipped"] == [
+        "peer-bnb: bitsandbytes has no counterpart for adamw4bit, microadam; no rows for them",
+        "peer-torchao: torchao has no counterpart for adamw4bit (AdamW4bit is not in "
+        "torchao.prototype.low_bit_optim), microadam; no rows for them",
+        "peer-official: ista-daslab-optimizers has no counterpart for adamw8bit, adamw4bit; no rows for them",
+    ]
+
+    adamw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    assert bnb_calls == [dict(adamw, min_8bit_size=4096)]
+    assert ao_calls == [dict(adamw, block_size=256)]
+    assert micro_calls == [dict(m=10, lr=1e-4, quant_block_size=2048, k_init=0.01, betas=(0.9, 0.999),
+                                eps=1e-8, weight_decay=0.0)]
+    assert grads_intact and all(grads_intact)
+
+    torch_row = rows[("adamw", "torch-foreach")]
+    n_params = shapes.count("tiny")[0]
+    for key in (("adamw8bit", "peer-bnb"), ("adamw8bit", "peer-torchao"), ("microadam", "peer-official")):
+        r = rows[key]
+        assert set(r) == set(torch_row)
+        assert r["baseline"] == "adamw" and r["launches_per_step"] is None
+        assert r["speedup_vs_torch_foreach"] == pytest.approx(torch_row["ms_median"] / r["ms_median"])
+        for column in ("ms_median", "gbps", "pct_copy_bw", "bytes_per_step"):
+            assert math.isfinite(r[column]) and r[column] > 0, (key, column)
+        table = stdout.getvalue().splitlines()
+        assert any(line.split()[:4] == ["tiny", "fp32", key[0], key[1]] for line in table)
+    for key in (("adamw8bit", "peer-bnb"), ("adamw8bit", "peer-torchao")):
+        # the stand-in's two float32 moments (its 0-d step counters are on the same device here)
+        assert rows[key]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+        assert rows[key]["bytes_per_step"] >= (3 * 4 + 2 * 8) * n_params
+        assert rows[key]["grads"] == "fixed"
+    assert rows[("microadam", "peer-official")]["state_bytes_per_param"] == 0.0  # SGD without momentum
+    assert rows[("microadam", "peer-official")]["grads"] == "fresh"
+
+
+class _Packed(torch.Tensor):
+    """A wrapper subclass that presents a float32 tensor and holds uint8 codes and float32 scales,
+    the layout of torchao's quantized optimizer states."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32, device=codes.device)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        return _Packed(inner["codes"], inner["scale"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"_Packed does not compute ({func})")
+
+
+def test_state_bytes_count_wrapped_tensors_and_shared_tensors_once():
+    """bytes_per_step counts what a wrapper subclass holds, not the float32 shape it shows, and a
+    tensor in several parameters' states (bitsandbytes' quantization maps) once."""
+    p1, p2 = torch.zeros(1024), torch.zeros(512)
+    p1.grad, p2.grad = torch.zeros(1024), torch.zeros(512)
+    qmap = torch.zeros(256)
+    packed = _Packed(torch.zeros(1024, dtype=torch.uint8), torch.zeros(4))
+    state = {p1: {"m": packed, "qmap": qmap}, p2: {"m": torch.zeros(512), "qmap": qmap}}
+    opt = types.SimpleNamespace(param_groups=[{"params": [p1, p2]}], state=state)
+    traffic = harness.bytes_per_step(opt)
+    state = (1024 + 4 * 4) + 512 * 4 + 256 * 4
+    assert traffic.state_bytes == state
+    assert traffic.bytes_per_step == 3 * 4 * (1024 + 512) + 2 * state
