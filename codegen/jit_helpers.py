@@ -6,9 +6,9 @@
   host's ``base ** n``), for an int64 ``n >= 0`` known only at run time;
 * :func:`load_float` / :func:`store_float`: a tensor whose dtype (0 fp32, 1 bf16, 2 fp16) is read from
   a table at run time, as float32 values (a uniform branch, so one kernel serves mixed-dtype groups);
-* :func:`decode_minmax` / :func:`encode_minmax`: the 4-bit min/max storage of :mod:`fusedopt.sparse`
-  (two codes per byte, element ``2i`` in the high nibble; a bf16 min and max per ``QBLOCK``
-  elements) for the ``BLOCK`` elements from ``start``, ``QBLOCK`` a power of two dividing ``start``.
+* :func:`decode_minmax` / :func:`encode_minmax`: the min/max storage of :mod:`fusedopt.sparse`
+  (4-bit codes two per byte, element ``2i`` in the high nibble, or 8-bit codes one per byte; a bf16
+  min and max per ``QBLOCK`` elements) for the ``BLOCK`` elements from ``start``, ``QBLOCK`` a power of two dividing ``start``.
 """
 
 from __future__ import annotations
@@ -61,24 +61,29 @@ def store_float(base, offs, x, mask, dtype_code):
 
 
 @triton.jit
-def decode_minmax(codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
-    """``code * (hi - lo) / 15 + lo`` per element (float32 [BLOCK]); lanes past ``size`` are junk."""
-    half = tl.arange(0, BLOCK // 2)
+def decode_minmax(codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+                  BITS: tl.constexpr):
+    """``code * (hi - lo) / (2^BITS - 1) + lo`` per element (float32 [BLOCK]); lanes past ``size`` are junk."""
     qlane = tl.arange(0, BLOCK // QBLOCK)
-    packed = tl.load(codes + start // 2 + half, mask=2 * half < size, other=0).to(tl.int32)
-    code = tl.interleave(packed >> 4, packed & 15).to(tl.float32)
+    if BITS == 4:
+        half = tl.arange(0, BLOCK // 2)
+        packed = tl.load(codes + start // 2 + half, mask=2 * half < size, other=0).to(tl.int32)
+        code = tl.interleave(packed >> 4, packed & 15).to(tl.float32)
+    else:
+        lane = tl.arange(0, BLOCK)
+        code = tl.load(codes + start + lane, mask=lane < size, other=0).to(tl.float32)
     qvalid = qlane * QBLOCK < size
     lo = tl.load(lo_ptr + start // QBLOCK + qlane, mask=qvalid, other=0.0).to(tl.float32)
     hi = tl.load(hi_ptr + start // QBLOCK + qlane, mask=qvalid, other=0.0).to(tl.float32)
-    unit = tl.div_rn(hi - lo, 15.0)
+    unit = tl.div_rn(hi - lo, (15.0 if BITS == 4 else 255.0))
     return tl.reshape(tl.reshape(code, [BLOCK // QBLOCK, QBLOCK]) * unit[:, None] + lo[:, None], [BLOCK])
 
 
 @triton.jit
-def encode_minmax(r, valid, codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr):
+def encode_minmax(r, valid, codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+                  BITS: tl.constexpr):
     """Store ``r`` (float32 [BLOCK], lanes where ``valid``): per quantization block its min and max
-    rounded to bf16 (NaN for both if it holds a NaN, as torch.amin), then clamped 4-bit codes."""
-    half = tl.arange(0, BLOCK // 2)
+    rounded to bf16 (NaN for both if it holds a NaN, as torch.amin), then clamped codes of BITS bits."""
     qlane = tl.arange(0, BLOCK // QBLOCK)
     qvalid = qlane * QBLOCK < size
     r2 = tl.reshape(r, [BLOCK // QBLOCK, QBLOCK])
@@ -91,11 +96,15 @@ def encode_minmax(r, valid, codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.conste
     tl.store(lo_ptr + start // QBLOCK + qlane, lo, mask=qvalid)
     tl.store(hi_ptr + start // QBLOCK + qlane, hi, mask=qvalid)
     lo32 = lo.to(tl.float32)
-    unit = tl.div_rn(hi.to(tl.float32) - lo32, 15.0)
+    unit = tl.div_rn(hi.to(tl.float32) - lo32, (15.0 if BITS == 4 else 255.0))
     safe = tl.where(unit > 0.0, unit, 1.0)
     q = tl.floor(tl.div_rn(r2 - lo32[:, None], safe[:, None]) + 0.5)
     q = tl.where((unit[:, None] > 0.0) & (tl.abs(q) < float("inf")), q, 0.0)
-    q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+    q = tl.minimum(tl.maximum(q, 0.0), (15.0 if BITS == 4 else 255.0))
     q = tl.where(valid, tl.reshape(q, [BLOCK]), 0.0).to(tl.int32)
-    even, odd = tl.split(tl.reshape(q, [BLOCK // 2, 2]))
-    tl.store(codes + start // 2 + half, (even * 16 + odd).to(tl.uint8), mask=2 * half < size)
+    if BITS == 4:
+        half = tl.arange(0, BLOCK // 2)
+        even, odd = tl.split(tl.reshape(q, [BLOCK // 2, 2]))
+        tl.store(codes + start // 2 + half, (even * 16 + odd).to(tl.uint8), mask=2 * half < size)
+    else:
+        tl.store(codes + start + tl.arange(0, BLOCK), q.to(tl.uint8), mask=valid)

@@ -7,7 +7,7 @@ registers, in the order the rule's semantics fix (:mod:`fusedopt.window_passes`)
 
 1. load p, g and the full-size states of the block (q4minmax states decode their quantization
    blocks, which never straddle two top-k blocks: the kernel needs ``quant_block`` a power of two
-   dividing ``block``), and compute what the push needs;
+   dividing ``block``; q8minmax states likewise), and compute what the push needs;
 2. select the block's top-k of ``|score|`` (:func:`codegen.topk.select_topk`: a radix select on the
    float bits, ties to the lower index, compacted in index order: the indices of
    :func:`fusedopt.sparse.block_topk`) and write ring row ``(t - 1) mod m`` of this block;
@@ -65,7 +65,7 @@ def supported(program: ir.Program) -> str | None:
     """Why the kernel cannot run ``program`` (None when it can)."""
     block = program.window.block
     for s in program.states:
-        if s.dtype == ir.MINMAX and (s.block & (s.block - 1) or block % s.block):
+        if s.dtype in ir.MINMAX_BITS and (s.block & (s.block - 1) or block % s.block):
             return (f"state '{s.name}' has quant_block={s.block}, which is not a power of two dividing the "
                     f"window block {block}")
     return None
@@ -77,7 +77,7 @@ def _pointee(program: ir.Program, column: str) -> str:
             continue
         if s.layout == "window":
             return "tl.int16" if column.endswith(ir.WINDOW_SUFFIXES[0]) else _POINTEE[s.dtype]
-        if s.dtype == ir.MINMAX:
+        if s.dtype in ir.MINMAX_BITS:
             return "tl.uint8" if column == s.name else "tl.bfloat16"
         return _POINTEE[s.dtype]
     return "tl.int64" if column == ir.STEP else "tl.int8"  # p and g: cast per dtype code at run time
@@ -169,9 +169,10 @@ def render(spec: WindowKernelSpec) -> str:
     for s in prog.states:
         if s.layout == "window":
             continue
-        if s.dtype == ir.MINMAX:
+        if s.dtype in ir.MINMAX_BITS:
             codes, lo, hi = s.storage
-            out.add(2, f"v_{s.name} = decode_minmax(ptr_{codes}, ptr_{lo}, ptr_{hi}, start, size, BLOCK, {s.block})")
+            out.add(2, f"v_{s.name} = decode_minmax(ptr_{codes}, ptr_{lo}, ptr_{hi}, start, size, BLOCK, {s.block}, "
+                       f"{ir.MINMAX_BITS[s.dtype]})")
         else:
             out.add(2, f"v_{s.name} = tl.load(ptr_{s.name} + offs, mask=valid, other=0.0).to(tl.float32)")
     for name, expr in low.temps(before=True):
@@ -218,10 +219,10 @@ def render(spec: WindowKernelSpec) -> str:
             out.add(2, f"store_float(ptr_p, offs, {value_text}, valid, p_dtype)")
             continue
         s = next(s for s in prog.states if s.name == target)
-        if s.dtype == ir.MINMAX:
+        if s.dtype in ir.MINMAX_BITS:
             codes, lo, hi = s.storage
             out.add(2, f"encode_minmax({value_text}, valid, ptr_{codes}, ptr_{lo}, ptr_{hi}, start, size, BLOCK, "
-                       f"{s.block})")
+                       f"{s.block}, {ir.MINMAX_BITS[s.dtype]})")
         else:
             out.add(2, f"tl.store(ptr_{target} + offs, {_rounded(s.dtype, value_text)}, mask=valid)")
     out.add(2, "# the last block of this tensor to finish advances its step counter")

@@ -1,10 +1,11 @@
 """fusedopt: optimizer update rules written once, run as fused multi-tensor kernels."""
 
 from . import dsl, ir, passes, reference
-from .dsl import Rule, RuleError, rule, state
+from .dsl import Rule, RuleError, configure_states, rule, state, window
 from .microadam import MicroAdam
 from .monitor import OptimizerMonitor
 from .optim import FusedOptimizer, kernel_source, phases
+from .window_optimizer import WindowOptimizer
 from .torch_compat import LAMB, SGD, Adafactor, Adam, Adam8bit, AdamMini, AdamW, AdamW4bit, AdamW8bit, Lion
 
 __all__ = [
@@ -31,5 +32,8 @@ __all__ = [
     "reference",
     "rule",
     "state",
+    "window",
+    "WindowOptimizer",
+    "configure_states",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from torch import nn
 from . import optimizers
 from .dsl import Rule
 from .microadam import MicroAdam
+from .window_optimizer import WindowOptimizer
 from .optim import FusedOptimizer
 from .partition import Blocks
 from .torch_compat import LAMB, SGD, Adafactor, Adam, AdamMini, AdamW, Lion
@@ -83,7 +84,8 @@ def builtin_rules() -> dict[str, Rule]:
 
 
 def _default_build(rule: Rule) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    return lambda model: FusedOptimizer(model.parameters(), rule)
+    front_end = WindowOptimizer if rule.program().window is not None else FusedOptimizer
+    return lambda model: front_end(model.parameters(), rule)
 
 
 def demo_rules() -> dict[str, DemoRule]:

@@ -133,22 +133,23 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
 
     ``dtype="q4minmax"`` (rules with a :func:`window` only) keeps the state as 4-bit codes, two per
     byte, with a bf16 minimum and maximum per ``quant_block`` elements (default 2048, even), as
-    MicroAdam keeps its error feedback (see fusedopt.sparse)."""
+    MicroAdam keeps its error feedback (see fusedopt.sparse); ``"q8minmax"``: the same with 8-bit
+    codes (255 steps between min and max), one per byte."""
     b = _Builder.current("state()")
     _declare(b, name, "state")
     if init not in ir.STATE_INITS:
         raise _fail(b.rule, f"state '{name}' has init={init!r}", f"use one of {list(ir.STATE_INITS)}")
-    if dtype not in (*ir.STORAGE_DTYPES, ir.MINMAX):
+    if dtype not in (*ir.STORAGE_DTYPES, *ir.MINMAX_BITS):
         raise _fail(b.rule, f"state '{name}' has dtype={dtype!r}",
-                    f"use one of {[*ir.STORAGE_DTYPES, ir.MINMAX]}")
-    if dtype == ir.MINMAX:
+                    f"use one of {[*ir.STORAGE_DTYPES, *ir.MINMAX_BITS]}")
+    if dtype in ir.MINMAX_BITS:
         quant_block = ir.DEFAULT_MINMAX_BLOCK if quant_block is None else quant_block
         if isinstance(quant_block, bool) or not isinstance(quant_block, int) or quant_block < 2 or quant_block % 2:
             raise _fail(b.rule, f"state '{name}' has quant_block={quant_block!r}",
                         "use an even int >= 2 (two 4-bit codes share a byte), e.g. 2048")
     elif quant_block is not None:
         raise _fail(b.rule, f"state '{name}' has quant_block={quant_block!r} but dtype={dtype!r}",
-                    f"quant_block applies to dtype='{ir.MINMAX}' only (q8 and q4 blocks are fixed)")
+                    f"quant_block applies to the min/max dtypes {list(ir.MINMAX_BITS)} only (q8 and q4 blocks are fixed)")
     if layout == "window":
         raise _fail(b.rule, f"state '{name}' has layout='window'", "declare windows with window(name, m, density, block)")
     if layout not in ir.STATE_LAYOUTS:
@@ -160,7 +161,7 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
                     "quantize full-size states only (factored and per-block states are already small)")
     if not isinstance(nonnegative, bool):
         raise _fail(b.rule, f"state '{name}' has nonnegative={nonnegative!r}", "pass True or False")
-    if dtype == ir.MINMAX and init != "zeros":
+    if dtype in ir.MINMAX_BITS and init != "zeros":
         raise _fail(b.rule, f"state '{name}' with dtype={dtype!r} has init={init!r}", "use init='zeros'")
     b.states[name] = ir.StateSpec(name, init, dtype, layout, nonnegative, block=quant_block or 0)
     return _Handle(b, name)
@@ -477,6 +478,9 @@ class Rule:
         if clip not in (None, False, *CLIP_MODES):
             raise _fail(self.name, f"clip={clip!r}", f"pass False, True or one of {list(CLIP_MODES)}")
         full = {**self.options, **options}
+        if clip and _build(self, tuple(sorted(full.items()))).window is not None:
+            raise _fail(self.name, "gradient clipping was asked for a rule with a window",
+                        "clip the gradients before the step (torch.nn.utils.clip_grad_norm_)")
         program = _build(self, tuple(sorted(full.items())), clip or "")
         if program.window is not None:
             asked = [n for n, v in (("state_dtype", state_dtype), ("stochastic_rounding", stochastic_rounding),
@@ -523,7 +527,7 @@ def _configured(program: ir.Program, settings: tuple) -> ir.Program:
         spec = specs.get(name)
         if spec is None:
             raise _fail(program.name, f"it has no state '{name}' to configure", f"states are {list(specs)}")
-        kind = "window" if spec.layout == "window" else ir.MINMAX if spec.dtype == ir.MINMAX else spec.layout
+        kind = "window" if spec.layout == "window" else ir.MINMAX if spec.dtype in ir.MINMAX_BITS else spec.layout
         values = dict(values)
         allowed = _SETTINGS.get(kind, ())
         bad = sorted(set(values) - set(allowed))
@@ -538,14 +542,14 @@ def _configured(program: ir.Program, settings: tuple) -> ir.Program:
                                        dtype=merged["dtype"])
         else:
             dtype = values.get("dtype", spec.dtype)
-            dtypes = ("fp32", "bf16", ir.MINMAX) if windowed else ("fp32", "bf16", *ir.QUANTIZED)
+            dtypes = ("fp32", "bf16", *ir.MINMAX_BITS) if windowed else ("fp32", "bf16", *ir.QUANTIZED)
             if dtype not in dtypes:
                 raise _fail(program.name, f"state '{name}' gets dtype={dtype!r}", f"use one of {list(dtypes)}")
             block = values.get("quant_block", spec.block or ir.DEFAULT_MINMAX_BLOCK)
-            if dtype == ir.MINMAX and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2):
+            if dtype in ir.MINMAX_BITS and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2):
                 raise _fail(program.name, f"state '{name}' gets quant_block={block!r}", "use an even int >= 2, e.g. 2048")
-            spec = dataclasses.replace(spec, dtype=dtype, block=block if dtype == ir.MINMAX else 0,
-                                       init="zeros" if dtype == ir.MINMAX else spec.init)
+            spec = dataclasses.replace(spec, dtype=dtype, block=block if dtype in ir.MINMAX_BITS else 0,
+                                       init="zeros" if dtype in ir.MINMAX_BITS else spec.init)
         specs[name] = spec
     return dataclasses.replace(program, states=tuple(specs[s.name] for s in program.states))
 
@@ -631,7 +635,7 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
     if unset:
         raise _fail(rule.name, f"state(s) {unset} are declared but never set (a window: never pushed)",
                     "set (push) them or remove them")
-    _check_window_rule(rule.name, b, clip)
+    _check_window_rule(rule.name, b)
     order = [ir.PARAM] + list(b.states)
     updates = tuple((name, ir.fold_constants(b.updates[name])) for name in order)
     for name, expr in updates:
@@ -652,23 +656,20 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
     )
 
 
-def _check_window_rule(name: str, b: _Builder, clip: str) -> None:
+def _check_window_rule(name: str, b: _Builder) -> None:
     """A rule with a window runs on its own template (codegen.window_template): one program per top-k
     block, so it takes only elementwise math and full-size states besides the window."""
-    minmax = [s.name for s in b.states.values() if s.dtype == ir.MINMAX]
+    minmax = [s.name for s in b.states.values() if s.dtype in ir.MINMAX_BITS]
     if not b.selections:
         if minmax:
-            raise _fail(name, f"state(s) {minmax} use dtype='{ir.MINMAX}', which only rules with a window keep",
+            raise _fail(name, f"state(s) {minmax} use a min/max dtype {list(ir.MINMAX_BITS)}, which only rules with a window keep",
                         "use dtype 'q8' or 'q4', or add a window")
         return
-    if clip:
-        raise _fail(name, "gradient clipping was asked for a rule with a window",
-                    "clip the gradients before the step (torch.nn.utils.clip_grad_norm_)")
     other = [f"{s.name} ({s.layout}, {s.dtype})" for s in b.states.values()
-             if s.layout != "window" and (s.layout != "full" or s.dtype not in ("fp32", "bf16", ir.MINMAX))]
+             if s.layout != "window" and (s.layout != "full" or s.dtype not in ("fp32", "bf16", *ir.MINMAX_BITS))]
     if other:
         raise _fail(name, f"state(s) {other} sit beside a window",
-                    f"in a rule with a window, other states are full-size fp32, bf16 or {ir.MINMAX}")
+                    f"in a rule with a window, other states are full-size fp32, bf16, {' or '.join(ir.MINMAX_BITS)}")
     reductions = [str(r) for e in b.updates.values() for r in e.atoms(ir.Reduction)]
     if reductions:
         raise _fail(name, f"it reduces ({reductions[0]}) beside a window", "a rule with a window is elementwise "

@@ -37,10 +37,11 @@ STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
 # 128 elements), stored under "<state>_absmax".
 QUANTIZED = ("q8", "q4")
 ABSMAX_SUFFIX = "_absmax"
-# 4-bit min/max storage (MicroAdam's error feedback, see fusedopt.sparse): two codes per byte, kept
-# under the state's name, and per quantization block its bf16 minimum and maximum under "<state>_min"
-# and "<state>_max". Only rules with a window keep such states.
+# Min/max storage (MicroAdam's error feedback, see fusedopt.sparse): per quantization block a bf16
+# minimum and maximum, under "<state>_min" and "<state>_max", and per element a code of 4 bits (two per
+# byte) or 8 bits, under the state's name. Only rules with a window keep such states.
 MINMAX = "q4minmax"
+MINMAX_BITS = {"q4minmax": 4, "q8minmax": 8}
 MINMAX_SUFFIXES = ("_min", "_max")
 DEFAULT_MINMAX_BLOCK = 2048
 # A window (layout "window"): a ring buffer of m rows, each holding the block top-k selection of one
@@ -79,7 +80,7 @@ class StateSpec:
         """The names of the tensors that keep this state."""
         if self.quantized:
             return (self.name, self.name + ABSMAX_SUFFIX)
-        if self.dtype == MINMAX:
+        if self.dtype in MINMAX_BITS:
             return (self.name, *(self.name + s for s in MINMAX_SUFFIXES))
         if self.layout == "window":
             return tuple(self.name + s for s in WINDOW_SUFFIXES)
@@ -89,7 +90,7 @@ class StateSpec:
         """One line of Program.text."""
         extra = f" layout={self.layout}" if self.layout != "full" else ""
         extra += " nonnegative" if self.nonnegative else ""
-        if self.dtype == MINMAX:
+        if self.dtype in MINMAX_BITS:
             extra += f" quant_block={self.block}"
         if self.layout == "window":
             extra += f" m={self.m} density={self.density!r} block={self.block}"

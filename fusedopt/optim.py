@@ -143,6 +143,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"rule must be a fusedopt Rule (made with @rule), got {type(rule).__name__}")
         if backend not in (None, *BACKENDS):
             raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)} (or None for automatic)")
+        if rule.program().window is not None:
+            raise ValueError(f"rule '{rule.name}' declares a window; run it with fusedopt.WindowOptimizer(params, "
+                             f"rule) (fusedopt.MicroAdam for the built-in one)")
         self.rule = rule
         self.backend = backend
         self._alias_of = {h: (key, i) for key, names in self.aliases.items() for i, h in enumerate(names)}
@@ -635,6 +638,12 @@ FusedOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
 def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
+    from .window_optimizer import WindowOptimizer
+
+    if isinstance(obj, WindowOptimizer):
+        if options:
+            raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
+        return obj.program(obj.param_groups[0])
     if isinstance(obj, FusedOptimizer):
         if options:
             raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
@@ -644,7 +653,7 @@ def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
         return obj.program(**options)
     if isinstance(obj, ir.Program):
         return obj
-    raise TypeError(f"{what} takes a FusedOptimizer, a Rule or a Program, got {type(obj).__name__}")
+    raise TypeError(f"{what} takes a FusedOptimizer, a WindowOptimizer, a Rule or a Program, got {type(obj).__name__}")
 
 
 def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
@@ -653,10 +662,15 @@ def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype
 
     Needs no GPU. ``target``: "cuda" (what runs on NVIDIA GPUs) or "interpreter" (what runs on CPU
     tensors under TRITON_INTERPRET=1). ``options`` select a rule's static options (e.g. amsgrad=True).
+    A rule with a window has one kernel for all parameter dtypes (``param_dtype`` is ignored).
     """
     from codegen import ops
 
     program = _program_of(obj, "kernel_source", options)
+    if program.window is not None:  # one kernel for every parameter dtype: it reads them at run time
+        from codegen import window_ops, window_template
+
+        return window_ops.source(window_template.WindowKernelSpec(program, target))
     if program.needs_reference:
         raise NotImplementedError(f"rule '{program.name}' ({dict(program.options)}) reduces over blocks without a "
                                   "per-block state (or mixes block and row/column layouts), so it runs on the "
@@ -670,5 +684,7 @@ def phases(obj: Any, **options: bool) -> str:
     reductions (and stored per-row values) of every reduction phase, then the updates. Each phase is
     one launch over every tensor of a group."""
     from .passes import lower
+    from .window_passes import lower_window
 
-    return lower(_program_of(obj, "phases", options)).phases()
+    program = _program_of(obj, "phases", options)
+    return lower_window(program).text() if program.window is not None else lower(program).phases()

@@ -23,7 +23,8 @@ than every number (so it is selected and propagates instead of hiding in the err
 Within a block the selected indices are returned in **ascending** order, so the result is canonical:
 two correct implementations give identical tensors.
 
-Error feedback quantizer (:func:`ef_minmax`, :func:`ef_encode`, :func:`ef_decode`). The residual
+Error feedback quantizer (:func:`ef_minmax`, :func:`ef_encode`, :func:`ef_decode`; 4-bit codes as
+MicroAdam, or 8-bit ones with 255 in place of 15 below, one per byte, unpacked). The residual
 ``r`` is cut into quantization blocks of ``q`` elements (the last one partial). Block ``b`` stores its
 minimum and maximum rounded to bfloat16, ``lo_b`` and ``hi_b``; everything else is float32::
 
@@ -66,6 +67,13 @@ import torch
 
 INT16_MAX = 32767
 EF_LEVELS = 15  # 4-bit codes 0..15
+
+
+def ef_levels(bits: int) -> int:
+    """Steps between a quantization block's min and max: 15 for 4-bit codes, 255 for 8-bit ones."""
+    if bits not in (4, 8):
+        raise ValueError(f"min/max codes have 4 or 8 bits, got {bits!r}")
+    return 2**bits - 1
 
 # ---- block top-k ---------------------------------------------------------------------------------
 
@@ -193,23 +201,24 @@ def _per_element(stat: torch.Tensor, q: int, numel: int) -> torch.Tensor:
     return stat.to(torch.float32).repeat_interleave(q)[:numel]
 
 
-def ef_unit(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """float32 step between neighbouring levels: (hi - lo) / 15 from the bf16 values."""
-    return (hi.to(torch.float32) - lo.to(torch.float32)) / EF_LEVELS
+def ef_unit(lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """float32 step between neighbouring levels: (hi - lo) / 15 (8-bit codes: / 255) from the bf16 values."""
+    return (hi.to(torch.float32) - lo.to(torch.float32)) / ef_levels(bits)
 
 
-def ef_codes(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, clamp: bool = True) -> torch.Tensor:
+def ef_codes(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, clamp: bool = True,
+             bits: int = 4) -> torch.Tensor:
     """Unpacked codes (int64, one per element) of ``r``. ``clamp=False`` gives the official formula,
     which can leave [0, 15]; it exists so that tests can show what the clamp prevents."""
     flat = r.reshape(-1).to(torch.float32)
     n = flat.numel()
     lo_e = _per_element(lo, q, n)
-    unit_e = _per_element(ef_unit(lo, hi), q, n)
+    unit_e = _per_element(ef_unit(lo, hi, bits), q, n)
     safe = torch.where(unit_e > 0, unit_e, torch.ones_like(unit_e))
     code = torch.floor((flat - lo_e) / safe + 0.5)
     code = torch.where((unit_e > 0) & code.isfinite(), code, torch.zeros_like(code))
     if clamp:
-        code = code.clamp(0, EF_LEVELS)
+        code = code.clamp(0, ef_levels(bits))
     return code.to(torch.int64)
 
 
@@ -227,20 +236,23 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
 
 
-def ef_encode(r: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize the residual ``r``: returns ``(packed codes uint8 [ceil(d/2)], lo bf16, hi bf16)``."""
+def ef_encode(r: torch.Tensor, q: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the residual ``r``: returns ``(codes, lo bf16, hi bf16)``; 4-bit codes are packed
+    (uint8 [ceil(d/2)]), 8-bit ones are one byte each (uint8 [d])."""
     lo, hi = ef_minmax(r, q)
-    return pack_nibbles(ef_codes(r, lo, hi, q)), lo, hi
+    codes = ef_codes(r, lo, hi, q, bits=bits)
+    return (pack_nibbles(codes) if bits == 4 else codes.to(torch.uint8)), lo, hi
 
 
-def ef_decode(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, numel: int) -> torch.Tensor:
+def ef_decode(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, numel: int,
+              bits: int = 4) -> torch.Tensor:
     """float32 [numel]: ``code * unit + lo`` per element (``lo`` where the block's unit is 0)."""
     check_quant_block(q)
-    code = unpack_nibbles(packed, numel).to(torch.float32)
-    return code * _per_element(ef_unit(lo, hi), q, numel) + _per_element(lo, q, numel)
+    code = (unpack_nibbles(packed, numel) if bits == 4 else packed.reshape(-1)[:numel]).to(torch.float32)
+    return code * _per_element(ef_unit(lo, hi, bits), q, numel) + _per_element(lo, q, numel)
 
 
-def ef_error_bound(r: torch.Tensor, q: int) -> torch.Tensor:
+def ef_error_bound(r: torch.Tensor, q: int, bits: int = 4) -> torch.Tensor:
     """float32 [d]: the per-element bound on ``|ef_decode(ef_encode(r)) - r|`` derived in the module
     docstring, ``max(unit/2, 2^-8 A) + 2^-20 A`` with ``A`` the block's largest exact magnitude."""
     flat = r.reshape(-1).to(torch.float32)
@@ -248,7 +260,7 @@ def ef_error_bound(r: torch.Tensor, q: int) -> torch.Tensor:
     lo, hi = ef_minmax(flat, q)
     mag = _padded(flat.abs(), q, 0.0).amax(dim=1)
     a_e = _per_element(mag, q, n)
-    unit_e = _per_element(ef_unit(lo, hi), q, n)
+    unit_e = _per_element(ef_unit(lo, hi, bits), q, n)
     return torch.maximum(unit_e / 2, a_e * 2.0**-8) + a_e * 2.0**-20
 
 

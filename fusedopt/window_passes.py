@@ -96,11 +96,13 @@ def lower_window(program: ir.Program) -> WindowLowered:
     lowered = passes.lower(shadow)
     late = {KEPT, *(s.name for s in sums.values())}
     before = set()
-    for name, expr in (*lowered.temps, *lowered.outputs):
-        if not ir.free_names(expr) & late:
-            before.add(name)
-        else:
+    for name, expr in lowered.temps:  # in dependency order; a late temporary makes its readers late
+        if ir.free_names(expr) & late:
             late.add(name)
+        else:
+            before.add(name)
+    # outputs are new values: their names (p, a state) read as the old values elsewhere
+    before |= {t for t, e in lowered.outputs if not ir.free_names(e) & late}
     for target in (SCORE, PUSH):
         if target not in before:  # the DSL refuses such pushes; this guards the invariant
             raise ValueError(f"rule '{program.name}': the {target[1:]} of the push reads the window")

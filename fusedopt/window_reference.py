@@ -35,10 +35,10 @@ def storage_shapes(program: ir.Program, numel: int, param_shape, param_dtype: to
             index, value = spec.storage
             out[index] = ((spec.m, k), torch.int16)
             out[value] = ((spec.m, k), storage_dtype(spec.dtype, param_dtype))
-        elif spec.dtype == ir.MINMAX:
+        elif spec.dtype in ir.MINMAX_BITS:
             codes, lo, hi = spec.storage
             nq = math.ceil(numel / spec.block)
-            out[codes] = (((numel + 1) // 2,), torch.uint8)
+            out[codes] = (((numel + 1) // 2 if ir.MINMAX_BITS[spec.dtype] == 4 else numel,), torch.uint8)
             out[lo] = ((nq,), torch.bfloat16)
             out[hi] = ((nq,), torch.bfloat16)
         else:
@@ -93,9 +93,9 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     env[ir.PARAM] = param.detach().reshape(-1).to(cd)
     env[ir.GRAD] = grad.detach().reshape(-1).to(cd)
     for spec in program.states:
-        if spec.dtype == ir.MINMAX:
+        if spec.dtype in ir.MINMAX_BITS:
             codes, lo, hi = (state[n] for n in spec.storage)
-            env[spec.name] = sparse.ef_decode(codes, lo, hi, spec.block, d).to(cd)
+            env[spec.name] = sparse.ef_decode(codes, lo, hi, spec.block, d, ir.MINMAX_BITS[spec.dtype]).to(cd)
         elif spec.layout != "window":
             env[spec.name] = state[spec.name].reshape(-1).to(cd)
 
@@ -125,8 +125,8 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
             param.copy_(new.view_as(param))
             continue
         spec = next(s for s in program.states if s.name == target)
-        if spec.dtype == ir.MINMAX:
-            for name, part in zip(spec.storage, sparse.ef_encode(new, spec.block)):
+        if spec.dtype in ir.MINMAX_BITS:
+            for name, part in zip(spec.storage, sparse.ef_encode(new, spec.block, ir.MINMAX_BITS[spec.dtype])):
                 state[name].copy_(part)
         else:
             state[target].copy_(new.view_as(state[target]))

@@ -82,21 +82,23 @@ def main() -> None:
         "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True}),
         target=GPUTarget("cuda", 90, 32))
     compiled["adam_mini_single_pass_kernels_compiled"] = sorted(n for n in dir(module) if n.startswith(("reduce", "fused")))
-    # MicroAdam's hand-written step (dtype codes read at run time), at its default block sizes
-    from codegen import microadam_kernel
+    # MicroAdam's kernel, generated from its rule (dtype codes read at run time), at its default block sizes
+    from codegen import window_ops, window_template
+    from fusedopt import dsl
+    from fusedopt.optimizers import microadam
 
-    microadam_signature = {"tensors": "*i64", "hparams": "*i64", "group": "*i64", "block_tensor": "*i32",
-                           "block_index": "*i32", "block_count": "*i32", "done": "*i32", "scratch": "*fp32",
-                           "BLOCK": "constexpr", "QBLOCK": "constexpr", "KMAX": "constexpr", "WDTYPE": "constexpr",
-                           "ALIGNED": "constexpr"}
+    window_signature = {"tensors": "*i64", "hparams": "*i64", "group": "*i64", "block_tensor": "*i32",
+                        "block_index": "*i32", "block_count": "*i32", "done": "*i32", "scratch": "*fp32",
+                        "BLOCK": "constexpr", "KMAX": "constexpr", "ALIGNED": "constexpr"}
     variants = []
-    for window_dtype in (0, 1):
+    for window_dtype in ("fp32", "bf16"):
+        program = dsl.configure_states(microadam.program(), {"window": {"dtype": window_dtype}})
+        module = cache.load(window_ops.source(window_template.WindowKernelSpec(program, "cuda")), torch.device("cpu"))
         for aligned in (True, False):
-            triton.compile(triton.compiler.ASTSource(fn=microadam_kernel.microadam_step, signature=microadam_signature,
-                                                     constexprs=dict(BLOCK=4096, QBLOCK=2048, KMAX=64,
-                                                                     WDTYPE=window_dtype, ALIGNED=aligned)),
+            triton.compile(triton.compiler.ASTSource(fn=module.window_step, signature=window_signature,
+                                                     constexprs=dict(BLOCK=4096, KMAX=64, ALIGNED=aligned)),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, enable_fp_fusion=False))
-            variants.append(f"window{window_dtype}-aligned{int(aligned)}")
+            variants.append(f"window-{window_dtype}-aligned{int(aligned)}")
     compiled["microadam_variants_compiled"] = variants
     print(json.dumps({"kernels": out, **compiled}))
 

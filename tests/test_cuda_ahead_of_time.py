@@ -75,6 +75,7 @@ def test_without_the_hints_no_access_is_vectorised(ptx_widths):
 
 
 def test_the_fused_microadam_step_compiles_for_sm90(compiled):
-    """With float32 and bfloat16 window values, with and without alignment hints."""
+    """The kernel generated from the MicroAdam rule, with float32 and bfloat16 window values, with and
+    without alignment hints."""
     assert compiled["microadam_variants_compiled"] == [
-        "window0-aligned1", "window0-aligned0", "window1-aligned1", "window1-aligned0"]
+        "window-fp32-aligned1", "window-fp32-aligned0", "window-bf16-aligned1", "window-bf16-aligned0"]
