@@ -217,7 +217,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         plain = tuple(None if n in given else float(values[n]) for n in names)
         key = id(group)
         cached = self._hparam_tensors.get(key)
-        if cached is None or cached[1][0].device != device:
+        if cached is None or (cached[1] and cached[1][0].device != device):
             tensors = [torch.tensor(v or 0.0, dtype=torch.float64, device=device) for v in plain]
         else:
             old, tensors = cached

@@ -28,7 +28,8 @@ def test_readme_examples_run_and_their_rules_step():
     for r in rules:
         params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
         before = [p.detach().clone() for p in params]
-        opt = fusedopt.FusedOptimizer(params, r)
+        front_end = fusedopt.WindowOptimizer if r.program().window is not None else fusedopt.FusedOptimizer
+        opt = front_end(params, r)
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn_like(p)
