@@ -244,21 +244,29 @@ class _Lines:
         return "\n".join(self.lines) + "\n"
 
 
+def module_header(out: _Lines, titles: list[str], listing: str, target: str) -> None:
+    """The comment block (titles, then ``listing`` quoted line by line) and the imports that open
+    every generated kernel module."""
+    for title in titles:
+        out.add(0, f"# {title}")
+    out.add(0, "# Generated: deterministic text, and the cache key. Do not edit.")
+    for line in listing.splitlines():
+        out.add(0, f"#   {line}")
+    out.add(0, "import triton")
+    out.add(0, "import triton.language as tl")
+    if target == "cuda":
+        out.add(0, "from triton.language.extra import libdevice")
+
+
 def render(spec: KernelSpec) -> str:
     low = spec.lowered
     prog = low.program
     scalar = TritonPrinter("scalar", spec.target)
     element = TritonPrinter("element", spec.target)
     out = _Lines()
-    out.add(0, f"# fusedopt kernel for rule '{prog.name}' (program {prog.key()[:16]})")
-    out.add(0, f"# param {spec.param_dtype}, grad {spec.grad_dtype}, target {spec.target}")
-    out.add(0, "# Generated: deterministic text, and the cache key. Do not edit.")
-    for line in prog.pretty().splitlines():
-        out.add(0, f"#   {line}")
-    out.add(0, "import triton")
-    out.add(0, "import triton.language as tl")
-    if spec.target == "cuda":
-        out.add(0, "from triton.language.extra import libdevice")
+    module_header(out, [f"fusedopt kernel for rule '{prog.name}' (program {prog.key()[:16]})",
+                        f"param {spec.param_dtype}, grad {spec.grad_dtype}, target {spec.target}"],
+                  prog.pretty(), spec.target)
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE.splitlines()

@@ -41,6 +41,7 @@ from fusedopt.window_passes import KEPT, PUSH, SCORE, WindowLowered, lower_windo
 
 from .jit_helpers import DTYPE_CODES
 from .printer import TritonPrinter, is_boolean
+from .template import _Lines, module_header
 
 N_STATIC = 6  # per-tensor columns after the pointers: numel, full blocks, tail k, row length, p and g dtypes
 _POINTEE = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16"}
@@ -83,14 +84,6 @@ def _pointee(program: ir.Program, column: str) -> str:
     return "tl.int64" if column == ir.STEP else "tl.int8"  # p and g: cast per dtype code at run time
 
 
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, indent: int, text: str) -> None:
-        self.lines.append("    " * indent + text)
-
-
 def _rounded(dtype: str, value: str) -> str:
     if dtype == "bf16":
         return f"to_bf16_rne({value})"
@@ -105,14 +98,8 @@ def render(spec: WindowKernelSpec) -> str:
     element = TritonPrinter("element", spec.target)
     cols = spec.columns
     out = _Lines()
-    out.add(0, f"# fusedopt window kernel for rule '{prog.name}' (program {prog.key()[:16]}), target {spec.target}")
-    out.add(0, "# Generated: deterministic text, and the cache key. Do not edit.")
-    for line in low.text().splitlines():
-        out.add(0, f"#   {line}")
-    out.add(0, "import triton")
-    out.add(0, "import triton.language as tl")
-    if spec.target == "cuda":
-        out.add(0, "from triton.language.extra import libdevice")
+    module_header(out, [f"fusedopt window kernel for rule '{prog.name}' (program {prog.key()[:16]}), target "
+                        f"{spec.target}"], low.text(), spec.target)
     out.add(0, "from codegen.jit_helpers import decode_minmax, encode_minmax, load_float, power, store_float, "
                "to_bf16_rne")
     out.add(0, "from codegen.topk import select_topk")
@@ -229,7 +216,7 @@ def render(spec: WindowKernelSpec) -> str:
     out.add(2, "if tl.atomic_add(done + tid, 1) == tl.load(block_count + tid) - 1:")
     out.add(3, f"tl.store(ptr_{ir.STEP}, t)")
     out.add(3, "tl.store(done + tid, 0)")
-    return "\n".join(out.lines) + "\n"
+    return out.text()
 
 
 __all__ = ["DTYPE_CODES", "N_STATIC", "WindowKernelSpec", "render", "supported"]

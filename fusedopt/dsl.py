@@ -58,6 +58,22 @@ class _Builder:
         return cls.active[-1]
 
 
+def _checked(b: _Builder, value: Any, what: str) -> sympy.Expr:
+    """``value`` as a sympy expression over declared names, or a RuleError naming ``what``."""
+    try:
+        expr = sympy.sympify(value, strict=True)
+    except (sympy.SympifyError, TypeError) as exc:
+        raise _fail(b.rule, f"{what} got {value!r}, which is not an expression",
+                    "pass arithmetic over p, g, t, states and hyperparameters") from exc
+    if _is_condition(expr):
+        raise _fail(b.rule, f"{what} got a comparison ({expr})", "wrap comparisons in where(cond, a, b)")
+    unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
+    if unknown:
+        raise _fail(b.rule, f"{what} reads undeclared name(s) {unknown}",
+                    "declare states with state('name') and hyperparameters as keyword arguments")
+    return expr
+
+
 class _Handle:
     """A tensor the rule may write (``p`` or a state); reads give its current value."""
 
@@ -73,16 +89,8 @@ class _Handle:
         if self._name in b.updates:
             raise _fail(b.rule, f"'{self._name}' is set twice",
                         f"compute the final value of '{self._name}' and call {self._name}.set(...) once")
-        try:
-            expr = sympy.sympify(value, strict=True)
-        except (sympy.SympifyError, TypeError) as exc:
-            raise _fail(b.rule, f"'{self._name}'.set() got {value!r}, which is not an expression",
-                        "pass arithmetic over p, g, t, states and hyperparameters") from exc
-        if _is_condition(expr):
-            raise _fail(b.rule, f"'{self._name}' is set to a comparison ({expr})",
-                        "wrap comparisons in where(cond, a, b)")
-        unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
-        if not unknown and self._name in b.states:
+        expr = _checked(b, value, f"'{self._name}'.set()")
+        if self._name in b.states:
             target = b.states[self._name].layout
             try:
                 got = ir.layout_of(expr, {n: s.layout for n, s in b.states.items()})
@@ -92,9 +100,6 @@ class _Handle:
             if target != "full" and got not in allowed:
                 raise _fail(b.rule, f"state '{self._name}' has layout '{target}' but is set to a value with layout "
                             f"'{got}'", f"reduce it first, e.g. mean(x, over='{target}')")
-        if unknown:
-            raise _fail(b.rule, f"'{self._name}' reads undeclared name(s) {unknown}",
-                        "declare states with state('name') and hyperparameters as keyword arguments")
         b.updates[self._name] = expr
 
     # arithmetic reads the current value
@@ -202,18 +207,7 @@ class _Window:
             raise _fail(b.rule, f"window '{self._name}' is pushed twice", "push once per step")
         exprs = {}
         for what, x in (("value", value), ("score", value if score is None else score)):
-            try:
-                expr = sympy.sympify(x, strict=True)
-            except (sympy.SympifyError, TypeError) as exc:
-                raise _fail(b.rule, f"{self._name}.push() got the {what} {x!r}, which is not an expression",
-                            "pass arithmetic over p, g, t, states and hyperparameters") from exc
-            if _is_condition(expr):
-                raise _fail(b.rule, f"{self._name}.push() got a comparison as its {what} ({expr})",
-                            "push numbers; wrap comparisons in where(cond, a, b)")
-            unknown = sorted(ir.free_names(expr) - b.known - set(b.states))
-            if unknown:
-                raise _fail(b.rule, f"the {what} pushed into '{self._name}' reads undeclared name(s) {unknown}",
-                            "declare states with state('name') and hyperparameters as keyword arguments")
+            expr = _checked(b, x, f"the {what} of {self._name}.push()")
             if expr.atoms(*ir.WINDOW_NODES) or expr.atoms(ir.Reduction):
                 raise _fail(b.rule, f"the {what} pushed into '{self._name}' reads a window or a reduction ({expr})",
                             "push an elementwise expression of p, g, states and hyperparameters")
