@@ -228,6 +228,15 @@ def _value(env: dict, slot):
     return env[slot] if isinstance(slot, str) else slot
 
 
+def evaluate(exprs, env: dict) -> list:
+    """The values of sympy expressions over the names in ``env``, walked node by node as a program's
+    updates are (for interpreters of other rule forms, such as fusedopt.window_reference)."""
+    flat = _Flattener()
+    slots = [flat(e) for e in exprs]
+    env = _run(tuple(flat.code), dict(env))
+    return [_value(env, s) for s in slots]
+
+
 def state_shape(spec: ir.StateSpec, param_shape, view: tuple[int, int] | None = None) -> tuple[int, ...]:
     """The shape a state of this layout has for a parameter of ``param_shape`` (``view``: the
     parameter's (n_blocks, block_numel) block view, for the "blocks" layout)."""

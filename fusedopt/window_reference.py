@@ -64,13 +64,6 @@ def init_state(program: ir.Program, param: torch.Tensor) -> dict[str, torch.Tens
     return out
 
 
-def _evaluate(exprs, env: dict) -> list:
-    flat = reference._Flattener()
-    slots = [flat(e) for e in exprs]
-    env = reference._run(tuple(flat.code), env)
-    return [reference._value(env, s) for s in slots]
-
-
 def _flat(x, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(dtype).expand(numel) if x.numel() == 1 else x.reshape(numel).to(dtype)
@@ -100,9 +93,9 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
             env[spec.name] = state[spec.name].reshape(-1).to(cd)
 
     names = [n for n, _ in low.scalars]
-    env.update(zip(names, _evaluate([e for _, e in low.scalars], dict(env))))  # per-tensor scalars, float64
+    env.update(zip(names, reference.evaluate([e for _, e in low.scalars], dict(env))))  # per-tensor scalars, float64
     updates = dict(low.updates)
-    score, value = (_flat(x, d, cd, param.device) for x in _evaluate([updates[SCORE], updates[PUSH]], dict(env)))
+    score, value = (_flat(x, d, cd, param.device) for x in reference.evaluate([updates[SCORE], updates[PUSH]], dict(env)))
     layout = sparse.topk_layout(d, w.block, w.density)
     index, _ = sparse.block_topk(score, w.block, w.density)
     position = sparse.column_block_starts(layout, param.device) + index.to(torch.int64)
@@ -114,11 +107,11 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     kept = torch.zeros(d, dtype=cd, device=param.device)
     kept[position] = 1.0
     env[KEPT] = kept
-    for s, beta in zip(low.sums, _evaluate([s.beta for s in low.sums], dict(env))):
+    for s, beta in zip(low.sums, reference.evaluate([s.beta for s in low.sums], dict(env))):
         env[s.name] = sparse.window_sum(w_index, w_value, t, layout, float(beta), s.power, cd)
 
     targets = [t_ for t_, _ in low.updates if t_ not in (SCORE, PUSH)]
-    values = _evaluate([updates[t_] for t_ in targets], env)
+    values = reference.evaluate([updates[t_] for t_ in targets], env)
     for target, new in zip(targets, values):
         new = _flat(new, d, cd, param.device)
         if target == ir.PARAM:
