@@ -26,8 +26,8 @@ from .printer import TritonPrinter, is_boolean
 
 TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16", "q8": "tl.uint8",
                  "q4": "tl.uint8"}
-QUANT_BLOCK = 256  # elements per absmax of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
-QUANT4_BLOCK = 128  # elements per absmax of a q4 state (fusedopt.quant.Q4.block)
+QUANT_BLOCK = 256  # elements per scale of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
+QUANT4_BLOCK = 128  # elements per scale of a q4 state (fusedopt.quant.Q4.block)
 QUANT_BUCKET_BITS = 16  # buckets of float32 values for finding a q8 code (see _q8_store_source)
 QUANT_BUCKET_SPAN = 1  # most map midpoints inside one bucket (checked by codegen.ops.bucket_table)
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -54,8 +54,10 @@ class KernelSpec:
             return self.param_dtype
         if column == ir.GRAD:
             return self.grad_dtype
-        if column == ir.STEP or column not in self.lowered.program.state_names:  # the step, an absmax
+        if column == ir.STEP:
             return "fp32"
+        if column not in self.lowered.program.state_names:  # the scales of a quantized state
+            return "bf16"
         return next(s.dtype for s in self.lowered.program.states if s.name == column)
 
 
@@ -80,27 +82,41 @@ QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8
 
 
 def _scaled_blocks(signature: str, block: int) -> list[str]:
-    """The start of a requantizing helper: per block of ``block`` values of x, ``amax`` (its largest
-    magnitude), ``finite`` (1 unless it holds NaN or Inf) and ``y`` = x / amax, flat (0 where not
-    finite; x / 1 for an all-zero block)."""
+    """The start of a requantizing helper: per block of ``block`` values of x, ``scale`` (its largest
+    magnitude rounded up to bfloat16, at most the largest bfloat16: fusedopt.quant.bf16_ceil on the
+    bits; ``scale_bits`` are its float32 bits), ``finite`` (1 unless it holds NaN or Inf) and ``y`` =
+    x / scale, flat (0 where not finite; x / 1 for an all-zero block)."""
     return [
         "", "", "@triton.jit", f"def {signature}:",
         f"    blocks = tl.reshape(x, [BLOCK // {block}, {block}])",
         "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
         "    amax = tl.max(tl.abs(blocks), axis=1)",
-        "    y = tl.div_rn(blocks, tl.where(amax > 0.0, amax, 1.0)[:, None])",
+        "    scale_bits = (tl.minimum(amax.to(tl.int32, bitcast=True), 0x7F7F0000) + 0xFFFF) & -0x10000",
+        "    scale = scale_bits.to(tl.float32, bitcast=True)",
+        "    y = tl.div_rn(blocks, tl.where(scale > 0.0, scale, 1.0)[:, None])",
         "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK])",
     ]
 
 
-def _q8_store_source() -> str:
-    """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and absmax.
+# Scales go to and from bfloat16 on the bits (exact: a scale is a bfloat16 value), which the CPU
+# interpreter's own conversions are not for subnormals; a non-finite block stores NaN (0x7FC0).
+_SCALE_STORED = "tl.where(finite == 1, scale_bits >> 16, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)"
 
-    Per block of 256: absmax = max |x|; y = x / absmax (x / 1 for an all-zero block); the code is the
+
+def _scale_load(col: str, block: int, mask: str, other: str) -> str:
+    """The float32 scale of the block of element ``offs`` of quantized state ``col``."""
+    stored = f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {block}{mask}{other})"
+    return f"(({stored}.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True))"
+
+
+def _q8_store_source() -> str:
+    """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and scales.
+
+    Per block of 256: scale = max |x| rounded up to bfloat16; y = x / scale (x / 1 for an all-zero block); the code is the
     number of map midpoints (float64, exact) strictly below y. It is found without a search: the top
     QUANT_BUCKET_BITS bits of y's order-preserving integer key index a table of the count below the
     bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a bucket,
-    so as many comparisons finish it. A block holding NaN or Inf stores absmax NaN and the codes of
+    so as many comparisons finish it. A block holding NaN or Inf stores scale NaN and the codes of
     0, so it decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit."""
     lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, BLOCK: tl.constexpr)",
                            QUANT_BLOCK) + [
@@ -115,7 +131,7 @@ def _q8_store_source() -> str:
     lines += [
         "    tl.store(codes_ptr + offs, code.to(tl.uint8), mask=offs < n)",
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
-        f"    tl.store(absmax_ptr + index, tl.where(finite == 1, amax, float('nan')), mask=index * {QUANT_BLOCK} < n)",
+        f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT_BLOCK} < n)",
     ]
     return "\n".join(lines)
 
@@ -139,7 +155,7 @@ def _q4_store_source() -> str:
         f"    byte = first_block * {QUANT4_BLOCK // 2} + tl.arange(0, BLOCK // 2)",
         "    tl.store(codes_ptr + byte, (low | (high << 4)).to(tl.uint8), mask=byte * 2 < n)",
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT4_BLOCK})",
-        f"    tl.store(absmax_ptr + index, tl.where(finite == 1, amax, float('nan')), mask=index * {QUANT4_BLOCK} < n)",
+        f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT4_BLOCK} < n)",
     ]
     return "\n".join(lines)
 
@@ -171,12 +187,12 @@ def _load(spec: KernelSpec, col: str, mask: str) -> str:
         other = ", other=0" if mask else ""
         nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
         return (f"(tl.load({table} + {nibble}.to(tl.int32)) * "
-                f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT4_BLOCK}{mask}{other}))")
+                f"{_scale_load(col, QUANT4_BLOCK, mask, other)})")
     if state is not None and state.quantized:
         table = "qmap_u" if state.nonnegative else "qmap_s"
         other = ", other=0" if mask else ""
         return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
-                f"tl.load(ptr_{col}{ir.ABSMAX_SUFFIX} + offs // {QUANT_BLOCK}{mask}{other}))")
+                f"{_scale_load(col, QUANT_BLOCK, mask, other)})")
     layout = _layout(spec, col)
     return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"
 

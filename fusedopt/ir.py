@@ -33,8 +33,8 @@ SMALL_OVER = ("rows", "cols", "blocks")  # reductions whose result is kept per r
 
 STORAGE_DTYPES = ("fp32", "bf16", "q8", "q4")
 # Blockwise-quantized storages (see fusedopt.quant): a state is kept as codes (q8: one byte per
-# element, shaped like the state; q4: two per byte, flat) plus one float32 absmax per block (256 or
-# 128 elements), stored under "<state>_absmax".
+# element, shaped like the state; q4: two per byte, flat) plus one scale per block of 256 or 128
+# elements (its absmax rounded up to bfloat16), stored under "<state>_absmax".
 QUANTIZED = ("q8", "q4")
 ABSMAX_SUFFIX = "_absmax"
 # Min/max storage (MicroAdam's error feedback, see fusedopt.sparse): per quantization block a bf16

@@ -492,8 +492,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self, dense: bool = False) -> dict[str, Any]:
         """torch.optim's layout; hyperparameter tensors are saved as Python floats.
 
-        Quantized states are saved compact (uint8 codes under the state's name, float32 scales under
-        "<name>_absmax"). ``dense=True`` decodes them to float32 states of the parameter's shape: the
+        Quantized states are saved compact (uint8 codes under the state's name, bfloat16 scales under
+        "<name>_absmax"; float32 scales load too). ``dense=True`` decodes them to float32 states of the parameter's shape: the
         form torch.optim (and every other library) keeps, so ``torch.optim.AdamW.load_state_dict``
         takes it. Either form loads back into any fusedopt optimizer of the same rule, whatever its
         ``state_dtype``."""
@@ -582,10 +582,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"with '{spec.name}{ir.ABSMAX_SUFFIX}')")
             value = value.detach().to(p.device)
             if saved_format is not None:  # compact
-                if saved_format == spec.dtype:  # the same storage: the codes as they are (re-encoding is not exact)
+                scale_dtype = quant.format_for(saved_format).scale_dtype
+                if saved_format == spec.dtype and saved_absmax.dtype == scale_dtype:
+                    # the same storage: the codes as they are (re-encoding is not exact)
                     out[spec.name] = value.to(torch.uint8, copy=True).contiguous()
-                    out[spec.name + ir.ABSMAX_SUFFIX] = saved_absmax.detach().to(p.device, torch.float32, copy=True)
+                    out[spec.name + ir.ABSMAX_SUFFIX] = saved_absmax.detach().to(p.device, copy=True)
                     continue
+                # another format, or float32 scales (bitsandbytes' and torchao's): decode, re-encode
                 value = quant.decode_state(value, saved_absmax.to(p.device), saved_format,
                                            signed=not spec.nonnegative, shape=expected)
             elif not value.is_floating_point():
@@ -625,10 +628,10 @@ def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
     n = math.prod(shape)
     for fmt in (quant.Q8, quant.Q4):
         if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8 \
-                and tuple(codes.shape) == quant.codes_shape(shape, fmt) and tuple(absmax.shape) == (-(-n // fmt.block),):
+                and absmax.dtype in quant.SCALE_DTYPES and tuple(codes.shape) == quant.codes_shape(shape, fmt) and tuple(absmax.shape) == (-(-n // fmt.block),):
             return fmt.name
-    raise ValueError(f"a state of shape {shape} comes with an absmax, so it must hold the uint8 codes and float32 "
-                     f"scales of a q8 or q4 storage; got {getattr(codes, 'dtype', codes)!r} "
+    raise ValueError(f"a state of shape {shape} comes with an absmax, so it must hold the uint8 codes and the "
+                     f"float32 or bfloat16 scales of a q8 or q4 storage; got {getattr(codes, 'dtype', codes)!r} "
                      f"{tuple(getattr(codes, 'shape', ()))} and {tuple(getattr(absmax, 'shape', ()))} scales")
 
 

@@ -1,32 +1,40 @@
 """Blockwise quantized storage for optimizer states (8-bit and 4-bit), in plain torch.
 
 A state tensor of ``n`` elements is cut into blocks of ``block`` consecutive elements (in flat,
-row-major order; the last block may be partial). Each block keeps one float32 scale, its
-``absmax`` (the largest magnitude in the block), and each element keeps the index of the entry of a
-small sorted table of values in [-1, 1] (the *map*) that is nearest to ``x / absmax``. Decoding is
-``map[code] * absmax``.
+row-major order; the last block may be partial). Each block keeps one scale and each element keeps
+the index of the entry of a small sorted table of values in [-1, 1] (the *map*) that is nearest to
+``x / scale``. Decoding is ``map[code] * scale``.
+
+The scale of a block is its ``absmax`` (the largest magnitude in the block). Optimizer states keep
+it in bfloat16, rounded *up* to the next bfloat16 value (:func:`bf16_ceil`), so ``|x| / scale`` never
+exceeds 1 and each block's scale costs 2 bytes instead of 4; the price is a scale up to 2^-7 (0.8 %)
+larger than the absmax, which moves each normalised value by less than one code step of the 8-bit
+maps near 1. :func:`quantize_blockwise` can also keep the exact float32 absmax, as bitsandbytes and
+torchao do (``scale_dtype=torch.float32``).
 
 Formats (:data:`Q8`, :data:`Q4`; pick one by name with :func:`format_for`):
 
 * ``q8``: blocks of 256, one code per byte. Both states use the dynamic-exponent map of
   bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: the signed map
   for the first moment (it has 0 and 1.0 but not -1.0; its most negative value is -0.99297), the
-  unsigned map (0 to 1.0) for the second moment. Bytes per element and state: 1 + 4/256.
+  unsigned map (0 to 1.0) for the second moment. Bytes per element and state: 1 + 2/256.
 * ``q4``: blocks of 128, two codes per byte, as torchao's 4-bit AdamW: the first moment uses the
   signed dynamic map with 3 exponent bits (16 values, -0.8875 to 1.0), the second moment the linear
-  map *without zero*, {k/16 : k = 1..16}. Bytes per element and state: 1/2 + 4/128.
+  map *without zero*, {k/16 : k = 1..16}. Bytes per element and state: 1/2 + 2/128.
   Packing: element ``2i`` goes in the low nibble of byte ``i``, element ``2i+1`` in the high nibble
   (torchao puts the first element in the high nibble, so packed bytes are not interchangeable).
 
-Rounding: the code of ``y = float32(x / absmax)`` is the nearest map value; the midpoints between
+Rounding: the code of ``y = float32(x / scale)`` is the nearest map value; the midpoints between
 neighbouring map values are exact (taken in float64), and a ``y`` exactly on a midpoint takes the
-lower code. An all-zero block has ``absmax = 0``: every element gets the code nearest 0 (the code of
-0 itself where the map has one; 1/16 for the q4 unsigned map) and decodes to exactly 0.
+lower code. An all-zero block has ``scale = 0``: every element gets the code nearest 0 (the code of
+0 itself where the map has one; 1/16 for the q4 unsigned map) and decodes to exactly 0. A block
+whose absmax exceeds the largest bfloat16 (3.39e38) keeps that largest value as its scale; its
+extreme elements take the map's end codes.
 
 Non-finite policy: :func:`quantize_blockwise` raises ``ValueError`` on NaN or +-Inf input
 (including values that overflow float32 when a float64 tensor is converted) instead of producing
 codes that decode to garbage. Optimizer states go through :func:`encode_state`, which the fused
-kernels match bit for bit: a block holding a non-finite value stores absmax NaN and the codes of 0,
+kernels match bit for bit: a block holding a non-finite value stores scale NaN and the codes of 0,
 so it decodes to NaN (the value propagates, as through a float32 state) and no code is garbage.
 
 All math is float32 (``x`` may be any floating dtype; it is converted first). Maps are built
@@ -87,14 +95,16 @@ def signed_map_4bit() -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class QuantFormat:
-    """A storage format: bits per code, block size, and the maps (as tuples of float32 values) for
-    signed states (first moment) and non-negative states (second moment)."""
+    """A storage format: bits per code, block size, the maps (as tuples of float32 values) for
+    signed states (first moment) and non-negative states (second moment), and the dtype of the
+    per-block scales."""
 
     name: str
     bits: int
     block: int
     signed_map: tuple[float, ...] = dataclasses.field(repr=False)
     unsigned_map: tuple[float, ...] = dataclasses.field(repr=False)
+    scale_dtype: torch.dtype = torch.bfloat16
 
     def code(self, signed: bool) -> torch.Tensor:
         """The map for a signed or a non-negative state, as a float32 CPU tensor."""
@@ -116,10 +126,10 @@ def format_for(name: str | QuantFormat) -> QuantFormat:
 
 
 def state_bytes(numel: int, fmt: str | QuantFormat) -> int:
-    """Bytes that one state of ``numel`` elements takes in ``fmt``: codes plus float32 absmax."""
+    """Bytes that one state of ``numel`` elements takes in ``fmt``: codes plus per-block scales."""
     fmt = format_for(fmt)
     code_bytes = numel if fmt.bits == 8 else (numel + 1) // 2
-    return code_bytes + 4 * math.ceil(numel / fmt.block)
+    return code_bytes + fmt.scale_dtype.itemsize * math.ceil(numel / fmt.block)
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------------
@@ -147,36 +157,58 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
     return (c64[:-1] + c64[1:]) / 2
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (uint8, flat, ``x.numel()`` of them) and per-block absmax (float32, ceil(n/block)).
+# the largest finite bfloat16, as float32 bits: scales are clamped to it (see bf16_ceil)
+_BF16_MAX_BITS = 0x7F7F0000
+SCALE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 value >= each non-negative finite float32 of ``x`` (at most the largest
+    finite bfloat16, 3.39e38), as bfloat16. Exact on the bits: the low 16 bits of the float32 are
+    rounded up, so denormals and zero are handled as any other value. The kernels do the same."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    bits = (torch.clamp(bits, max=_BF16_MAX_BITS) + 0xFFFF) & -0x10000
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int,
+                       scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8, flat, ``x.numel()`` of them) and per-block scales (ceil(n/block) of them): the
+    exact absmax in float32, or with ``scale_dtype=torch.bfloat16`` the absmax rounded up to
+    bfloat16 (:func:`bf16_ceil`).
 
     Raises ValueError if ``x`` has a NaN or an infinity (see the module docstring)."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be torch.float32 or torch.bfloat16, got {scale_dtype}")
     if not x.is_floating_point():
         raise TypeError(f"quantize_blockwise takes a floating tensor, got {x.dtype}")
     _check_code(code)
     flat = x.detach().reshape(-1).to(torch.float32)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("cannot quantize a tensor with NaN or Inf values (or values beyond the float32 range)")
-    return _nearest_codes(flat, code, block)
+    return _nearest_codes(flat, code, block, scale_dtype)
 
 
-def _nearest_codes(flat: torch.Tensor, code: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_codes(flat: torch.Tensor, code: torch.Tensor, block: int,
+                   scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_blockwise without its checks (and so without host syncs: torch.compile traces it)."""
     xb = _blocks(flat, block)
     absmax = xb.abs().amax(dim=1)
+    scale = bf16_ceil(absmax) if scale_dtype == torch.bfloat16 else absmax
+    wide = scale.to(torch.float32)
     # An all-zero block divides by 1 instead of 0: y is 0 there, so no 0/0.
-    y = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    y = xb / torch.where(wide > 0, wide, torch.ones_like(wide))[:, None]
     mids = midpoints(code.to(device=flat.device))
     # The number of midpoints strictly below y is the index of the nearest code; a y equal to a
     # midpoint counts it as not below, so ties go to the lower code.
     idx = torch.searchsorted(mids, y.to(torch.float64).reshape(-1), right=False)
-    return idx[: flat.numel()].to(torch.uint8), absmax
+    return idx[: flat.numel()].to(torch.uint8), scale
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int,
                          shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``code[codes] * absmax`` of each element's block, in float32, reshaped to ``shape``, cast to
-    ``dtype``."""
+    """``code[codes] * absmax`` of each element's block (its scale, float32 or bfloat16), in float32,
+    reshaped to ``shape``, cast to ``dtype``."""
     _check_code(code)
     n = math.prod(shape)
     if codes.numel() != n or absmax.numel() != math.ceil(n / block):
@@ -224,15 +256,16 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def from_dense(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored codes (packed for 4-bit) and absmax of the dense state ``x``."""
+    """Stored codes (packed for 4-bit) and scales of the dense state ``x``."""
     fmt = format_for(fmt)
-    codes, absmax = quantize_blockwise(x, fmt.code(signed), fmt.block)
+    codes, absmax = quantize_blockwise(x, fmt.code(signed), fmt.block, fmt.scale_dtype)
     return (pack_nibbles(codes) if fmt.bits == 4 else codes), absmax
 
 
 def to_dense(codes: torch.Tensor, absmax: torch.Tensor, fmt: str | QuantFormat, signed: bool,
              shape) -> torch.Tensor:
-    """The float32 state of ``shape`` that stored ``codes`` (packed for 4-bit) and absmax decode to."""
+    """The float32 state of ``shape`` that stored ``codes`` (packed for 4-bit) and scales (float32 or
+    bfloat16) decode to."""
     fmt = format_for(fmt)
     shape = tuple(shape)
     if fmt.bits == 4:
@@ -251,11 +284,11 @@ def codes_shape(shape, fmt: str | QuantFormat) -> tuple[int, ...]:
 
 
 def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored codes (uint8, :func:`codes_shape`; 4-bit codes packed) and absmax of an optimizer
-    state, as the kernels store them.
+    """Stored codes (uint8, :func:`codes_shape`; 4-bit codes packed) and scales (the format's
+    ``scale_dtype``) of an optimizer state, as the kernels store them.
 
     Unlike :func:`quantize_blockwise` this never raises: a block holding a NaN or an infinity gets
-    absmax NaN and the codes of 0, so the whole block decodes to NaN. Non-finite values propagate,
+    scale NaN and the codes of 0, so the whole block decodes to NaN. Non-finite values propagate,
     as they would through a float32 state, and never turn into finite garbage. A negative value
     under an unsigned map takes the code nearest 0.
     """
@@ -264,7 +297,7 @@ def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple
     blocks = _blocks(flat, fmt.block)
     finite = torch.isfinite(blocks).all(dim=1)
     clean = torch.where(finite[:, None], blocks, torch.zeros_like(blocks)).reshape(-1)[: flat.numel()]
-    codes, absmax = _nearest_codes(clean, fmt.code(signed).to(x.device), fmt.block)
+    codes, absmax = _nearest_codes(clean, fmt.code(signed).to(x.device), fmt.block, fmt.scale_dtype)
     codes = codes.to(torch.uint8)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
     if fmt.bits == 4:

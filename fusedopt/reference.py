@@ -265,8 +265,8 @@ def storage_shapes(program: ir.Program, param: torch.Tensor,
             shape = quant.codes_shape(shape, spec.dtype)
         out[spec.name] = (shape, storage_dtype(spec.dtype, param.dtype))
         if spec.quantized:
-            out[spec.name + ir.ABSMAX_SUFFIX] = ((-(-param.numel() // quant.format_for(spec.dtype).block),),
-                                                 torch.float32)
+            fmt = quant.format_for(spec.dtype)
+            out[spec.name + ir.ABSMAX_SUFFIX] = ((-(-param.numel() // fmt.block),), fmt.scale_dtype)
     return out
 
 

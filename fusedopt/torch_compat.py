@@ -86,8 +86,8 @@ class AdamW8bit(AdamW):
 
 class AdamW4bit(AdamW):
     """AdamW with both moments in 4-bit blockwise storage (q4: blocks of 128, two codes per byte,
-    torchao's 4-bit maps: signed dynamic for m, linear without zero for v); about 1.06 bytes of
-    state per parameter. Same arguments as :class:`AdamW`."""
+    torchao's 4-bit maps: signed dynamic for m, linear without zero for v, a bf16 scale per block);
+    about 1.03 bytes of state per parameter. Same arguments as :class:`AdamW`."""
 
     def __init__(self, params: Iterable, *args, state_dtype: str = "q4", **kwargs):
         super().__init__(params, *args, state_dtype=state_dtype, **kwargs)

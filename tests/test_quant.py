@@ -30,17 +30,23 @@ MAPS = {
 }
 
 
-def round_trip(x, code, block):
-    codes, absmax = quant.quantize_blockwise(x, code, block)
+def round_trip(x, code, block, scale_dtype=FP32):
+    codes, absmax = quant.quantize_blockwise(x, code, block, scale_dtype)
     return codes, absmax, quant.dequantize_blockwise(codes, absmax, code, block, x.shape)
 
 
-def violations(x: torch.Tensor, deq: torch.Tensor, code: torch.Tensor, block: int) -> int:
-    """How many elements of ``deq`` are further from ``x`` than the nearest-code bound allows."""
+def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    x64 = x.reshape(-1).to(FP64)
+    return torch.nn.functional.pad(x64.abs(), (0, -x64.numel() % block)).view(-1, block).amax(1)
+
+
+def violations(x: torch.Tensor, deq: torch.Tensor, code: torch.Tensor, block: int,
+               scale: torch.Tensor | None = None) -> int:
+    """How many elements of ``deq`` are further from ``x`` than the nearest-code bound allows, for
+    blocks scaled by their absmax or by the given per-block ``scale``."""
     x64 = x.reshape(-1).to(FP64)
     n = x64.numel()
-    pad = -n % block
-    absmax = torch.nn.functional.pad(x64.abs(), (0, pad)).view(-1, block).amax(1)
+    absmax = block_absmax(x, block) if scale is None else scale.to(FP64)
     a = absmax.repeat_interleave(block)[:n]
     y = torch.where(a > 0, x64 / torch.where(a > 0, a, 1.0), 0.0)
     c = code.to(FP64)
@@ -117,12 +123,18 @@ def test_maps_are_deterministic_and_fresh():
 # ---- round trips ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MAPS)
-@pytest.mark.parametrize("scale", [1.0, 0.3, 1e-20, 7e25])
-def test_every_code_value_round_trips_exactly(name, scale):
+@pytest.mark.parametrize("scale_dtype", [FP32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.3, 1e-20, 7e25, 2.0**-130])
+def test_every_code_value_round_trips_exactly(name, scale, scale_dtype):
     code, block = MAPS[name]
+    if scale_dtype == torch.bfloat16:  # a scale that bfloat16 holds exactly
+        scale = float(torch.tensor(scale).to(torch.bfloat16))
     reps = max(1, block // code.numel())
     x = (code * scale).repeat(reps)  # the map's 1.0 makes each block's absmax exactly `scale`
-    codes, absmax, deq = round_trip(x, code, block)
+    codes, absmax, deq = round_trip(x, code, block, scale_dtype)
+    if scale == 2.0**-130:  # denormal scale: products of the map's small values underflow
+        assert torch.equal(deq, (code * scale).repeat(reps)) and int(codes.max()) == code.numel() - 1
+        return
     assert torch.equal(codes.long(), torch.arange(code.numel()).repeat(reps))
     assert torch.equal(absmax, torch.full_like(absmax, float(torch.tensor(scale, dtype=FP32))))
     assert torch.equal(deq, x)
@@ -168,6 +180,54 @@ def test_round_trip_error_is_within_half_the_code_gap(name, data):
     assert deq.shape == x.shape and deq.dtype == FP32
     assert violations(x, deq, code, block) == 0
     assert not (deq * x.to(FP32) < 0).any()  # nearest rounding never flips a sign (bnb's sign guard)
+
+
+@pytest.mark.parametrize("name", MAPS)
+@given(data=st.data())
+@settings(max_examples=40)
+def test_bf16_scales_are_the_absmax_rounded_up_and_keep_the_bound(name, data):
+    code, block = MAPS[name]
+    x = data.draw(tensors(block, signed=name.endswith("-signed")), label="x")
+    codes, scale, deq = round_trip(x, code, block, torch.bfloat16)
+    assert scale.dtype == torch.bfloat16 and scale.shape == (math.ceil(x.numel() / block),)
+    absmax = block_absmax(x.to(FP32), block)
+    wide = scale.to(FP64)
+    # one bfloat16 step up at most: 2^-7 relative, or 2^-133 among the denormals
+    assert bool((wide >= absmax).all()) and bool((wide <= torch.maximum(absmax * (1 + 2.0**-7), absmax + 2.0**-133)).all())
+    assert violations(x, deq, code, block, scale) == 0
+    assert not (deq * x.to(FP32) < 0).any()
+
+
+def test_bf16_ceil_is_the_smallest_bfloat16_not_below():
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 0x7F800000, (200_000,), generator=gen, dtype=torch.int64)
+    special = torch.tensor([0, 1, 0xFFFF, 0x10000, 0x10001, 0x3F800000, 0x3F800001, 0x7F7F0000,
+                            0x7F7F0001, 0x7F7FFFFF], dtype=torch.int64)
+    x = torch.cat([bits, special]).to(torch.int32).view(FP32)
+    up = quant.bf16_ceil(x)
+    assert up.dtype == torch.bfloat16
+    wide = up.to(FP32)
+    below = (up.view(torch.int16) - 1).view(torch.bfloat16).to(FP32)  # the next bfloat16 down
+    bf16_max = torch.finfo(torch.bfloat16).max
+    within = x <= bf16_max
+    assert bool((wide[within] >= x[within]).all()) and bool((below[within & (x > 0)] < x[within & (x > 0)]).all())
+    assert bool((wide[~within] == bf16_max).all()) and int((~within).sum()) >= 2
+    assert quant.bf16_ceil(torch.tensor([0.0, 1.0, 2.0**-149])).tolist() == [0.0, 1.0, 2.0**-133]
+
+
+def test_bound_catches_a_scale_rounded_down():
+    # bf16 scales rounded to nearest instead of up: |x / scale| exceeds 1 and the top element is
+    # clipped to the map's last code; the bound of the scale actually used rejects that.
+    code, block = MAPS["q8-unsigned"]
+    x = torch.rand(block, generator=torch.Generator().manual_seed(3)) * 0.5
+    x[0] = 1.0 + 2.0**-9  # nearest bfloat16 1.0, next one up 1.0078125
+    codes, scale, deq = round_trip(x, code, block, torch.bfloat16)
+    assert scale.item() == 1.0078125 and violations(x, deq, code, block, scale) == 0
+    low = x[:1].to(torch.bfloat16).to(FP32)
+    assert low.item() == 1.0
+    wrong_codes = torch.searchsorted(quant.midpoints(code), (x / low).to(FP64))
+    wrong = quant.dequantize_blockwise(wrong_codes.to(torch.uint8), low, code, block, x.shape)
+    assert violations(x, wrong, code, block, low) > 0
 
 
 def floor_quantize(x, code, block):
@@ -292,9 +352,9 @@ def test_format_for():
 
 def test_state_bytes_per_element():
     numel = 1_235_814_400  # Llama-3.2-1B's parameter count, a multiple of 256
-    assert quant.state_bytes(numel, "q8") / numel == 1 + 4 / 256 == 1.015625
-    assert quant.state_bytes(numel, Q4) / numel == 0.5 + 4 / 128 == 0.53125
-    assert quant.state_bytes(257, "q8") == 257 + 8 and quant.state_bytes(129, "q4") == 65 + 8
+    assert quant.state_bytes(numel, "q8") / numel == 1 + 2 / 256 == 1.0078125
+    assert quant.state_bytes(numel, Q4) / numel == 0.5 + 2 / 128 == 0.515625
+    assert quant.state_bytes(257, "q8") == 257 + 4 and quant.state_bytes(129, "q4") == 65 + 4
 
 
 @pytest.mark.parametrize("fmt", [Q8, Q4])
@@ -304,10 +364,11 @@ def test_dense_converters_round_trip_and_match_state_bytes(fmt, signed, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
     x = x if signed else x.abs()
     codes, absmax = quant.from_dense(x, fmt.name, signed)
-    assert codes.numel() + 4 * absmax.numel() == quant.state_bytes(x.numel(), fmt)
+    assert absmax.dtype == torch.bfloat16
+    assert codes.numel() + 2 * absmax.numel() == quant.state_bytes(x.numel(), fmt)
     dense = quant.to_dense(codes, absmax, fmt, signed, shape)
     assert dense.shape == shape and dense.dtype == FP32
-    assert violations(x, dense, fmt.code(signed), fmt.block) == 0
+    assert violations(x, dense, fmt.code(signed), fmt.block, absmax) == 0
     if not signed:  # a decoded non-negative state re-encodes to itself (signed: see the test above)
         assert torch.equal(quant.from_dense(dense, fmt, signed)[1], absmax)
         assert torch.equal(quant.to_dense(*quant.from_dense(dense, fmt, signed), fmt, signed, shape), dense)
