@@ -25,6 +25,13 @@ _CONFIG = {"cuda": dict(BLOCK=1024, ITERS=4, ROWS=32, num_warps=4),
            "interpreter": dict(BLOCK=256, ITERS=2, ROWS=2, num_warps=4)}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Argument types of every generated fused step and reduction-phase kernel (template.SIGNATURE), for
+# compiling one ahead of time without a GPU (tests/cuda_ahead_of_time.py, benchmarks.kernel_profile).
+KERNEL_SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32",
+                    "chunk_start": "*i64", "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64",
+                    "acc_group": "*fp64", "group_done": "*i32", "n_programs": "i32", "geometry": "*i64",
+                    "small_base": "*i64", "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr",
+                    "ROWS": "constexpr", "ALIGNED": "constexpr"}
 
 launches = collections.Counter()  # kernel launches by rule name, for tests and monitors
 

@@ -70,17 +70,15 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32), exact
-    midpoints (float64) and bucket table (template.QUANT_BUCKET_BITS); then per q4 map its values and
-    midpoints. Kept for the life of the process, read by kernels through the hyperparameter table."""
+    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32), its
+    midpoints rounded down to float32 and its bucket table (template.QUANT_BUCKET_BITS); then per q4
+    map its values. Kept for the life of the process, read by kernels through the hyperparameter
+    table."""
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
-        mids = quant.midpoints(code)
-        out += [code.to(device), mids.to(device), bucket_table(mids).to(device)]
-    for signed in (True, False):
-        code = quant.Q4.code(signed)
-        out += [code.to(device), quant.midpoints(code).to(device)]
+        out += [code.to(device), quant.midpoints_below_f32(code).to(device), bucket_table(quant.midpoints(code)).to(device)]
+    out += [quant.Q4.code(signed).to(device) for signed in (True, False)]
     return tuple(out)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fusedopt import ir
+from fusedopt import ir, quant
 from fusedopt.passes import Lowered
 
 from .printer import TritonPrinter, is_boolean
@@ -74,11 +74,11 @@ def _to_bf16_rne(x):
 
 
 # The tables a kernel with quantized states reads, in the order codegen.ops appends their pointers
-# to the hyperparameter table: per format and map (signed, unsigned) its values, exact midpoints
-# and (q8) bucket counts.
-QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float64"), ("qbase_s", "uint8"),
-                ("qmap_u", "float32"), ("qmid_u", "float64"), ("qbase_u", "uint8"),
-                ("q4map_s", "float32"), ("q4mid_s", "float64"), ("q4map_u", "float32"), ("q4mid_u", "float64"))
+# to the hyperparameter table: per q8 map (signed, unsigned) its values, its midpoints rounded down
+# to float32 and its bucket counts; per q4 map its values (its midpoints are constants in the text).
+QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float32"), ("qbase_s", "uint8"),
+                ("qmap_u", "float32"), ("qmid_u", "float32"), ("qbase_u", "uint8"),
+                ("q4map_s", "float32"), ("q4map_u", "float32"))
 
 
 def _scaled_blocks(signature: str, block: int) -> list[str]:
@@ -112,48 +112,55 @@ def _scale_load(col: str, block: int, mask: str, other: str) -> str:
 def _q8_store_source() -> str:
     """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and scales.
 
-    Per block of 256: scale = max |x| rounded up to bfloat16; y = x / scale (x / 1 for an all-zero block); the code is the
-    number of map midpoints (float64, exact) strictly below y. It is found without a search: the top
-    QUANT_BUCKET_BITS bits of y's order-preserving integer key index a table of the count below the
-    bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a bucket,
-    so as many comparisons finish it. A block holding NaN or Inf stores scale NaN and the codes of
-    0, so it decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit."""
-    lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, BLOCK: tl.constexpr)",
-                           QUANT_BLOCK) + [
+    Per block of 256: scale = max |x| rounded up to bfloat16; y = x / scale (x / 1 for an all-zero
+    block); the code is the number of map midpoints strictly below y. It is found without a search:
+    the top QUANT_BUCKET_BITS bits of y's order-preserving integer key index a table of the count
+    below the bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a
+    bucket, so as many float32 comparisons (with the midpoints rounded down to float32, which is
+    exact: fusedopt.quant.midpoints_below_f32) finish it. A block holding NaN or Inf stores scale
+    NaN and the codes of 0, so it decodes to NaN. The same rounding as
+    fusedopt.quant.encode_state, bit for bit. MASKED is False where the caller knows every offset
+    is inside the tensor: the codes are then stored without a mask, as vector stores."""
+    lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, "
+                           "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT_BLOCK) + [
         "    bits = y.to(tl.uint32, bitcast=True)",
         "    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)",
         f"    code = tl.load(qbase + (key >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
-        "    y = y.to(tl.float64)",
     ]
     for _ in range(QUANT_BUCKET_SPAN):
         lines.append("    mid = tl.load(qmid + code, mask=code < 255, other=float('inf'))")
         lines.append("    code = tl.where(mid < y, code + 1, code)")
-    lines += [
-        "    tl.store(codes_ptr + offs, code.to(tl.uint8), mask=offs < n)",
+    lines += _store_codes("offs", "code.to(tl.uint8)", "offs < n") + [
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
         f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT_BLOCK} < n)",
     ]
     return "\n".join(lines)
 
 
-def _q4_store_source() -> str:
-    """The q4 counterpart of _q8_store: blocks of 128, 16 codes (a 4-step binary search over the 15
-    exact midpoints), two codes per byte (element 2i in the low nibble of byte i); codes past the end
-    of the tensor are 0, as fusedopt.quant.pack_nibbles pads."""
-    lines = _scaled_blocks("_q4_store(x, codes_ptr, absmax_ptr, qmid, offs, first_block, n, BLOCK: tl.constexpr)",
-                           QUANT4_BLOCK) + [
-        "    y = y.to(tl.float64)",
-        "    code = tl.zeros([BLOCK], tl.int32)",
-    ]
-    for bit in range(3, -1, -1):
-        step = 1 << bit
-        lines.append(f"    mid = tl.load(qmid + code + {step - 1}, mask=code + {step} <= 15, other=float('inf'))")
-        lines.append(f"    code = tl.where(mid < y, code + {step}, code)")
+def _store_codes(index: str, value: str, mask: str) -> list[str]:
+    return ["    if MASKED:",
+            f"        tl.store(codes_ptr + {index}, {value}, mask={mask})",
+            "    else:",
+            f"        tl.store(codes_ptr + {index}, {value})"]
+
+
+def _q4_store_source(signed: bool) -> str:
+    """The q4 counterpart of _q8_store for the signed or the unsigned map: blocks of 128, 16 codes
+    (the count of the 15 midpoints below y, each a float32 constant rounded down, so no table is
+    read), two codes per byte (element 2i in the low nibble of byte i); codes past the end of the
+    tensor are 0, as fusedopt.quant.pack_nibbles pads."""
+    kind = "s" if signed else "u"
+    mids = quant.midpoints_below_f32(quant.Q4.code(signed)).tolist()
+    lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, BLOCK: tl.constexpr, "
+                           "MASKED: tl.constexpr)", QUANT4_BLOCK)
+    lines.append(f"    code = (y > {mids[0]!r}).to(tl.int32)")
+    lines += [f"    code += (y > {m!r}).to(tl.int32)" for m in mids[1:]]
     lines += [
-        "    code = tl.where(offs < n, code, 0)",
+        "    if MASKED:",
+        "        code = tl.where(offs < n, code, 0)",
         "    low, high = tl.split(tl.reshape(code, [BLOCK // 2, 2]))",
         f"    byte = first_block * {QUANT4_BLOCK // 2} + tl.arange(0, BLOCK // 2)",
-        "    tl.store(codes_ptr + byte, (low | (high << 4)).to(tl.uint8), mask=byte * 2 < n)",
+    ] + _store_codes("byte", "(low | (high << 4)).to(tl.uint8)", "byte * 2 < n") + [
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT4_BLOCK})",
         f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT4_BLOCK} < n)",
     ]
@@ -290,8 +297,9 @@ def render(spec: KernelSpec) -> str:
         out.lines += _BF16_SR.splitlines()
     if any(s.dtype == "q8" for s in prog.states):
         out.lines += _q8_store_source().splitlines()
-    if any(s.dtype == "q4" for s in prog.states):
-        out.lines += _q4_store_source().splitlines()
+    for signed in (True, False):
+        if any(s.dtype == "q4" and s.nonnegative != signed for s in prog.states):
+            out.lines += _q4_store_source(signed).splitlines()
     if not spec.single_pass:
         for phase in range(low.n_phases):
             _kernel(out, spec, scalar, element, phase)
@@ -335,11 +343,11 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
                 indent = 4
             pointers = f"ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}"
             if state.dtype == "q4":
-                out.add(indent, f"_q4_store({value}, {pointers}, q4mid_{kind}, offs, "
-                                f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK)")
+                out.add(indent, f"_q4_store_{kind}({value}, {pointers}, offs, "
+                                f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK, {masked})")
             else:
                 out.add(indent, f"_q8_store({value}, {pointers}, qmid_{kind}, qbase_{kind}, offs, "
-                                f"(start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK)")
+                                f"(start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK, {masked})")
             continue
         owner = LAYOUT_OWNER[_layout(spec, target)]
         if owner is not None:  # a per-row (column, block) state: its first element writes it

@@ -157,6 +157,15 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
     return (c64[:-1] + c64[1:]) / 2
 
 
+def midpoints_below_f32(code: torch.Tensor) -> torch.Tensor:
+    """Each of :func:`midpoints` rounded down to float32. For a float32 ``y``, ``mid < y`` holds
+    exactly when ``mid32 < y`` does (no float32 lies in ``(mid32, mid]``), so the kernels find the
+    same codes comparing in float32."""
+    mids = midpoints(code)
+    m32 = mids.to(torch.float32)
+    return torch.where(m32.to(torch.float64) > mids, torch.nextafter(m32, torch.full_like(m32, -math.inf)), m32)
+
+
 # the largest finite bfloat16, as float32 bits: scales are clamped to it (see bf16_ceil)
 _BF16_MAX_BITS = 0x7F7F0000
 SCALE_DTYPES = (torch.float32, torch.bfloat16)

@@ -23,11 +23,7 @@ from codegen import cache, launch  # noqa: E402
 from fusedopt.dsl import absolute, amax, rule  # noqa: E402
 from fusedopt.optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd  # noqa: E402
 
-SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_tensor": "*i32", "chunk_start": "*i64",
-             "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64", "acc_group": "*fp64",
-             "group_done": "*i32", "n_programs": "i32", "geometry": "*i64", "small_base": "*i64",
-             "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr", "ROWS": "constexpr",
-             "ALIGNED": "constexpr"}
+SIGNATURE = launch.KERNEL_SIGNATURE
 PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program(), "lion": lion.program(),
             "sgd-nesterov": sgd.program(with_momentum=True, nesterov=True)}
 
@@ -53,6 +49,15 @@ def main() -> None:
                 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
                 entry["aligned" if aligned else "unaligned"] = widths(kernel.asm["ptx"])
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
+    # quantized moments: how the codes are stored (vectors in the unmasked body, bytes in the tail)
+    for fmt in ("q8", "q4"):
+        source = fusedopt.kernel_source(adamw.program(state_dtype=fmt), torch.float32, target="cuda")
+        src = triton.compiler.ASTSource(fn=cache.load(source, torch.device("cpu")).fused_step, signature=SIGNATURE,
+                                        constexprs={"BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"],
+                                                    "ALIGNED": True})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        out[f"adamw-{fmt}-float32"] = {kind: len(re.findall(rf"st\.global\.{kind}\s", ptx))
+                                      for kind in ("b8", "v2.b32", "b32")}
     # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
     compiled = {}
     # ... the q8 requantization and stochastic rounding helpers, and per-row (column, block) values

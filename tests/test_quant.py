@@ -251,6 +251,36 @@ def test_bound_catches_a_floor_quantizer(name):
     assert violations(x, round_trip(x, code, block)[2], code, block) == 0
 
 
+def _float32_neighbours(values: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Every float32 within ``steps`` representable values of each of ``values`` (float64)."""
+    out = [values.to(FP32)]
+    for direction in (math.inf, -math.inf):
+        x = values.to(FP32)
+        for _ in range(steps):
+            x = torch.nextafter(x, torch.full_like(x, direction))
+            out.append(x)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_float32_midpoints_rounded_down_compare_like_the_exact_ones(name):
+    # the kernels compare float32 values with the midpoints rounded down to float32
+    code, _ = MAPS[name]
+    exact, low = quant.midpoints(code), quant.midpoints_below_f32(code)
+    assert low.dtype == FP32 and bool((low.to(FP64) <= exact).all())
+    y = torch.cat([_float32_neighbours(exact), torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 2 - 1])
+    assert torch.equal(low[None, :] < y[:, None], exact[None, :] < y.to(FP64)[:, None])
+
+
+def test_float32_midpoints_rounded_to_nearest_would_move_codes():
+    # what the comparison above guards against: some midpoint is not a float32, and rounding it to
+    # nearest instead of down changes the code of a float32 next to it
+    code = quant.dynamic_map(False)
+    exact, nearest = quant.midpoints(code), quant.midpoints(code).to(FP32)
+    y = _float32_neighbours(exact)
+    assert not torch.equal(nearest[None, :] < y[:, None], exact[None, :] < y.to(FP64)[:, None])
+
+
 def test_ties_go_to_the_lower_code():
     code = torch.tensor([0.0, 0.5, 1.0])
     x = torch.tensor([1.0, 0.25, 0.75, 0.2500001, 0.7499999])
