@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean peer-wheels
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# Peer optimizers for benchmarks/gpu_campaign.sh peers: the wheels, for a GPU machine without network
+# (the device tool carries .whl/ there). Not needed by the tests or the demo.
+peer-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .whl "bitsandbytes==0.50.2" "torchao==0.18.0"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: environment, the GPU tests, then benchmarks. Usage (repository root):
-#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b,layouts,tune [OUTDIR]
+#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b,layouts,peers,tune [OUTDIR]
+# peers: bitsandbytes and torchao beside fusedopt, installed from the wheels in .whl/ (`make
+# peer-wheels` where the package index is reachable; carry .whl to the GPU machine).
 # Logs and result files go to OUTDIR (default $OUT, else benchmarks/out); the summary is printed last.
 set -uo pipefail
 parts=${1:-tests,gpt2}
@@ -24,6 +26,14 @@ for part in ${parts//,/ }; do
                  --impls fusedopt-triton,torch-fused --out "$out" > "$out/bench_microadam_$shapes.txt" \
                  2>> "$out/bench_layouts.err"
              done; tail -5 "$out/bench_layouts.err" ;;
+    peers) if ls .whl/*.whl > /dev/null 2>&1; then
+             python3 -m pip install -q --no-deps --no-index --target /tmp/fusedopt-peers .whl/*.whl 2>&1 | tail -2
+             for shapes in gpt2 llama1b; do
+               PYTHONPATH=$PWD:/tmp/fusedopt-peers timeout 420 python3 -m benchmarks.bench_step --shapes $shapes \
+                 --rules adamw,adamw8bit,adamw4bit --impls fusedopt-triton,torch-fused,peer-bnb,peer-torchao \
+                 --out "$out" > "$out/bench_peers_$shapes.txt" 2>> "$out/bench_peers.err"
+             done; tail -5 "$out/bench_peers.err"
+           else echo "peers: no wheels in .whl/ (make peer-wheels)"; fi ;;
     tune) for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=4096,ITERS=1,num_warps=8 \
                      BLOCK=1024,ITERS=8,num_warps=4 BLOCK=2048,ITERS=4,num_warps=8 BLOCK=512,ITERS=8,num_warps=4; do
             FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules adamw \
