@@ -138,6 +138,7 @@ def _q8_store_source() -> str:
 
 
 def _store_codes(index: str, value: str, mask: str) -> list[str]:
+    """Lines of a requantizing helper that store its codes: masked, or (MASKED false) as vectors."""
     return ["    if MASKED:",
             f"        tl.store(codes_ptr + {index}, {value}, mask={mask})",
             "    else:",
