@@ -51,7 +51,8 @@ def sass(program, dtype: torch.dtype) -> str:
     module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))
     src = triton.compiler.ASTSource(fn=module.fused_step, signature=launch.KERNEL_SIGNATURE, constexprs={
         "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True})
-    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]}).asm["cubin"]
+    options = {"num_warps": cfg["num_warps"]}
+    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

@@ -77,7 +77,8 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
-        out += [code.to(device), quant.midpoints_below_f32(code).to(device), bucket_table(quant.midpoints(code)).to(device)]
+        out += [code.to(device), quant.midpoints_below_f32(code).to(device),
+                bucket_table(quant.midpoints(code)).to(device)]
     out += [quant.Q4.code(signed).to(device) for signed in (True, False)]
     return tuple(out)
 

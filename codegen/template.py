@@ -152,8 +152,8 @@ def _q4_store_source(signed: bool) -> str:
     tensor are 0, as fusedopt.quant.pack_nibbles pads."""
     kind = "s" if signed else "u"
     mids = quant.midpoints_below_f32(quant.Q4.code(signed)).tolist()
-    lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, BLOCK: tl.constexpr, "
-                           "MASKED: tl.constexpr)", QUANT4_BLOCK)
+    lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, "
+                           "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT4_BLOCK)
     lines.append(f"    code = (y > {mids[0]!r}).to(tl.int32)")
     lines += [f"    code += (y > {m!r}).to(tl.int32)" for m in mids[1:]]
     lines += [

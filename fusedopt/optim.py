@@ -493,8 +493,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch.optim's layout; hyperparameter tensors are saved as Python floats.
 
         Quantized states are saved compact (uint8 codes under the state's name, bfloat16 scales under
-        "<name>_absmax"; float32 scales load too). ``dense=True`` decodes them to float32 states of the parameter's shape: the
-        form torch.optim (and every other library) keeps, so ``torch.optim.AdamW.load_state_dict``
+        "<name>_absmax"; float32 scales load too). ``dense=True`` decodes them to float32 states of
+        the parameter's shape: the form torch.optim (and every other library) keeps, so ``torch.optim.AdamW.load_state_dict``
         takes it. Either form loads back into any fusedopt optimizer of the same rule, whatever its
         ``state_dtype``."""
         sd = super().state_dict()
@@ -628,7 +628,8 @@ def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
     n = math.prod(shape)
     for fmt in (quant.Q8, quant.Q4):
         if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8 \
-                and absmax.dtype in quant.SCALE_DTYPES and tuple(codes.shape) == quant.codes_shape(shape, fmt) and tuple(absmax.shape) == (-(-n // fmt.block),):
+                and absmax.dtype in quant.SCALE_DTYPES and tuple(codes.shape) == quant.codes_shape(shape, fmt) \
+                and tuple(absmax.shape) == (-(-n // fmt.block),):
             return fmt.name
     raise ValueError(f"a state of shape {shape} comes with an absmax, so it must hold the uint8 codes and the "
                      f"float32 or bfloat16 scales of a q8 or q4 storage; got {getattr(codes, 'dtype', codes)!r} "

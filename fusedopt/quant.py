@@ -163,7 +163,8 @@ def midpoints_below_f32(code: torch.Tensor) -> torch.Tensor:
     same codes comparing in float32."""
     mids = midpoints(code)
     m32 = mids.to(torch.float32)
-    return torch.where(m32.to(torch.float64) > mids, torch.nextafter(m32, torch.full_like(m32, -math.inf)), m32)
+    below = torch.nextafter(m32, torch.full_like(m32, -math.inf))
+    return torch.where(m32.to(torch.float64) > mids, below, m32)
 
 
 # the largest finite bfloat16, as float32 bits: scales are clamped to it (see bf16_ceil)

@@ -228,7 +228,8 @@ def test_float32_midpoints_rounded_down_compare_like_the_exact_ones(name):
     code, _ = MAPS[name]
     exact, low = quant.midpoints(code), quant.midpoints_below_f32(code)
     assert low.dtype == FP32 and bool((low.to(FP64) <= exact).all())
-    y = torch.cat([_float32_neighbours(exact), torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 2 - 1])
+    uniform = torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = torch.cat([_float32_neighbours(exact), uniform])
     assert torch.equal(low[None, :] < y[:, None], exact[None, :] < y.to(FP64)[:, None])
 
 
