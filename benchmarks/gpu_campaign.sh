@@ -34,12 +34,16 @@ for part in ${parts//,/ }; do
                  --out "$out" > "$out/bench_peers_$shapes.txt" 2>> "$out/bench_peers.err"
              done; tail -5 "$out/bench_peers.err"
            else echo "peers: no wheels in .whl/ (make peer-wheels)"; fi ;;
-    tune) for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=4096,ITERS=1,num_warps=8 \
-                     BLOCK=1024,ITERS=8,num_warps=4 BLOCK=2048,ITERS=4,num_warps=8 BLOCK=512,ITERS=8,num_warps=4; do
-            FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules adamw \
+    tune) # launch configurations per rule: TUNE_RULES (default adamw8bit,adamw4bit; fp32 adamw was swept
+          # on 2026-11-23) over the default and 4 elements per thread (half the registers, twice the warps)
+          rules=${TUNE_RULES:-adamw8bit,adamw4bit}
+          for r in ${rules//,/ }; do
+          for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=512,ITERS=8,num_warps=4 \
+                     BLOCK=1024,ITERS=4,num_warps=8 BLOCK=256,ITERS=16,num_warps=1; do
+            FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules $r \
               --impls fusedopt-triton --steps 10 --warmup 2 --out "$out/tune" 2>/dev/null | grep "fusedopt-triton" \
               | sed "s/^/$cfg  /" | tee -a "$out/tune.txt"
-          done ;;
+          done; done ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -18,6 +18,7 @@ The kernel is specialised on dtypes and constexprs only, never on shapes or tens
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from fusedopt import ir, quant
 from fusedopt.passes import Lowered
@@ -61,16 +62,22 @@ class KernelSpec:
         return next(s.dtype for s in self.lowered.program.states if s.name == column)
 
 
-# float32 -> bfloat16 with round-to-nearest-even done on the bits, as torch does it; the same on
-# the GPU and in the CPU interpreter (whose own conversion truncates).
-_BF16_RNE = """
+# float32 -> bfloat16 with round-to-nearest-even, as torch does it (NaN becomes 0x7FC0). In the CPU
+# interpreter, whose own conversion truncates, it is done on the bits; a GPU converts in one
+# instruction (cvt.rn.bf16x2.f32 packs two), and only NaN needs a select to get torch's bits.
+_BF16_RNE = {"interpreter": """
 
 @triton.jit
 def _to_bf16_rne(x):
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"""
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)""", "cuda": """
+
+@triton.jit
+def _to_bf16_rne(x):
+    nan = tl.full(x.shape, 0x7FC0, tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, nan, x.to(tl.bfloat16, fp_downcast_rounding="rtne"))"""}
 
 
 # The tables a kernel with quantized states reads, in the order codegen.ops appends their pointers
@@ -84,23 +91,48 @@ QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float32"), ("qbase_s", "uint8
 def _scaled_blocks(signature: str, block: int) -> list[str]:
     """The start of a requantizing helper: per block of ``block`` values of x, ``scale`` (its largest
     magnitude rounded up to bfloat16, at most the largest bfloat16: fusedopt.quant.bf16_ceil on the
-    bits; ``scale_bits`` are its float32 bits), ``finite`` (1 unless it holds NaN or Inf) and ``y`` =
-    x / scale, flat (0 where not finite; x / 1 for an all-zero block)."""
+    bits; ``scale_bits`` are its float32 bits), ``finite`` (false where it holds NaN or Inf) and
+    ``y`` = x / scale, flat (0 where not finite; x / 1 for an all-zero block).
+
+    One integer reduction gives both the absmax and finiteness: the bits of |x| order as |x| does,
+    and Inf and NaN lie above every finite value. The division is _over_scale's, one reciprocal
+    per block instead of a division per element."""
     return [
         "", "", "@triton.jit", f"def {signature}:",
         f"    blocks = tl.reshape(x, [BLOCK // {block}, {block}])",
-        "    finite = tl.min(tl.where(tl.abs(blocks) < float('inf'), 1, 0), axis=1)",
-        "    amax = tl.max(tl.abs(blocks), axis=1)",
-        "    scale_bits = (tl.minimum(amax.to(tl.int32, bitcast=True), 0x7F7F0000) + 0xFFFF) & -0x10000",
+        "    amax_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)",
+        "    finite = amax_bits < 0x7F800000",
+        "    scale_bits = (tl.minimum(amax_bits, 0x7F7F0000) + 0xFFFF) & -0x10000",
         "    scale = scale_bits.to(tl.float32, bitcast=True)",
-        "    y = tl.div_rn(blocks, tl.where(scale > 0.0, scale, 1.0)[:, None])",
-        "    y = tl.reshape(tl.where(finite[:, None] == 1, y, 0.0), [BLOCK])",
+        "    y = _over_scale(blocks, tl.where(scale > 0.0, scale, 1.0))",
+        "    y = tl.reshape(tl.where(finite[:, None], y, 0.0), [BLOCK])",
     ]
+
+
+# x / scale per row of a [rows, block] tile, with one correctly rounded reciprocal per row instead of
+# an IEEE division per element: both are first multiplied by the power of two that brings the scale
+# into [1, 2) (exact; the exponent is clamped to +-126, so a subnormal scale lands in [2^-7, 1) and
+# the largest in [2, 4)), then q = x * r is corrected once with the exact residual x - q * scale
+# (two fmas). With r = RN(1 / scale) this correction gives RN(x / scale) (Markstein's theorem)
+# wherever the quotient is not tiny; tests/test_block_quotient.py checks it against division over
+# every bfloat16 scale. A quotient below about 2^-100 may differ from the division in its last bits,
+# which no code can see: the smallest midpoint of any map is above 1e-7.
+_OVER_SCALE = """
+
+@triton.jit
+def _over_scale(x, scale):
+    exponent = (scale.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    power = (tl.minimum(tl.maximum(254 - exponent, 1), 253) << 23).to(tl.float32, bitcast=True)
+    s = (scale * power)[:, None]
+    r = tl.div_rn(1.0, scale * power)[:, None]
+    xs = x * power[:, None]
+    q = xs * r
+    return tl.fma(tl.fma(-q, s, xs), r, q)"""
 
 
 # Scales go to and from bfloat16 on the bits (exact: a scale is a bfloat16 value), which the CPU
 # interpreter's own conversions are not for subnormals; a non-finite block stores NaN (0x7FC0).
-_SCALE_STORED = "tl.where(finite == 1, scale_bits >> 16, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)"
+_SCALE_STORED = "tl.where(finite, scale_bits >> 16, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)"
 
 
 def _scale_load(col: str, block: int, mask: str, other: str) -> str:
@@ -151,11 +183,18 @@ def _q4_store_source(signed: bool) -> str:
     read), two codes per byte (element 2i in the low nibble of byte i); codes past the end of the
     tensor are 0, as fusedopt.quant.pack_nibbles pads."""
     kind = "s" if signed else "u"
-    mids = quant.midpoints_below_f32(quant.Q4.code(signed)).tolist()
+    code_map = quant.Q4.code(signed)
     lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, "
                            "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT4_BLOCK)
-    lines.append(f"    code = (y > {mids[0]!r}).to(tl.int32)")
-    lines += [f"    code += (y > {m!r}).to(tl.int32)" for m in mids[1:]]
+    grid = _even_grid(code_map)
+    if grid is not None:  # an even grid: the count of midpoints below y in closed form
+        inverse, offset = grid
+        lines.append(f"    code = tl.minimum(tl.maximum(tl.ceil(y * {inverse!r} - {offset!r}), 0.0), "
+                     f"{float(code_map.numel() - 1)!r}).to(tl.int32)")
+    else:
+        mids = quant.midpoints_below_f32(code_map).tolist()
+        lines.append(f"    code = (y > {mids[0]!r}).to(tl.int32)")
+        lines += [f"    code += (y > {m!r}).to(tl.int32)" for m in mids[1:]]
     lines += [
         "    if MASKED:",
         "        code = tl.where(offs < n, code, 0)",
@@ -166,6 +205,25 @@ def _q4_store_source(signed: bool) -> str:
         f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT4_BLOCK} < n)",
     ]
     return "\n".join(lines)
+
+
+def _even_grid(code_map) -> tuple[float, float] | None:
+    """(1 / h, v0 / h + 1/2) when the map is the even grid v0 + c * h (c = 0 .. N-1) with h a power of
+    two, else None. Then the midpoints are v0 + (c + 1/2) h, and the count of those strictly below a
+    float32 y is ceil(y / h - (v0 / h + 1/2)) clamped to [0, N - 1], exactly: y / h is a product by a
+    power of two, and the subtraction is exact where y / h is at least half the offset (Sterbenz's
+    lemma, and above 2 * offset both are multiples of the ulp of y / h); below that the exact
+    difference is negative, so any rounding of it keeps the count at 0. A y on a midpoint gives an
+    integer, whose ceiling counts only the midpoints below it. torchao's 4-bit map for the second
+    moment, k / 16 for k = 1..16, is such a grid."""
+    values = [float(v) for v in code_map.tolist()]
+    h = values[1] - values[0]
+    if h <= 0 or math.frexp(h)[0] != 0.5 or any(v != values[0] + c * h for c, v in enumerate(values)):
+        return None
+    offset = values[0] / h + 0.5
+    if offset * 4 != int(offset * 4):  # keep the subtraction exact: a multiple of a quarter
+        return None
+    return 1.0 / h, offset
 
 
 def _rounds_stochastically(spec: KernelSpec) -> bool:
@@ -187,22 +245,45 @@ def _layout(spec: KernelSpec, name: str) -> str:
     return spec.lowered.layouts.get(name, "full")
 
 
-def _load(spec: KernelSpec, col: str, mask: str) -> str:
-    """The float32 value of column ``col`` at ``offs``; q8 and q4 states are decoded through their maps."""
-    state = next((s for s in spec.lowered.program.states if s.name == col), None)
-    if state is not None and state.dtype == "q4":
+def _code_lookup(state: ir.State, col: str, mask: str) -> tuple[str, str]:
+    """The map value (float32, before scaling) of each element at ``offs`` of quantized state
+    ``col``, and the elements per scale of its format."""
+    other = ", other=0" if mask else ""
+    if state.dtype == "q4":
         table = "q4map_u" if state.nonnegative else "q4map_s"
-        other = ", other=0" if mask else ""
         nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
-        return (f"(tl.load({table} + {nibble}.to(tl.int32)) * "
-                f"{_scale_load(col, QUANT4_BLOCK, mask, other)})")
+        return f"tl.load({table} + {nibble}.to(tl.int32))", QUANT4_BLOCK
+    table = "qmap_u" if state.nonnegative else "qmap_s"
+    return f"tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32))", QUANT_BLOCK
+
+
+def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> str:
+    """The float32 value of column ``col`` at ``offs``; q8 and q4 states are decoded through their
+    maps. ``whole_blocks``: offs is the run of BLOCK elements from ``start + i * BLOCK``, which
+    starts a quantization block, so each block's scale is loaded once (_scaled) rather than once
+    per element."""
+    state = next((s for s in spec.lowered.program.states if s.name == col), None)
     if state is not None and state.quantized:
-        table = "qmap_u" if state.nonnegative else "qmap_s"
+        value, block = _code_lookup(state, col, mask)
+        if whole_blocks:
+            return (f"_scaled({value}, ptr_{col}{ir.ABSMAX_SUFFIX}, (start + i * BLOCK) // {block}, n, "
+                    f"BLOCK, {block})")
         other = ", other=0" if mask else ""
-        return (f"(tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32)) * "
-                f"{_scale_load(col, QUANT_BLOCK, mask, other)})")
+        return f"({value} * {_scale_load(col, block, mask, other)})"
     layout = _layout(spec, col)
     return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"
+
+
+# Decoding a run of whole quantization blocks: the map values times their block's scale, loaded
+# once per block (a [BLOCK // QB] vector, broadcast along each block's row) instead of per element.
+_SCALED = """
+
+@triton.jit
+def _scaled(values, absmax_ptr, first_block, n, BLOCK: tl.constexpr, QB: tl.constexpr):
+    index = first_block + tl.arange(0, BLOCK // QB)
+    stored = tl.load(absmax_ptr + index, mask=index * QB < n, other=0)
+    scale = (stored.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.reshape(values, [BLOCK // QB, QB]) * scale[:, None], [BLOCK])"""
 
 
 def _unless_scalar(layout: str, mask: str) -> str:
@@ -223,12 +304,14 @@ def _used(exprs) -> set[str]:
     return {n for e in exprs for n in ir.free_names(e)}
 
 
-def _load_inputs(out: "_Lines", spec: KernelSpec, indent: int, used: set[str], level: int, mask: str) -> None:
-    """Loads of the tensors and stored values that the expressions of phase ``level`` read."""
+def _load_inputs(out: "_Lines", spec: KernelSpec, indent: int, used: set[str], level: int, mask: str,
+                 whole_blocks: bool = False) -> None:
+    """Loads of the tensors and stored values that the expressions of phase ``level`` read
+    (``whole_blocks``: see _load)."""
     prog = spec.lowered.program
     for col in (ir.PARAM, ir.GRAD, *prog.state_names):
         if col in used:
-            out.add(indent, f"v_{col} = {_load(spec, col, mask)}")
+            out.add(indent, f"v_{col} = {_load(spec, col, mask, whole_blocks)}")
     for r in spec.lowered.small:
         if r.phase < level and r.name in used:
             out.add(indent, f"v_{r.name} = {_load_small(spec, r.name, mask)}")
@@ -293,9 +376,11 @@ def render(spec: KernelSpec) -> str:
                   prog.pretty(), spec.target)
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
-        out.lines += _BF16_RNE.splitlines()
+        out.lines += _BF16_RNE[spec.target].splitlines()
     if _rounds_stochastically(spec):
         out.lines += _BF16_SR.splitlines()
+    if prog.has_quantized_states:
+        out.lines += (_SCALED + _OVER_SCALE).splitlines()
     if any(s.dtype == "q8" for s in prog.states):
         out.lines += _q8_store_source().splitlines()
     for signed in (True, False):
@@ -325,7 +410,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
     prog = low.program
     mask = ", mask=mask" if masked else ""
     used = _used([e for _, e in low.temps] + [e for _, e in low.outputs])
-    _load_inputs(out, spec, 3, used, low.n_phases, mask)
+    _load_inputs(out, spec, 3, used, low.n_phases, mask, whole_blocks=True)
     for name, expr in low.temps:
         out.add(3, f"v_{name} = {element(expr)}")
     per_element = {ir.PARAM, ir.GRAD, *prog.state_names, *(n for n, _ in low.temps), *low.layouts}

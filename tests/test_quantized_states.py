@@ -14,7 +14,7 @@ import fusedopt
 from benchmarks import shapes as bench_shapes
 from codegen import ops, template
 from fusedopt import quant, reference
-from fusedopt.dsl import rule, state
+from fusedopt.dsl import absolute, rule, state
 from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device, tolerance
 
 RULES = {
@@ -134,6 +134,70 @@ def test_packed_4bit_kernel_codes_are_bit_identical_to_the_quantizer(device):
     assert got["m"].shape == (324,) and got["m_absmax"].shape == (6,)
     assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
     assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
+
+
+def _hold_magnitude_rule(fmt: str):
+    @rule(f"hold_magnitude_{fmt}")
+    def hold_magnitude(p, g, t, lr=0.1):
+        m = state("m", dtype=fmt)
+        v = state("v", dtype=fmt, nonnegative=True)
+        m.set(g)
+        v.set(absolute(g))
+        p.set(p - lr * m)
+
+    return hold_magnitude
+
+
+def _on_midpoints(fmt: str, signed: bool) -> torch.Tensor:
+    """Blocks that put x / scale on and beside every midpoint of a map: each block holds its scale
+    (a bf16 value: 1, 3, 0.1 rounded, a subnormal) first, then scale * midpoint rounded to float32
+    and that value's float32 neighbours, for the midpoints rounded down and to nearest."""
+    f = quant.format_for(fmt)
+    mids = quant.midpoints(f.code(signed))
+    centre = torch.cat([mids.to(torch.float32), quant.midpoints_below_f32(f.code(signed))])
+    blocks = []
+    for scale in (1.0, 3.0, float(torch.tensor(0.1).to(torch.bfloat16)), 2.0**-130):
+        x = (centre.double() * scale).to(torch.float32)
+        x = torch.cat([x, torch.nextafter(x, torch.full_like(x, math.inf)),
+                       torch.nextafter(x, torch.full_like(x, -math.inf))])
+        x = x[x.abs() <= scale]
+        for start in range(0, x.numel(), f.block - 1):
+            part = x[start:start + f.block - 1]
+            blocks.append(torch.cat([torch.tensor([scale]), part,
+                                     torch.zeros(f.block - 1 - part.numel())]))
+    return torch.cat(blocks)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_codes_on_and_beside_every_midpoint_match_the_quantizer(device, fmt, signed):
+    """Where rounding is decided: values on a midpoint take the lower code, their neighbours the
+    codes on either side, through every scale path (unit, odd, inexact and subnormal scales)."""
+    require_kernel_device(device)
+    grad = _on_midpoints(fmt, signed)
+    got = _hold_gradient_states(device, grad, _hold_magnitude_rule(fmt))
+    name = "m" if signed else "v"
+    codes, absmax = quant.encode_state(grad if signed else grad.abs(), fmt, signed=signed)
+    assert torch.equal(got[f"{name}_absmax"], absmax)
+    assert torch.equal(got[name], codes), f"{int((got[name] != codes).sum())} of {codes.numel()} codes differ"
+
+
+def test_a_closed_form_4bit_code_off_by_half_a_step_is_caught(monkeypatch):
+    """The midpoint check can fail: rounding the even 4-bit grid at its values instead of its
+    midpoints (an offset of 1 instead of 1.5) moves codes."""
+    device = any_kernel_device()
+    assert template._even_grid(quant.Q4.code(False)) == (16.0, 1.5)
+    monkeypatch.setattr(template, "_even_grid", lambda code_map: (16.0, 1.0) if code_map.numel() == 16 else None)
+    ops.source.cache_clear()
+    try:
+        grad = _on_midpoints("q4", signed=False)
+        got = _hold_gradient_states(device, grad, _hold_magnitude_rule("q4"))
+        codes, _ = quant.encode_state(grad, "q4", signed=False)
+        assert not torch.equal(got["v"], codes)
+    finally:
+        monkeypatch.undo()
+        ops.source.cache_clear()
 
 
 def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
