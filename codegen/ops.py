@@ -71,13 +71,15 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32), its
-    midpoints rounded down to float32 and its bucket table (template.QUANT_BUCKET_BITS); then per q4
+    midpoints rounded down to float32 followed by +inf (so a kernel reads entry ``code`` for any
+    code without a mask) and its bucket table (template.QUANT_BUCKET_BITS); then per q4
     map its values. Kept for the life of the process, read by kernels through the hyperparameter
     table."""
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
-        out += [code.to(device), quant.midpoints_below_f32(code).to(device),
+        mids = torch.cat([quant.midpoints_below_f32(code), torch.tensor([float("inf")])])  # 256: never masked
+        out += [code.to(device), mids.to(device),
                 bucket_table(quant.midpoints(code)).to(device)]
     out += [quant.Q4.code(signed).to(device) for signed in (True, False)]
     return tuple(out)

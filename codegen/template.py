@@ -160,7 +160,7 @@ def _q8_store_source() -> str:
         f"    code = tl.load(qbase + (key >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
     ]
     for _ in range(QUANT_BUCKET_SPAN):
-        lines.append("    mid = tl.load(qmid + code, mask=code < 255, other=float('inf'))")
+        lines.append("    mid = tl.load(qmid + code)  # entry 255 is +inf: no code above the last")
         lines.append("    code = tl.where(mid < y, code + 1, code)")
     lines += _store_codes("offs", "code.to(tl.uint8)", "offs < n") + [
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
