@@ -84,14 +84,15 @@ def test_fused_quantized_step_matches_the_reference(device, name, sizes, matrix,
 
 
 # A state that is set to the gradient itself: no arithmetic before quantizing, so codes and
-# absmax must be bit-identical to fusedopt.quant on every backend.
-def _hold_gradient_rule(fmt: str):
-    @rule(f"hold_gradient_{fmt}")
+# absmax must be bit-identical to fusedopt.quant on every backend. The non-negative state holds g * g,
+# or |g| (``magnitude``: no rounding at all, so test values land exactly where they are put).
+def _hold_gradient_rule(fmt: str, magnitude: bool = False):
+    @rule(f"hold_{'magnitude' if magnitude else 'gradient'}_{fmt}")
     def hold_gradient(p, g, t, lr=0.1):
         m = state("m", dtype=fmt)
         v = state("v", dtype=fmt, nonnegative=True)
         m.set(g)
-        v.set(g * g)
+        v.set(absolute(g) if magnitude else g * g)
         p.set(p - lr * m)
 
     return hold_gradient
@@ -136,18 +137,6 @@ def test_packed_4bit_kernel_codes_are_bit_identical_to_the_quantizer(device):
     assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
 
 
-def _hold_magnitude_rule(fmt: str):
-    @rule(f"hold_magnitude_{fmt}")
-    def hold_magnitude(p, g, t, lr=0.1):
-        m = state("m", dtype=fmt)
-        v = state("v", dtype=fmt, nonnegative=True)
-        m.set(g)
-        v.set(absolute(g))
-        p.set(p - lr * m)
-
-    return hold_magnitude
-
-
 def _on_midpoints(fmt: str, signed: bool) -> torch.Tensor:
     """Blocks that put x / scale on and beside every midpoint of a map: each block holds its scale
     (a bf16 value: 1, 3, 0.1 rounded, a subnormal) first, then scale * midpoint rounded to float32
@@ -176,7 +165,7 @@ def test_codes_on_and_beside_every_midpoint_match_the_quantizer(device, fmt, sig
     codes on either side, through every scale path (unit, odd, inexact and subnormal scales)."""
     require_kernel_device(device)
     grad = _on_midpoints(fmt, signed)
-    got = _hold_gradient_states(device, grad, _hold_magnitude_rule(fmt))
+    got = _hold_gradient_states(device, grad, _hold_gradient_rule(fmt, magnitude=True))
     name = "m" if signed else "v"
     codes, absmax = quant.encode_state(grad if signed else grad.abs(), fmt, signed=signed)
     assert torch.equal(got[f"{name}_absmax"], absmax)
@@ -192,7 +181,7 @@ def test_a_closed_form_4bit_code_off_by_half_a_step_is_caught(monkeypatch):
     ops.source.cache_clear()
     try:
         grad = _on_midpoints("q4", signed=False)
-        got = _hold_gradient_states(device, grad, _hold_magnitude_rule("q4"))
+        got = _hold_gradient_states(device, grad, _hold_gradient_rule("q4", magnitude=True))
         codes, _ = quant.encode_state(grad, "q4", signed=False)
         assert not torch.equal(got["v"], codes)
     finally:
