@@ -179,8 +179,9 @@ def _store_codes(index: str, value: str, mask: str) -> list[str]:
 
 def _q4_store_source(signed: bool) -> str:
     """The q4 counterpart of _q8_store for the signed or the unsigned map: blocks of 128, 16 codes
-    (the count of the 15 midpoints below y, each a float32 constant rounded down, so no table is
-    read), two codes per byte (element 2i in the low nibble of byte i); codes past the end of the
+    (the count of the 15 midpoints below y: in closed form for an even grid, see _even_grid, else
+    by comparisons with each midpoint as a float32 constant rounded down; no table is read), two
+    codes per byte (element 2i in the low nibble of byte i); codes past the end of the
     tensor are 0, as fusedopt.quant.pack_nibbles pads."""
     kind = "s" if signed else "u"
     code_map = quant.Q4.code(signed)
@@ -245,7 +246,7 @@ def _layout(spec: KernelSpec, name: str) -> str:
     return spec.lowered.layouts.get(name, "full")
 
 
-def _code_lookup(state: ir.State, col: str, mask: str) -> tuple[str, str]:
+def _code_lookup(state: ir.State, col: str, mask: str) -> tuple[str, int]:
     """The map value (float32, before scaling) of each element at ``offs`` of quantized state
     ``col``, and the elements per scale of its format."""
     other = ", other=0" if mask else ""
