@@ -246,10 +246,9 @@ def _layout(spec: KernelSpec, name: str) -> str:
     return spec.lowered.layouts.get(name, "full")
 
 
-def _code_lookup(state: ir.State, col: str, mask: str) -> tuple[str, int]:
+def _code_lookup(state: ir.State, col: str, mask: str, other: str) -> tuple[str, int]:
     """The map value (float32, before scaling) of each element at ``offs`` of quantized state
     ``col``, and the elements per scale of its format."""
-    other = ", other=0" if mask else ""
     if state.dtype == "q4":
         table = "q4map_u" if state.nonnegative else "q4map_s"
         nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
@@ -265,11 +264,11 @@ def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> 
     per element."""
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
     if state is not None and state.quantized:
-        value, block = _code_lookup(state, col, mask)
+        other = ", other=0" if mask else ""
+        value, block = _code_lookup(state, col, mask, other)
         if whole_blocks:
             return (f"_scaled({value}, ptr_{col}{ir.ABSMAX_SUFFIX}, (start + i * BLOCK) // {block}, n, "
                     f"BLOCK, {block})")
-        other = ", other=0" if mask else ""
         return f"({value} * {_scale_load(col, block, mask, other)})"
     layout = _layout(spec, col)
     return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"

@@ -30,6 +30,7 @@ def test_profile_table_has_a_row_per_rule_with_counts():
     for row in rows.values():
         assert int(row["instructions"]) > int(row["global loads"]) > 0 and int(row["global stores"]) > 0
         assert "LDG" in row["by width"] and "STG" in row["by width"]
+        assert int(row["registers"]) > 0 and int(row["stack"]) >= 0 and int(row["local"]) >= 0
     # the 8-bit moments read their maps and bucket tables: more loads than the fp32 moments
     assert int(rows["adamw8bit"]["global loads"]) > int(rows["adamw"]["global loads"])
 
