@@ -58,8 +58,8 @@ def compiled(program, dtype: torch.dtype) -> tuple[str, dict[str, int]]:
 
     cfg = launch.config_for("cuda")
     module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))
-    src = triton.compiler.ASTSource(fn=module.fused_step, signature=launch.KERNEL_SIGNATURE, constexprs={
-        "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True})
+    src = triton.compiler.ASTSource(fn=module.fused_step, signature=launch.KERNEL_SIGNATURE,
+                                    constexprs=launch.constexprs(cfg, True))
     options = {"num_warps": cfg["num_warps"], "enable_fp_fusion": False}
     cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

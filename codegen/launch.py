@@ -21,8 +21,10 @@ from .template import QUANT_BLOCK, KernelSpec, tiled_phases
 
 # Elements per block and blocks per program. CUDA figures are untuned defaults; the interpreter
 # uses small chunks so that tests cross chunk boundaries with small tensors.
+# The interpreter has no warps; num_warps=1 gives it the CUDA default's 8 elements per thread
+# (PER_THREAD, see constexprs), so it runs the same code paths.
 _CONFIG = {"cuda": dict(BLOCK=1024, ITERS=4, ROWS=32, num_warps=4),
-           "interpreter": dict(BLOCK=256, ITERS=2, ROWS=2, num_warps=4)}
+           "interpreter": dict(BLOCK=256, ITERS=2, ROWS=2, num_warps=1)}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Argument types of every generated fused step and reduction-phase kernel (template.SIGNATURE), for
@@ -31,7 +33,7 @@ KERNEL_SIGNATURE = {"ptrs": "*i64", "hparams": "*i64", "numels": "*i64", "chunk_
                     "chunk_start": "*i64", "chunk_count": "*i32", "done": "*i32", "acc_tensor": "*fp64",
                     "acc_group": "*fp64", "group_done": "*i32", "n_programs": "i32", "geometry": "*i64",
                     "small_base": "*i64", "acc_small": "*fp64", "BLOCK": "constexpr", "ITERS": "constexpr",
-                    "ROWS": "constexpr", "ALIGNED": "constexpr"}
+                    "ROWS": "constexpr", "ALIGNED": "constexpr", "PER_THREAD": "constexpr"}
 
 launches = collections.Counter()  # kernel launches by rule name, for tests and monitors
 
@@ -41,6 +43,13 @@ def config_for(target: str) -> dict[str, int]:
     if target == "cuda":
         cfg.update(config.launch_override())
     return cfg
+
+
+def constexprs(cfg: dict[str, int], aligned: bool) -> dict[str, int | bool]:
+    """The compile-time arguments of a generated kernel under launch configuration ``cfg``:
+    PER_THREAD is how many consecutive elements of a block each thread holds."""
+    return {"BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": aligned,
+            "PER_THREAD": max(cfg["BLOCK"] // (32 * cfg["num_warps"]), 1)}
 
 
 def chunk_elements(target: str) -> int:
@@ -250,7 +259,6 @@ def run(kernels: Sequence[tuple[object, KernelSpec, Plan]]) -> None:
                 plan.ptr_table, plan.hp_table, plan.numels, chunk_tensor, chunk_start,
                 plan.chunk_count, plan.done, plan.acc_tensor, first.acc_group, first.group_done, n_programs,
                 plan.geometry, plan.small_base, plan.acc_small,
-                BLOCK=cfg["BLOCK"], ITERS=cfg["ITERS"], ROWS=cfg["ROWS"], ALIGNED=plan.aligned,
-                num_warps=cfg["num_warps"],
+                **constexprs(cfg, plan.aligned), num_warps=cfg["num_warps"],
             )
             launches[spec.lowered.program.name] += 1

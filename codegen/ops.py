@@ -86,18 +86,26 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
-    """For each bucket of float32 values (the top 16 bits of the order-preserving integer key of a
-    float, see template._q8_store_source): how many midpoints lie below the bucket's smallest value.
-    With the q8 maps at most QUANT_BUCKET_SPAN midpoints fall inside one bucket (checked here), so a
-    kernel finds the nearest code with one table read and that many comparisons."""
+    """For each bucket of float32 values, indexed by a value's top QUANT_BUCKET_BITS bits (sign,
+    exponent, leading mantissa bits; see template._q8_store_source): how many midpoints lie below the
+    bucket's smallest value. A bucket is an interval of floats: from ``h << shift`` up for a positive
+    sign, down to ``(h << shift) | low`` for a negative one. At most QUANT_BUCKET_SPAN midpoints fall
+    inside one bucket with the q8 maps (checked here), so a kernel finds the nearest code with one
+    table read and that many comparisons."""
     shift = 32 - QUANT_BUCKET_BITS
-    key = torch.arange(2**QUANT_BUCKET_BITS, dtype=torch.int64) << shift
-    bits = torch.where(key >= 2**31, key - 2**31, (~key) & 0xFFFFFFFF)  # the key's inverse
-    smallest = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32).double()
+    top = torch.arange(2**QUANT_BUCKET_BITS, dtype=torch.int64)
+    negative = top >= 2 ** (QUANT_BUCKET_BITS - 1)
+    smallest_bits = torch.where(negative, (top << shift) | ((1 << shift) - 1), top << shift)
+    smallest = torch.where(smallest_bits >= 2**31, smallest_bits - 2**32, smallest_bits).to(torch.int32)
+    smallest = smallest.view(torch.float32).double()
     finite = torch.isfinite(smallest)
     base = torch.searchsorted(midpoints, torch.where(finite, smallest, torch.zeros_like(smallest)))
-    span = base[1:] - base[:-1]
-    if int(span[finite[1:] & finite[:-1]].max()) > QUANT_BUCKET_SPAN:
+    # in value order (negative buckets from the most negative up, then the positive ones), the next
+    # bucket's count minus this one's is how many midpoints this bucket holds
+    order = torch.cat([negative.nonzero().flatten().flip(0), (~negative).nonzero().flatten()])
+    ordered, usable = base[order], finite[order]
+    span = ordered[1:] - ordered[:-1]
+    if int(span[usable[1:] & usable[:-1]].max()) > QUANT_BUCKET_SPAN:
         raise AssertionError("a q8 map has more midpoints per bucket than the kernel compares")
     return base.to(torch.uint8)
 

@@ -146,18 +146,16 @@ def _q8_store_source() -> str:
 
     Per block of 256: scale = max |x| rounded up to bfloat16; y = x / scale (x / 1 for an all-zero
     block); the code is the number of map midpoints strictly below y. It is found without a search:
-    the top QUANT_BUCKET_BITS bits of y's order-preserving integer key index a table of the count
-    below the bucket (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN midpoints lie inside a
-    bucket, so as many float32 comparisons (with the midpoints rounded down to float32, which is
-    exact: fusedopt.quant.midpoints_below_f32) finish it. A block holding NaN or Inf stores scale
-    NaN and the codes of 0, so it decodes to NaN. The same rounding as
+    the top QUANT_BUCKET_BITS bits of y (sign, exponent and leading mantissa bits) index a table of
+    the count below their bucket of values (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN
+    midpoints lie inside a bucket, so as many float32 comparisons (with the midpoints rounded down
+    to float32, which is exact: fusedopt.quant.midpoints_below_f32) finish it. A block holding NaN
+    or Inf stores scale NaN and the codes of 0, so it decodes to NaN. The same rounding as
     fusedopt.quant.encode_state, bit for bit. MASKED is False where the caller knows every offset
     is inside the tensor: the codes are then stored without a mask, as vector stores."""
     lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, "
                            "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT_BLOCK) + [
-        "    bits = y.to(tl.uint32, bitcast=True)",
-        "    key = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)",
-        f"    code = tl.load(qbase + (key >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
+        f"    code = tl.load(qbase + (y.to(tl.uint32, bitcast=True) >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
     ]
     for _ in range(QUANT_BUCKET_SPAN):
         lines.append("    mid = tl.load(qmid + code)  # entry 255 is +inf: no code above the last")
@@ -186,7 +184,7 @@ def _q4_store_source(signed: bool) -> str:
     kind = "s" if signed else "u"
     code_map = quant.Q4.code(signed)
     lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, "
-                           "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT4_BLOCK)
+                           "BLOCK: tl.constexpr, RUN: tl.constexpr, MASKED: tl.constexpr)", QUANT4_BLOCK)
     grid = _even_grid(code_map)
     if grid is not None:  # an even grid: the count of midpoints below y in closed form
         inverse, offset = grid
@@ -200,12 +198,41 @@ def _q4_store_source(signed: bool) -> str:
         "    if MASKED:",
         "        code = tl.where(offs < n, code, 0)",
         "    low, high = tl.split(tl.reshape(code, [BLOCK // 2, 2]))",
-        f"    byte = first_block * {QUANT4_BLOCK // 2} + tl.arange(0, BLOCK // 2)",
-    ] + _store_codes("byte", "(low | (high << 4)).to(tl.uint8)", "byte * 2 < n") + [
+        f"    byte = _byte_runs(first_block * {QUANT4_BLOCK // 2}, BLOCK, RUN)",
+    ] + _store_codes("byte", "tl.reshape((low | (high << 4)).to(tl.uint8), [BLOCK // (2 * RUN), RUN])",
+                     "byte * 2 < n") + [
         f"    index = first_block + tl.arange(0, BLOCK // {QUANT4_BLOCK})",
         f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT4_BLOCK} < n)",
     ]
     return "\n".join(lines)
+
+
+# The bytes of BLOCK 4-bit codes from byte ``first``, as [BLOCK // (2 * RUN), RUN] runs. Triton lays
+# out a q4 kernel's blocks with one 16-byte vector of parameters per thread (4 float32 or 8 bfloat16
+# elements, so 2 or 4 code bytes), and runs of that length let each thread move its codes with one
+# access. As a flat run of BLOCK // 2 bytes it would give the access 4 bytes per thread, which for
+# float32 parameters moves the codes through shared memory (with barriers) to and from the registers.
+_BYTE_RUNS = """
+
+@triton.jit
+def _byte_runs(first, BLOCK: tl.constexpr, RUN: tl.constexpr):
+    return first + (tl.arange(0, BLOCK // (2 * RUN)) * RUN)[:, None] + tl.arange(0, RUN)[None, :]
+
+
+@triton.jit
+def _nibbles(codes_ptr, first, n, BLOCK: tl.constexpr, RUN: tl.constexpr, MASKED: tl.constexpr):
+    byte = _byte_runs(first // 2, BLOCK, RUN)
+    if MASKED:
+        packed = tl.load(codes_ptr + byte, mask=byte * 2 < n, other=0)
+    else:
+        packed = tl.load(codes_ptr + byte)
+    packed = tl.reshape(packed, [BLOCK // 2])
+    return tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK]).to(tl.int32)"""
+
+
+def _code_bytes_per_thread(spec: KernelSpec) -> int:
+    """RUN of _byte_runs: the code bytes of one 16-byte vector of parameters."""
+    return 16 // _ITEMSIZE[spec.param_dtype] // 2
 
 
 def _even_grid(code_map) -> tuple[float, float] | None:
@@ -246,12 +273,17 @@ def _layout(spec: KernelSpec, name: str) -> str:
     return spec.lowered.layouts.get(name, "full")
 
 
-def _code_lookup(state: ir.State, col: str, mask: str, other: str) -> tuple[str, int]:
+def _code_lookup(state: ir.State, col: str, mask: str, other: str, whole_blocks: bool,
+                 run: int) -> tuple[str, int]:
     """The map value (float32, before scaling) of each element at ``offs`` of quantized state
-    ``col``, and the elements per scale of its format."""
+    ``col``, and the elements per scale of its format (``whole_blocks``: see _load; ``run``: see
+    _byte_runs)."""
     if state.dtype == "q4":
         table = "q4map_u" if state.nonnegative else "q4map_s"
-        nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
+        if whole_blocks:
+            nibble = f"_nibbles(ptr_{col}, start + i * BLOCK, n, BLOCK, {run}, {bool(mask)})"
+        else:
+            nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
         return f"tl.load({table} + {nibble}.to(tl.int32))", QUANT4_BLOCK
     table = "qmap_u" if state.nonnegative else "qmap_s"
     return f"tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32))", QUANT_BLOCK
@@ -265,13 +297,47 @@ def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> 
     state = next((s for s in spec.lowered.program.states if s.name == col), None)
     if state is not None and state.quantized:
         other = ", other=0" if mask else ""
-        value, block = _code_lookup(state, col, mask, other)
+        value, block = _code_lookup(state, col, mask, other, whole_blocks, _code_bytes_per_thread(spec))
         if whole_blocks:
             return (f"_scaled({value}, ptr_{col}{ir.ABSMAX_SUFFIX}, (start + i * BLOCK) // {block}, n, "
                     f"BLOCK, {block})")
         return f"({value} * {_scale_load(col, block, mask, other)})"
     layout = _layout(spec, col)
     return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"
+
+
+# A store of a full-size column in a kernel with quantized states. There a block is laid out with
+# PER_THREAD consecutive elements per thread (the byte codes and the reductions per quantization
+# block ask for it), but Triton stores at most 16 bytes per thread and instruction, so for a wider
+# run it would first move the values through shared memory (with a barrier on each side) into a
+# layout of one 16-byte vector per thread. Permuting the values, their offsets and the mask alike,
+# [BLOCK // PER_THREAD, PER_THREAD // V, V] -> [PER_THREAD // V, BLOCK // PER_THREAD, V] (V elements
+# make 16 bytes), gives the store a layout the registers already hold: each thread writes its run
+# as PER_THREAD // V vectors. Which instruction writes an element changes; what is written does not.
+_STORE_RUNS = """
+
+@triton.jit
+def _store_runs(ptr, offs, x, mask, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr, V: tl.constexpr,
+                MASKED: tl.constexpr):
+    if PER_THREAD > V:
+        offs = tl.reshape(tl.permute(tl.reshape(offs, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]), [BLOCK])
+        x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]), [BLOCK])
+        if MASKED:
+            mask = tl.reshape(tl.permute(tl.reshape(mask, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]),
+                              [BLOCK])
+    if MASKED:
+        tl.store(ptr + offs, x, mask=mask)
+    else:
+        tl.store(ptr + offs, x)"""
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _holds_runs(spec: KernelSpec) -> bool:
+    """Whether the kernel's blocks are laid out in runs of PER_THREAD elements per thread: where a
+    q8 state's byte codes set the layout. (A q4 state's packed codes give 4 per thread, the layout
+    of 16-byte float32 vectors, which needs no permuted store.)"""
+    dtypes = {s.dtype for s in spec.lowered.program.states}
+    return "q8" in dtypes and "q4" not in dtypes
 
 
 # Decoding a run of whole quantization blocks: the map values times their block's scale, loaded
@@ -381,8 +447,12 @@ def render(spec: KernelSpec) -> str:
         out.lines += _BF16_SR.splitlines()
     if prog.has_quantized_states:
         out.lines += (_SCALED + _OVER_SCALE).splitlines()
+    if _holds_runs(spec):
+        out.lines += _STORE_RUNS.splitlines()
     if any(s.dtype == "q8" for s in prog.states):
         out.lines += _q8_store_source().splitlines()
+    if any(s.dtype == "q4" for s in prog.states):
+        out.lines += _BYTE_RUNS.splitlines()
     for signed in (True, False):
         if any(s.dtype == "q4" and s.nonnegative != signed for s in prog.states):
             out.lines += _q4_store_source(signed).splitlines()
@@ -430,7 +500,8 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             pointers = f"ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}"
             if state.dtype == "q4":
                 out.add(indent, f"_q4_store_{kind}({value}, {pointers}, offs, "
-                                f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK, {masked})")
+                                f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK, "
+                                f"{_code_bytes_per_thread(spec)}, {masked})")
             else:
                 out.add(indent, f"_q8_store({value}, {pointers}, qmid_{kind}, qbase_{kind}, offs, "
                                 f"(start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK, {masked})")
@@ -447,12 +518,18 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             value = f"_to_bf16_rne({value})"
         else:
             value = f"({value}).to({TRITON_DTYPES[spec.dtype_of(target)]})"
-        out.add(3, f"tl.store(ptr_{target} + offs, {value}{mask})")
+        if _holds_runs(spec):
+            vector = 16 // _ITEMSIZE[spec.dtype_of(target)]
+            out.add(3, f"_store_runs(ptr_{target}, offs, {value}, {'mask' if masked else 'None'}, "
+                       f"BLOCK, PER_THREAD, {vector}, {masked})")
+        else:
+            out.add(3, f"tl.store(ptr_{target} + offs, {value}{mask})")
 
 
 SIGNATURE = ("ptrs, hparams, numels, chunk_tensor, chunk_start, chunk_count, done, acc_tensor, acc_group, "
              "group_done, n_programs, geometry, small_base, acc_small, "
-             "BLOCK: tl.constexpr, ITERS: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr")
+             "BLOCK: tl.constexpr, ITERS: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr, "
+             "PER_THREAD: tl.constexpr")
 KERNEL_ARGS = tuple(a.split(":")[0].strip() for a in SIGNATURE.split(","))
 
 

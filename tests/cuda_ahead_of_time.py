@@ -44,8 +44,7 @@ def main() -> None:
             fn = cache.load(source, torch.device("cpu")).fused_step
             entry = {}
             for aligned in (True, False):
-                src = triton.compiler.ASTSource(fn=fn, signature=SIGNATURE, constexprs={
-                    "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": aligned})
+                src = triton.compiler.ASTSource(fn=fn, signature=SIGNATURE, constexprs=launch.constexprs(cfg, aligned))
                 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
                 entry["aligned" if aligned else "unaligned"] = widths(kernel.asm["ptx"])
             out[f"{name}-{str(dtype).split('.')[1]}"] = entry
@@ -53,11 +52,10 @@ def main() -> None:
     for fmt in ("q8", "q4"):
         source = fusedopt.kernel_source(adamw.program(state_dtype=fmt), torch.float32, target="cuda")
         src = triton.compiler.ASTSource(fn=cache.load(source, torch.device("cpu")).fused_step, signature=SIGNATURE,
-                                        constexprs={"BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"],
-                                                    "ALIGNED": True})
+                                        constexprs=launch.constexprs(cfg, True))
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         out[f"adamw-{fmt}-float32"] = {kind: len(re.findall(rf"st\.global\.{kind}\s", ptx))
-                                      for kind in ("b8", "v2.b32", "b32")}
+                                      for kind in ("b8", "b16", "v2.b32", "b32", "v4.b32")}
     # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
     compiled = {}
     # ... the q8 requantization and stochastic rounding helpers, and per-row (column, block) values
@@ -71,8 +69,8 @@ def main() -> None:
         module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))
         names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
         for n in names:
-            src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE, constexprs={
-                "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True})
+            src = triton.compiler.ASTSource(fn=getattr(module, n), signature=SIGNATURE,
+                                            constexprs=launch.constexprs(cfg, True))
             triton.compile(src, target=GPUTarget("cuda", 90, 32))
         compiled[f"{name}_kernels_compiled"] = sorted(names)
     # every phase in one kernel, for tensors whose blocks fit a program's chunk
@@ -83,8 +81,8 @@ def main() -> None:
     spec = dataclasses.replace(ops.kernel_spec(adam_mini.program(), torch.float32, torch.float32, "cuda"),
                                single_pass=True)
     module = cache.load(ops.source(spec), torch.device("cpu"))
-    triton.compile(triton.compiler.ASTSource(fn=module.fused_step, signature=SIGNATURE, constexprs={
-        "BLOCK": cfg["BLOCK"], "ITERS": cfg["ITERS"], "ROWS": cfg["ROWS"], "ALIGNED": True}),
+    triton.compile(triton.compiler.ASTSource(fn=module.fused_step, signature=SIGNATURE,
+                                              constexprs=launch.constexprs(cfg, True)),
         target=GPUTarget("cuda", 90, 32))
     compiled["adam_mini_single_pass_kernels_compiled"] = sorted(n for n in dir(module) if n.startswith(("reduce", "fused")))
     # MicroAdam's kernel, generated from its rule (dtype codes read at run time), at its default block sizes

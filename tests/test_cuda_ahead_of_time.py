@@ -42,13 +42,15 @@ def test_every_builtin_kernel_compiles_for_sm90(ptx_widths):
 
 def test_quantized_codes_are_stored_as_vectors_in_the_unmasked_body(ptx_widths):
     # 8 elements per thread: q8 codes are one 8-byte vector per state in the unmasked body, and 8
-    # single bytes per state in the masked tail; q4 codes pack to 4 bytes (one 32-bit store) per
-    # state in the body, 4 single bytes in the tail. The other 32-bit stores: the masked parameter
-    # (8) and the step counter and its program count (2).
-    assert ptx_widths["adamw-q8-float32"]["v2.b32"] == 2 and ptx_widths["adamw-q8-float32"]["b8"] == 2 * 8
-    assert ptx_widths["adamw-q8-float32"]["b32"] == 8 + 2
-    assert ptx_widths["adamw-q4-float32"]["b8"] == 2 * 4
-    assert ptx_widths["adamw-q4-float32"]["b32"] == 2 + 8 + 2
+    # single bytes per state in the masked tail; the unmasked parameter goes out as two 16-byte
+    # vectors per thread straight from the registers (template._store_runs). q4 codes go as 2-byte
+    # runs (template._byte_runs: two per state in the body), single bytes in the tail. Each state's
+    # bf16 scales are one 16-bit store per body. The other 32-bit stores: the masked parameter (8)
+    # and the step counter and its program count (2).
+    q8, q4 = ptx_widths["adamw-q8-float32"], ptx_widths["adamw-q4-float32"]
+    assert q8["v2.b32"] == 2 and q8["b8"] == 2 * 8 and q8["v4.b32"] == 2
+    assert q8["b16"] == 2 * 2 and q8["b32"] == 8 + 2
+    assert q4["b16"] == 2 * 2 + 2 * 2 and q4["b8"] == 2 * 4 and q4["b32"] == 8 + 2
 
 
 def test_reduction_phase_kernels_compile_for_sm90(compiled):

@@ -262,7 +262,7 @@ def test_launch_override_is_parsed_and_checked(monkeypatch):
 
     monkeypatch.setenv("FUSEDOPT_LAUNCH", "BLOCK=2048, ITERS=2,num_warps=8,ROWS=8")
     assert launch.config_for("cuda") == {"BLOCK": 2048, "ITERS": 2, "ROWS": 8, "num_warps": 8}
-    assert launch.config_for("interpreter") == {"BLOCK": 256, "ITERS": 2, "ROWS": 2, "num_warps": 4}  # CUDA only
+    assert launch.config_for("interpreter") == {"BLOCK": 256, "ITERS": 2, "ROWS": 2, "num_warps": 1}  # CUDA only
     for bad in ("BLOCK=1000", "ITERS=0", "warps=4", "BLOCK=x"):
         monkeypatch.setenv("FUSEDOPT_LAUNCH", bad)
         with pytest.raises(ValueError, match="FUSEDOPT_LAUNCH"):
