@@ -134,6 +134,22 @@ def _over_scale(x, scale):
 # interpreter's own conversions are not for subnormals; a non-finite block stores NaN (0x7FC0).
 _SCALE_STORED = "tl.where(finite, scale_bits >> 16, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)"
 
+# The store of a run of blocks' scales (``stored``, one per row of the [rows, block] tile it was
+# reduced from, so every lane of the LANES lanes holding a row holds its scale). Stored as a [rows]
+# vector, Triton would give the store a layout of its own and move the scales there through shared
+# memory, with a barrier on each side. As a [rows, LANES] tile whose pointers run along the lanes,
+# the store's layout is the reduction's, LANES lanes per row, and the first lane of each row stores
+# its scale (the other lanes' pointers, past the row's scale, are masked off).
+_STORE_SCALES = """
+
+@triton.jit
+def _store_scales(absmax_ptr, first_block, stored, n, BLOCK: tl.constexpr, QB: tl.constexpr,
+                  LANES: tl.constexpr):
+    index = first_block + tl.arange(0, BLOCK // QB)[:, None]
+    lane = tl.arange(0, LANES)[None, :]
+    tl.store(absmax_ptr + index + lane, tl.broadcast_to(stored[:, None], [BLOCK // QB, LANES]),
+             mask=(lane == 0) & (index * QB < n))"""
+
 
 def _scale_load(col: str, block: int, mask: str, other: str) -> str:
     """The float32 scale of the block of element ``offs`` of quantized state ``col``."""
@@ -161,8 +177,7 @@ def _q8_store_source() -> str:
         lines.append("    mid = tl.load(qmid + code)  # entry 255 is +inf: no code above the last")
         lines.append("    code = tl.where(mid < y, code + 1, code)")
     lines += _store_codes("offs", "code.to(tl.uint8)", "offs < n") + [
-        f"    index = first_block + tl.arange(0, BLOCK // {QUANT_BLOCK})",
-        f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT_BLOCK} < n)",
+        f"    _store_scales(absmax_ptr, first_block, {_SCALE_STORED}, n, BLOCK, {QUANT_BLOCK}, 32)",
     ]
     return "\n".join(lines)
 
@@ -201,8 +216,8 @@ def _q4_store_source(signed: bool) -> str:
         f"    byte = _byte_runs(first_block * {QUANT4_BLOCK // 2}, BLOCK, RUN)",
     ] + _store_codes("byte", "tl.reshape((low | (high << 4)).to(tl.uint8), [BLOCK // (2 * RUN), RUN])",
                      "byte * 2 < n") + [
-        f"    index = first_block + tl.arange(0, BLOCK // {QUANT4_BLOCK})",
-        f"    tl.store(absmax_ptr + index, {_SCALE_STORED}, mask=index * {QUANT4_BLOCK} < n)",
+        f"    _store_scales(absmax_ptr, first_block, {_SCALE_STORED}, n, BLOCK, {QUANT4_BLOCK}, "
+        f"{QUANT4_BLOCK} // (2 * RUN))",
     ]
     return "\n".join(lines)
 
@@ -446,7 +461,7 @@ def render(spec: KernelSpec) -> str:
     if _rounds_stochastically(spec):
         out.lines += _BF16_SR.splitlines()
     if prog.has_quantized_states:
-        out.lines += (_SCALED + _OVER_SCALE).splitlines()
+        out.lines += (_SCALED + _OVER_SCALE + _STORE_SCALES).splitlines()
     if _holds_runs(spec):
         out.lines += _STORE_RUNS.splitlines()
     if any(s.dtype == "q8" for s in prog.states):

@@ -30,7 +30,11 @@ PROGRAMS = {"adam-amsgrad": adam.program(amsgrad=True), "adamw": adamw.program()
 
 def widths(ptx: str) -> dict[str, int]:
     return {"v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx))}
+            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)), "barriers": _barriers(ptx)}
+
+
+def _barriers(ptx: str) -> int:
+    return len(re.findall(r"\bbar\.sync\b", ptx))
 
 
 def main() -> None:
@@ -56,6 +60,7 @@ def main() -> None:
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         out[f"adamw-{fmt}-float32"] = {kind: len(re.findall(rf"st\.global\.{kind}\s", ptx))
                                       for kind in ("b8", "b16", "v2.b32", "b32", "v4.b32")}
+        out[f"adamw-{fmt}-float32"]["barriers"] = _barriers(ptx)
     # rules with reductions (float64 atomic sums and maxima): every phase kernel compiles too
     compiled = {}
     # ... the q8 requantization and stochastic rounding helpers, and per-row (column, block) values
