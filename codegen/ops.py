@@ -18,7 +18,7 @@ from fusedopt import ir, quant
 from fusedopt.passes import Lowered, lower
 
 from . import cache, config, launch
-from .template import QUANT_BUCKET_BITS, QUANT_BUCKET_SPAN, KernelSpec, TORCH_TO_NAME, render, single_pass_possible
+from .template import QUANT_BUCKET_BITS, KernelSpec, TORCH_TO_NAME, render, single_pass_possible
 
 _PROGRAMS: dict[str, Lowered] = {}
 _PLANS = launch.PlanCache()
@@ -70,32 +70,34 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32), its
-    midpoints rounded down to float32 followed by +inf (so a kernel reads entry ``code`` for any
-    code without a mask) and its bucket table (template.QUANT_BUCKET_BITS); then per q4
-    map its values. Kept for the life of the process, read by kernels through the hyperparameter
+    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32) and
+    its encoder's bucket table (bucket_table); then per q4 map its values. Kept for the life of the process, read by kernels through the hyperparameter
     table."""
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
-        mids = torch.cat([quant.midpoints_below_f32(code), torch.tensor([float("inf")])])  # 256: never masked
-        out += [code.to(device), mids.to(device),
-                bucket_table(quant.midpoints(code)).to(device)]
+        out += [code.to(device), bucket_table(code).to(device)]
     out += [quant.Q4.code(signed).to(device) for signed in (True, False)]
     return tuple(out)
 
 
-def bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
-    """For each bucket of float32 values, indexed by a value's top QUANT_BUCKET_BITS bits (sign,
-    exponent, leading mantissa bits; see template._q8_store_source): how many midpoints lie below the
-    bucket's smallest value. A bucket is an interval of floats: from ``h << shift`` up for a positive
-    sign, down to ``(h << shift) | low`` for a negative one. At most QUANT_BUCKET_SPAN midpoints fall
-    inside one bucket with the q8 maps (checked here), so a kernel finds the nearest code with one
-    table read and that many comparisons."""
+def bucket_table(code: torch.Tensor) -> torch.Tensor:
+    """The q8 encoder's table for a map (see template._q8_store_source), int32, one entry per bucket
+    of float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent,
+    leading mantissa bits), an interval from ``h << shift`` up for a positive sign, down to
+    ``(h << shift) | low`` for a negative one. An entry holds, in its low 8 bits, how many of the
+    map's midpoints lie below the bucket's smallest value, and above them the low ``shift`` bits of
+    the one midpoint (rounded down to float32) that may lie inside the bucket: for a positive sign as
+    they are, so that a value inside is above it exactly when its own low bits are larger; for a
+    negative sign complemented, so that the same comparison of complemented low bits holds. A bucket
+    without a midpoint holds all ones there, which no value's low bits exceed. Raises when a bucket
+    holds more than one midpoint (the kernel makes one comparison)."""
     shift = 32 - QUANT_BUCKET_BITS
+    ones = (1 << shift) - 1
+    midpoints, below_f32 = quant.midpoints(code), quant.midpoints_below_f32(code)
     top = torch.arange(2**QUANT_BUCKET_BITS, dtype=torch.int64)
     negative = top >= 2 ** (QUANT_BUCKET_BITS - 1)
-    smallest_bits = torch.where(negative, (top << shift) | ((1 << shift) - 1), top << shift)
+    smallest_bits = torch.where(negative, (top << shift) | ones, top << shift)
     smallest = torch.where(smallest_bits >= 2**31, smallest_bits - 2**32, smallest_bits).to(torch.int32)
     smallest = smallest.view(torch.float32).double()
     finite = torch.isfinite(smallest)
@@ -103,11 +105,19 @@ def bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
     # in value order (negative buckets from the most negative up, then the positive ones), the next
     # bucket's count minus this one's is how many midpoints this bucket holds
     order = torch.cat([negative.nonzero().flatten().flip(0), (~negative).nonzero().flatten()])
-    ordered, usable = base[order], finite[order]
-    span = ordered[1:] - ordered[:-1]
-    if int(span[usable[1:] & usable[:-1]].max()) > QUANT_BUCKET_SPAN:
+    held = torch.zeros_like(base)
+    both = finite[order[1:]] & finite[order[:-1]]
+    held[order[:-1]] = torch.where(both, base[order[1:]] - base[order[:-1]], 0)
+    if int(held.max()) > 1:
         raise AssertionError("a q8 map has more midpoints per bucket than the kernel compares")
-    return base.to(torch.uint8)
+    inside = held == 1
+    mid_bits = below_f32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    mid_bits = mid_bits[base.clamp(max=len(below_f32) - 1)]
+    if not bool(((mid_bits >> shift) == top)[inside].all()):
+        raise AssertionError("a q8 midpoint rounded down to float32 left its bucket")
+    low = torch.where(negative, ~mid_bits & ones, mid_bits & ones)
+    low = torch.where(inside, low, torch.full_like(low, ones))
+    return (base | (low << 8)).to(torch.int32)
 
 
 def _kernels(program_key, params, grads, states, steps, hparams, private: bool = False):

@@ -30,7 +30,6 @@ TRITON_DTYPES = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float1
 QUANT_BLOCK = 256  # elements per scale of a q8 state (fusedopt.quant.Q8.block); BLOCK must be a multiple
 QUANT4_BLOCK = 128  # elements per scale of a q4 state (fusedopt.quant.Q4.block)
 QUANT_BUCKET_BITS = 16  # buckets of float32 values for finding a q8 code (see _q8_store_source)
-QUANT_BUCKET_SPAN = 1  # most map midpoints inside one bucket (checked by codegen.ops.bucket_table)
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
@@ -83,8 +82,8 @@ def _to_bf16_rne(x):
 # The tables a kernel with quantized states reads, in the order codegen.ops appends their pointers
 # to the hyperparameter table: per q8 map (signed, unsigned) its values, its midpoints rounded down
 # to float32 and its bucket counts; per q4 map its values (its midpoints are constants in the text).
-QUANT_TABLES = (("qmap_s", "float32"), ("qmid_s", "float32"), ("qbase_s", "uint8"),
-                ("qmap_u", "float32"), ("qmid_u", "float32"), ("qbase_u", "uint8"),
+QUANT_TABLES = (("qmap_s", "float32"), ("qbucket_s", "int32"),
+                ("qmap_u", "float32"), ("qbucket_u", "int32"),
                 ("q4map_s", "float32"), ("q4map_u", "float32"))
 
 
@@ -161,21 +160,24 @@ def _q8_store_source() -> str:
     """A jit helper: requantize BLOCK new values of a q8 state in registers and store codes and scales.
 
     Per block of 256: scale = max |x| rounded up to bfloat16; y = x / scale (x / 1 for an all-zero
-    block); the code is the number of map midpoints strictly below y. It is found without a search:
-    the top QUANT_BUCKET_BITS bits of y (sign, exponent and leading mantissa bits) index a table of
-    the count below their bucket of values (codegen.ops.bucket_table), and at most QUANT_BUCKET_SPAN
-    midpoints lie inside a bucket, so as many float32 comparisons (with the midpoints rounded down
-    to float32, which is exact: fusedopt.quant.midpoints_below_f32) finish it. A block holding NaN
-    or Inf stores scale NaN and the codes of 0, so it decodes to NaN. The same rounding as
-    fusedopt.quant.encode_state, bit for bit. MASKED is False where the caller knows every offset
-    is inside the tensor: the codes are then stored without a mask, as vector stores."""
-    lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qmid, qbase, offs, first_block, n, "
+    block); the code is the number of map midpoints strictly below y. It takes one table read, no
+    search: the top QUANT_BUCKET_BITS bits of y (sign, exponent, leading mantissa bits) pick its
+    bucket of values, whose entry (codegen.ops.bucket_table) holds the count of midpoints below the
+    bucket and the low bits of the one midpoint (rounded down to float32, which is exact:
+    fusedopt.quant.midpoints_below_f32) that may lie inside it; y is above that midpoint exactly
+    when its own low bits are larger (complemented on both sides for a negative y, where larger bits
+    mean a smaller value). A block holding NaN or Inf stores scale NaN and the codes of 0, so it
+    decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit. MASKED is False
+    where the caller knows every offset is inside the tensor: the codes are then stored without a
+    mask, as vector stores."""
+    shift = 32 - QUANT_BUCKET_BITS
+    lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qbucket, offs, first_block, n, "
                            "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT_BLOCK) + [
-        f"    code = tl.load(qbase + (y.to(tl.uint32, bitcast=True) >> {32 - QUANT_BUCKET_BITS})).to(tl.int32)",
+        f"    entry = tl.load(qbucket + (y.to(tl.uint32, bitcast=True) >> {shift}))",
+        "    bits = y.to(tl.int32, bitcast=True)",
+        f"    low = (bits ^ (bits >> 31)) & {(1 << shift) - 1:#x}  # complemented where y < 0",
+        "    code = (entry & 0xFF) + (low > (entry >> 8)).to(tl.int32)",
     ]
-    for _ in range(QUANT_BUCKET_SPAN):
-        lines.append("    mid = tl.load(qmid + code)  # entry 255 is +inf: no code above the last")
-        lines.append("    code = tl.where(mid < y, code + 1, code)")
     lines += _store_codes("offs", "code.to(tl.uint8)", "offs < n") + [
         f"    _store_scales(absmax_ptr, first_block, {_SCALE_STORED}, n, BLOCK, {QUANT_BLOCK}, 32)",
     ]
@@ -518,7 +520,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
                                 f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK, "
                                 f"{_code_bytes_per_thread(spec)}, {masked})")
             else:
-                out.add(indent, f"_q8_store({value}, {pointers}, qmid_{kind}, qbase_{kind}, offs, "
+                out.add(indent, f"_q8_store({value}, {pointers}, qbucket_{kind}, offs, "
                                 f"(start + i * BLOCK) // {QUANT_BLOCK}, n, BLOCK, {masked})")
             continue
         owner = LAYOUT_OWNER[_layout(spec, target)]
@@ -588,7 +590,7 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     out.add(1, "# hyperparameters, the step and the size, float64, once per program")
     for i, name in enumerate(prog.hparams):
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
-    if prog.has_quantized_states:  # the q8 maps and their midpoints follow the hyperparameters
+    if prog.has_quantized_states:  # the maps and the q8 bucket tables follow the hyperparameters
         h = len(prog.hparams)
         for k, (name, dtype) in enumerate(QUANT_TABLES):
             out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")

@@ -189,6 +189,53 @@ def test_a_closed_form_4bit_code_off_by_half_a_step_is_caught(monkeypatch):
         ops.source.cache_clear()
 
 
+def _bucket_encode(table: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The q8 kernel's encoder (template._q8_store_source) in integer torch ops, for float32 y."""
+    signed_bits = y.view(torch.int32).to(torch.int64)
+    entry = table.to(torch.int64)[(signed_bits & 0xFFFFFFFF) >> 16]
+    low = (signed_bits ^ (signed_bits >> 31)) & 0xFFFF
+    return (entry & 0xFF) + (low > (entry >> 8)).to(torch.int64)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_the_bucket_table_finds_the_nearest_code_at_every_bucket_edge_and_midpoint(signed):
+    """Every float32 in [-1, 1] where a bucket starts or ends, every midpoint (rounded down to
+    float32) and its neighbours 1 to 3 ulps away: the table's one comparison gives the count of
+    exact midpoints below the value, as the quantizer's search does."""
+    code = quant.Q8.code(signed)
+    table = ops.bucket_table(code)
+    top = torch.arange(2**16, dtype=torch.int64)
+    edges = torch.cat([top << 16, (top << 16) | 0xFFFF])
+    edges = torch.where(edges >= 2**31, edges - 2**32, edges).to(torch.int32).view(torch.float32)
+    mids = quant.midpoints_below_f32(code)
+    near = [mids] + [torch.nextafter(mids, torch.full_like(mids, d)) for d in (2.0, -2.0)]
+    for _ in range(2):
+        near += [torch.nextafter(near[-2], torch.full_like(mids, 2.0)),
+                 torch.nextafter(near[-1], torch.full_like(mids, -2.0))]
+    y = torch.cat([edges, *near, -mids, torch.tensor([0.0, -0.0])])
+    y = y[y.abs() <= 1]
+    if not signed:
+        y = y[y >= 0]
+    expected = torch.searchsorted(quant.midpoints(code), y.double())
+    assert torch.equal(_bucket_encode(table, y), expected)
+
+
+def test_a_bucket_table_that_ignores_the_sign_is_caught():
+    """The check above can fail: a table whose low bits are not complemented for negative buckets
+    misrounds negative values next to a midpoint."""
+    code = quant.Q8.code(True)
+    table = ops.bucket_table(code).to(torch.int64)
+    negative = torch.arange(2**16) >= 2**15
+    low = table >> 8
+    wrong = torch.where(negative & (low != 0xFFFF), (table & 0xFF) | ((0xFFFF - low) << 8), table)
+    mids = quant.midpoints_below_f32(code)
+    y = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, -2.0))])
+    y = y[(y < 0) & (y >= -1)]
+    expected = torch.searchsorted(quant.midpoints(code), y.double())
+    assert torch.equal(_bucket_encode(table, y), expected)
+    assert not torch.equal(_bucket_encode(wrong, y), expected)
+
+
 def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
     """The comparison above can fail: a kernel that skips the comparison with the midpoint inside
     a value's bucket (so rounds some values down) disagrees with the quantizer."""
@@ -197,7 +244,7 @@ def test_a_floor_quantizer_in_the_kernel_is_caught(monkeypatch):
 
     def floor_quantizer():
         good = original()
-        bad = good.replace("code = tl.where(mid < y, code + 1, code)", "code = code")
+        bad = good.replace("code = (entry & 0xFF) + (low > (entry >> 8)).to(tl.int32)", "code = entry & 0xFF")
         assert bad != good
         return bad
 
@@ -459,8 +506,8 @@ def test_clipping_spans_a_group_split_by_the_quant_threshold():
 def test_the_bucket_table_refuses_buckets_wider_than_the_kernel_compares(monkeypatch):
     """The span check can fail: with coarse buckets several q8 midpoints share one, which the
     kernel's single comparison would misround, so building the table raises."""
-    midpoints = quant.midpoints(quant.Q8.code(False))
-    assert ops.bucket_table(midpoints).dtype == torch.uint8
+    code = quant.Q8.code(False)
+    assert ops.bucket_table(code).dtype == torch.int32
     monkeypatch.setattr(ops, "QUANT_BUCKET_BITS", 10)
     with pytest.raises(AssertionError, match="midpoints per bucket"):
-        ops.bucket_table(midpoints)
+        ops.bucket_table(code)
