@@ -70,19 +70,21 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """In template.QUANT_TABLES order: per q8 map (signed, then unsigned) its values (float32) and
-    its encoder's bucket table (bucket_table); then per q4 map its values. Kept for the life of the process, read by kernels through the hyperparameter
+    """In template.QUANT_TABLES order: per map (q8 signed and unsigned, then q4) its values
+    (float32) and its encoder's bucket table (bucket_table). Kept for the life of the process, read by kernels through the hyperparameter
     table."""
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
         out += [code.to(device), bucket_table(code).to(device)]
-    out += [quant.Q4.code(signed).to(device) for signed in (True, False)]
+    for signed in (True, False):
+        code = quant.Q4.code(signed)
+        out += [code.to(device), bucket_table(code).to(device)]
     return tuple(out)
 
 
 def bucket_table(code: torch.Tensor) -> torch.Tensor:
-    """The q8 encoder's table for a map (see template._q8_store_source), int32, one entry per bucket
+    """The encoder table of a q8 or q4 map (see template._q8_store_source), int32, one entry per bucket
     of float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent,
     leading mantissa bits), an interval from ``h << shift`` up for a positive sign, down to
     ``(h << shift) | low`` for a negative one. An entry holds, in its low 8 bits, how many of the
@@ -109,12 +111,12 @@ def bucket_table(code: torch.Tensor) -> torch.Tensor:
     both = finite[order[1:]] & finite[order[:-1]]
     held[order[:-1]] = torch.where(both, base[order[1:]] - base[order[:-1]], 0)
     if int(held.max()) > 1:
-        raise AssertionError("a q8 map has more midpoints per bucket than the kernel compares")
+        raise AssertionError("a quantization map has more midpoints per bucket than the kernel compares")
     inside = held == 1
     mid_bits = below_f32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     mid_bits = mid_bits[base.clamp(max=len(below_f32) - 1)]
     if not bool(((mid_bits >> shift) == top)[inside].all()):
-        raise AssertionError("a q8 midpoint rounded down to float32 left its bucket")
+        raise AssertionError("a midpoint rounded down to float32 left its bucket")
     low = torch.where(negative, ~mid_bits & ones, mid_bits & ones)
     low = torch.where(inside, low, torch.full_like(low, ones))
     return (base | (low << 8)).to(torch.int32)

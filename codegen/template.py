@@ -80,11 +80,12 @@ def _to_bf16_rne(x):
 
 
 # The tables a kernel with quantized states reads, in the order codegen.ops appends their pointers
-# to the hyperparameter table: per q8 map (signed, unsigned) its values, its midpoints rounded down
-# to float32 and its bucket counts; per q4 map its values (its midpoints are constants in the text).
+# to the hyperparameter table: per map (q8 signed and unsigned, then q4) its values and its
+# encoder's bucket table (codegen.ops.bucket_table; an even grid's codes need none, see _even_grid).
 QUANT_TABLES = (("qmap_s", "float32"), ("qbucket_s", "int32"),
                 ("qmap_u", "float32"), ("qbucket_u", "int32"),
-                ("q4map_s", "float32"), ("q4map_u", "float32"))
+                ("q4map_s", "float32"), ("q4bucket_s", "int32"),
+                ("q4map_u", "float32"), ("q4bucket_u", "int32"))
 
 
 def _scaled_blocks(signature: str, block: int) -> list[str]:
@@ -170,18 +171,22 @@ def _q8_store_source() -> str:
     decodes to NaN. The same rounding as fusedopt.quant.encode_state, bit for bit. MASKED is False
     where the caller knows every offset is inside the tensor: the codes are then stored without a
     mask, as vector stores."""
-    shift = 32 - QUANT_BUCKET_BITS
     lines = _scaled_blocks("_q8_store(x, codes_ptr, absmax_ptr, qbucket, offs, first_block, n, "
-                           "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT_BLOCK) + [
-        f"    entry = tl.load(qbucket + (y.to(tl.uint32, bitcast=True) >> {shift}))",
-        "    bits = y.to(tl.int32, bitcast=True)",
-        f"    low = (bits ^ (bits >> 31)) & {(1 << shift) - 1:#x}  # complemented where y < 0",
-        "    code = (entry & 0xFF) + (low > (entry >> 8)).to(tl.int32)",
-    ]
+                           "BLOCK: tl.constexpr, MASKED: tl.constexpr)", QUANT_BLOCK) + _bucket_code()
     lines += _store_codes("offs", "code.to(tl.uint8)", "offs < n") + [
         f"    _store_scales(absmax_ptr, first_block, {_SCALE_STORED}, n, BLOCK, {QUANT_BLOCK}, 32)",
     ]
     return "\n".join(lines)
+
+
+def _bucket_code() -> list[str]:
+    """Lines of a requantizing helper: ``code``, the count of map midpoints below ``y``, from one read
+    of the map's bucket table ``qbucket`` (see _q8_store_source)."""
+    shift = 32 - QUANT_BUCKET_BITS
+    return [f"    entry = tl.load(qbucket + (y.to(tl.uint32, bitcast=True) >> {shift}))",
+            "    bits = y.to(tl.int32, bitcast=True)",
+            f"    low = (bits ^ (bits >> 31)) & {(1 << shift) - 1:#x}  # complemented where y < 0",
+            "    code = (entry & 0xFF) + (low > (entry >> 8)).to(tl.int32)"]
 
 
 def _store_codes(index: str, value: str, mask: str) -> list[str]:
@@ -195,12 +200,12 @@ def _store_codes(index: str, value: str, mask: str) -> list[str]:
 def _q4_store_source(signed: bool) -> str:
     """The q4 counterpart of _q8_store for the signed or the unsigned map: blocks of 128, 16 codes
     (the count of the 15 midpoints below y: in closed form for an even grid, see _even_grid, else
-    by comparisons with each midpoint as a float32 constant rounded down; no table is read), two
-    codes per byte (element 2i in the low nibble of byte i); codes past the end of the
-    tensor are 0, as fusedopt.quant.pack_nibbles pads."""
+    from the map's bucket table ``qbucket`` as _q8_store does), two codes per byte (element 2i in the
+    low nibble of byte i); codes past the end of the tensor are 0, as fusedopt.quant.pack_nibbles
+    pads."""
     kind = "s" if signed else "u"
     code_map = quant.Q4.code(signed)
-    lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, offs, first_block, n, "
+    lines = _scaled_blocks(f"_q4_store_{kind}(x, codes_ptr, absmax_ptr, qbucket, offs, first_block, n, "
                            "BLOCK: tl.constexpr, RUN: tl.constexpr, MASKED: tl.constexpr)", QUANT4_BLOCK)
     grid = _even_grid(code_map)
     if grid is not None:  # an even grid: the count of midpoints below y in closed form
@@ -208,9 +213,7 @@ def _q4_store_source(signed: bool) -> str:
         lines.append(f"    code = tl.minimum(tl.maximum(tl.ceil(y * {inverse!r} - {offset!r}), 0.0), "
                      f"{float(code_map.numel() - 1)!r}).to(tl.int32)")
     else:
-        mids = quant.midpoints_below_f32(code_map).tolist()
-        lines.append(f"    code = (y > {mids[0]!r}).to(tl.int32)")
-        lines += [f"    code += (y > {m!r}).to(tl.int32)" for m in mids[1:]]
+        lines += _bucket_code()
     lines += [
         "    if MASKED:",
         "        code = tl.where(offs < n, code, 0)",
@@ -516,7 +519,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
                 indent = 4
             pointers = f"ptr_{target}, ptr_{target}{ir.ABSMAX_SUFFIX}"
             if state.dtype == "q4":
-                out.add(indent, f"_q4_store_{kind}({value}, {pointers}, offs, "
+                out.add(indent, f"_q4_store_{kind}({value}, {pointers}, q4bucket_{kind}, offs, "
                                 f"(start + i * BLOCK) // {QUANT4_BLOCK}, n, BLOCK, "
                                 f"{_code_bytes_per_thread(spec)}, {masked})")
             else:

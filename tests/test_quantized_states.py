@@ -197,12 +197,13 @@ def _bucket_encode(table: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (entry & 0xFF) + (low > (entry >> 8)).to(torch.int64)
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_the_bucket_table_finds_the_nearest_code_at_every_bucket_edge_and_midpoint(signed):
+def test_the_bucket_table_finds_the_nearest_code_at_every_bucket_edge_and_midpoint(fmt, signed):
     """Every float32 in [-1, 1] where a bucket starts or ends, every midpoint (rounded down to
     float32) and its neighbours 1 to 3 ulps away: the table's one comparison gives the count of
     exact midpoints below the value, as the quantizer's search does."""
-    code = quant.Q8.code(signed)
+    code = quant.format_for(fmt).code(signed)
     table = ops.bucket_table(code)
     top = torch.arange(2**16, dtype=torch.int64)
     edges = torch.cat([top << 16, (top << 16) | 0xFFFF])
