@@ -328,27 +328,53 @@ def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> 
 
 # A store of a full-size column in a kernel with quantized states. There a block is laid out with
 # PER_THREAD consecutive elements per thread (the byte codes and the reductions per quantization
-# block ask for it), but Triton stores at most 16 bytes per thread and instruction, so for a wider
-# run it would first move the values through shared memory (with a barrier on each side) into a
-# layout of one 16-byte vector per thread. Permuting the values, their offsets and the mask alike,
-# [BLOCK // PER_THREAD, PER_THREAD // V, V] -> [PER_THREAD // V, BLOCK // PER_THREAD, V] (V elements
-# make 16 bytes), gives the store a layout the registers already hold: each thread writes its run
-# as PER_THREAD // V vectors. Which instruction writes an element changes; what is written does not.
+# block ask for it), but Triton stores at most 16 bytes (V elements) per thread and instruction, so
+# for a wider run it would first move the values through shared memory (with a barrier on each
+# side) into a layout of one 16-byte vector per thread. Split instead into PER_THREAD // V tiles of
+# [BLOCK // PER_THREAD, V] (the k-th holds vector k of every thread's run), each tile's store has
+# the layout the registers hold: one vector per thread. For 2 or 4 vectors per run; otherwise the
+# plain store. Which instruction writes an element changes; what is written does not.
 _STORE_RUNS = """
 
 @triton.jit
-def _store_runs(ptr, offs, x, mask, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr, V: tl.constexpr,
-                MASKED: tl.constexpr):
-    if PER_THREAD > V:
-        offs = tl.reshape(tl.permute(tl.reshape(offs, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]), [BLOCK])
-        x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]), [BLOCK])
-        if MASKED:
-            mask = tl.reshape(tl.permute(tl.reshape(mask, [BLOCK // PER_THREAD, PER_THREAD // V, V]), [1, 0, 2]),
-                              [BLOCK])
-    if MASKED:
-        tl.store(ptr + offs, x, mask=mask)
+def _run_tiles(x, RUNS: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    if K == 2:
+        t0, t1 = tl.split(tl.permute(tl.reshape(x, [RUNS, 2, V]), [0, 2, 1]))
+        return t0, t1, t0, t1
     else:
-        tl.store(ptr + offs, x)"""
+        even, odd = tl.split(tl.permute(tl.reshape(x, [RUNS, 2, 2, V]), [0, 3, 1, 2]))
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        return t0, t1, t2, t3
+
+
+@triton.jit
+def _store_runs(ptr, first, x, mask, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr, V: tl.constexpr,
+                MASKED: tl.constexpr):
+    K: tl.constexpr = PER_THREAD // V
+    RUNS: tl.constexpr = BLOCK // PER_THREAD
+    if (PER_THREAD == 2 * V) or (PER_THREAD == 4 * V):
+        row = first + (tl.arange(0, RUNS) * PER_THREAD)[:, None] + tl.arange(0, V)[None, :]
+        x0, x1, x2, x3 = _run_tiles(x, RUNS, K, V)
+        if MASKED:
+            m0, m1, m2, m3 = _run_tiles(mask, RUNS, K, V)
+            tl.store(ptr + row, x0, mask=m0)
+            tl.store(ptr + row + V, x1, mask=m1)
+            if K == 4:
+                tl.store(ptr + row + 2 * V, x2, mask=m2)
+                tl.store(ptr + row + 3 * V, x3, mask=m3)
+        else:
+            tl.store(ptr + row, x0)
+            tl.store(ptr + row + V, x1)
+            if K == 4:
+                tl.store(ptr + row + 2 * V, x2)
+                tl.store(ptr + row + 3 * V, x3)
+    else:
+        offs = first + tl.arange(0, BLOCK)
+        if MASKED:
+            tl.store(ptr + offs, x, mask=mask)
+        else:
+            tl.store(ptr + offs, x)"""
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -540,7 +566,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             value = f"({value}).to({TRITON_DTYPES[spec.dtype_of(target)]})"
         if _holds_runs(spec):
             vector = 16 // _ITEMSIZE[spec.dtype_of(target)]
-            out.add(3, f"_store_runs(ptr_{target}, offs, {value}, {'mask' if masked else 'None'}, "
+            out.add(3, f"_store_runs(ptr_{target}, start + i * BLOCK, {value}, {'mask' if masked else 'None'}, "
                        f"BLOCK, PER_THREAD, {vector}, {masked})")
         else:
             out.add(3, f"tl.store(ptr_{target} + offs, {value}{mask})")

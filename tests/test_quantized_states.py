@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import fusedopt
 from benchmarks import shapes as bench_shapes
-from codegen import ops, template
+from codegen import config, launch, ops, template
 from fusedopt import quant, reference
 from fusedopt.dsl import absolute, rule, state
 from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device, tolerance
@@ -135,6 +135,37 @@ def test_packed_4bit_kernel_codes_are_bit_identical_to_the_quantizer(device):
     assert got["m"].shape == (324,) and got["m_absmax"].shape == (6,)
     assert torch.equal(got["m"], m) and torch.equal(got["m_absmax"], m_absmax)
     assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
+
+
+def _two_steps(optimizer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Parameter and states after two steps on a tensor with a partial last chunk and block."""
+    gen = torch.Generator().manual_seed(11)
+    p = torch.randn(9 * 512 + 256 + 77, generator=gen).to(dtype).requires_grad_()
+    opt = optimizer([p], lr=1e-2, backend="triton")
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.uint8  # above the 4096-element threshold
+    return {"p": p.detach().clone(), **{k: v.clone() for k, v in opt.state[p].items()}}
+
+
+@pytest.mark.parametrize("optimizer", [fusedopt.AdamW8bit, fusedopt.AdamW4bit], ids=["q8", "q4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_results_do_not_depend_on_elements_per_thread(monkeypatch, optimizer, dtype):
+    """The stores that follow the registers' layout (template._store_runs, _byte_runs, _store_scales)
+    take other paths at 4 and 16 elements per thread than at the interpreter's default 8 (one
+    vector per run, four); every path writes the same bits."""
+    any_kernel_device()
+    if not config.interpreting():
+        pytest.skip("the launch configuration is patched for the interpreter")
+    expected = _two_steps(optimizer, dtype)
+    for block, warps in ((512, 4), (512, 1)):  # 4 and 16 elements per thread
+        monkeypatch.setitem(launch._CONFIG, "interpreter", dict(BLOCK=block, ITERS=1, ROWS=2, num_warps=warps))
+        ops._PLANS.plans.clear()
+        got = _two_steps(optimizer, dtype)
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (block, warps, name)
+    ops._PLANS.plans.clear()
 
 
 def _on_midpoints(fmt: str, signed: bool) -> torch.Tensor:
