@@ -326,11 +326,11 @@ def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> 
     return f"tl.load(ptr_{col} + {LAYOUT_INDEX[layout]}{_unless_scalar(layout, mask)}).to(tl.float32)"
 
 
-# A store of a full-size column in a kernel with quantized states. There a block is laid out with
-# PER_THREAD consecutive elements per thread (the byte codes and the reductions per quantization
-# block ask for it), but Triton stores at most 16 bytes (V elements) per thread and instruction, so
-# for a wider run it would first move the values through shared memory (with a barrier on each
-# side) into a layout of one 16-byte vector per thread. Split instead into PER_THREAD // V tiles of
+# A store of a full-size column in a kernel whose blocks are laid out with PER_THREAD consecutive
+# elements per thread (_holds_runs: 2-byte values or q8 codes ask for it), but Triton stores at
+# most 16 bytes (V elements) per thread and instruction, so for a wider run it would first move the
+# values through shared memory (with a barrier on each side) into a layout of one 16-byte vector
+# per thread. Split instead into PER_THREAD // V tiles of
 # [BLOCK // PER_THREAD, V] (the k-th holds vector k of every thread's run), each tile's store has
 # the layout the registers hold: one vector per thread. For 2 or 4 vectors per run; otherwise the
 # plain store. Which instruction writes an element changes; what is written does not.
@@ -379,11 +379,13 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _holds_runs(spec: KernelSpec) -> bool:
-    """Whether the kernel's blocks are laid out in runs of PER_THREAD elements per thread: where a
-    q8 state's byte codes set the layout. (A q4 state's packed codes give 4 per thread, the layout
-    of 16-byte float32 vectors, which needs no permuted store.)"""
-    dtypes = {s.dtype for s in spec.lowered.program.states}
-    return "q8" in dtypes and "q4" not in dtypes
+    """Whether Triton lays out the kernel's blocks in runs of PER_THREAD elements per thread: where
+    a full-size column holds 2-byte values (16 bytes make 8 of them) or q8 codes. (Float32 columns
+    alone give 4 per thread, and so do a q4 state's packed codes beside float32 parameters.)"""
+    low = spec.lowered
+    columns = [spec.param_dtype, spec.grad_dtype] + [
+        s.dtype for s in low.program.states if _layout(spec, s.name) == "full"]
+    return any(dtype in ("bf16", "fp16", "q8") for dtype in columns)
 
 
 # Decoding a run of whole quantization blocks: the map values times their block's scale, loaded

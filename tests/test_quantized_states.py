@@ -4,6 +4,7 @@ float32 AdamW, state bytes, checkpoints in compact and dense form, and the non-f
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -145,20 +146,27 @@ def _two_steps(optimizer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     for _ in range(2):
         p.grad = torch.randn(p.shape, generator=gen).to(dtype)
         opt.step()
-    assert opt.state[p]["exp_avg"].dtype == torch.uint8  # above the 4096-element threshold
     return {"p": p.detach().clone(), **{k: v.clone() for k, v in opt.state[p].items()}}
 
 
-@pytest.mark.parametrize("optimizer", [fusedopt.AdamW8bit, fusedopt.AdamW4bit], ids=["q8", "q4"])
+STATE_KINDS = {"q8": (fusedopt.AdamW8bit, torch.uint8), "q4": (fusedopt.AdamW4bit, torch.uint8),
+               "fp32-states": (fusedopt.AdamW, torch.float32),
+               "bf16-states": (functools.partial(fusedopt.AdamW, state_dtype="bf16"), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("kind", sorted(STATE_KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_results_do_not_depend_on_elements_per_thread(monkeypatch, optimizer, dtype):
+def test_results_do_not_depend_on_elements_per_thread(monkeypatch, kind, dtype):
     """The stores that follow the registers' layout (template._store_runs, _byte_runs, _store_scales)
     take other paths at 4 and 16 elements per thread than at the interpreter's default 8 (one
-    vector per run, four); every path writes the same bits."""
+    vector per run, four); every path writes the same bits, with quantized states and with float
+    states of another width than the parameters."""
     any_kernel_device()
     if not config.interpreting():
         pytest.skip("the launch configuration is patched for the interpreter")
+    optimizer, state_dtype = STATE_KINDS[kind]
     expected = _two_steps(optimizer, dtype)
+    assert expected["exp_avg"].dtype == state_dtype  # (the tensor is above the 4096-element threshold)
     for block, warps in ((512, 4), (512, 1)):  # 4 and 16 elements per thread
         monkeypatch.setitem(launch._CONFIG, "interpreter", dict(BLOCK=block, ITERS=1, ROWS=2, num_warps=warps))
         ops._PLANS.plans.clear()
