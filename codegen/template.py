@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from fusedopt import ir, quant
 from fusedopt.passes import Lowered
 
@@ -31,6 +33,7 @@ QUANT_BLOCK = 256  # elements per scale of a q8 state (fusedopt.quant.Q8.block);
 QUANT4_BLOCK = 128  # elements per scale of a q4 state (fusedopt.quant.Q4.block)
 QUANT_BUCKET_BITS = 16  # buckets of float32 values for finding a q8 code (see _q8_store_source)
 TORCH_TO_NAME = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +277,17 @@ def _even_grid(code_map) -> tuple[float, float] | None:
     return 1.0 / h, offset
 
 
+def _even_grid_values(code_map) -> tuple[float, float] | None:
+    """(v0 / h, h) when the map is an even grid (see _even_grid) whose every value float32 computes
+    exactly as (c + v0 / h) * h, the closed-form decode; else None. torchao's k / 16 is (c + 1) / 16."""
+    grid = _even_grid(code_map)
+    if grid is None:
+        return None
+    step, first = 1.0 / grid[0], grid[1] - 0.5
+    closed = (torch.arange(code_map.numel(), dtype=torch.float32) + first) * step
+    return (first, step) if torch.equal(closed.view(torch.int32), code_map.view(torch.int32)) else None
+
+
 def _rounds_stochastically(spec: KernelSpec) -> bool:
     return spec.lowered.program.stochastic_rounding and spec.param_dtype == "bf16"
 
@@ -304,6 +318,10 @@ def _code_lookup(state: ir.State, col: str, mask: str, other: str, whole_blocks:
             nibble = f"_nibbles(ptr_{col}, start + i * BLOCK, n, BLOCK, {run}, {bool(mask)})"
         else:
             nibble = f"((tl.load(ptr_{col} + offs // 2{mask}{other}) >> ((offs % 2) * 4).to(tl.uint8)) & 15)"
+        grid = _even_grid_values(quant.Q4.code(not state.nonnegative))
+        if grid is not None:  # the map's values in closed form: no table read
+            first, step = grid
+            return f"(({nibble}).to(tl.float32) + {first!r}) * {step!r}", QUANT4_BLOCK
         return f"tl.load({table} + {nibble}.to(tl.int32))", QUANT4_BLOCK
     table = "qmap_u" if state.nonnegative else "qmap_s"
     return f"tl.load({table} + tl.load(ptr_{col} + offs{mask}{other}).to(tl.int32))", QUANT_BLOCK
@@ -330,10 +348,11 @@ def _load(spec: KernelSpec, col: str, mask: str, whole_blocks: bool = False) -> 
 # elements per thread (_holds_runs: 2-byte values or q8 codes ask for it), but Triton stores at
 # most 16 bytes (V elements) per thread and instruction, so for a wider run it would first move the
 # values through shared memory (with a barrier on each side) into a layout of one 16-byte vector
-# per thread. Split instead into PER_THREAD // V tiles of
-# [BLOCK // PER_THREAD, V] (the k-th holds vector k of every thread's run), each tile's store has
-# the layout the registers hold: one vector per thread. For 2 or 4 vectors per run; otherwise the
-# plain store. Which instruction writes an element changes; what is written does not.
+# per thread. Split instead into PER_THREAD // V tiles of [BLOCK // PER_THREAD, V] (tile k holds
+# vector k of every thread's run), each tile's store has the layout the registers hold: one vector
+# per thread. For 2 or 4 vectors per run (_run_tiles; with 2 its last two tiles repeat the first
+# two, unused); otherwise the plain store. Which instruction writes an element changes; what is
+# written does not.
 _STORE_RUNS = """
 
 @triton.jit
@@ -375,7 +394,6 @@ def _store_runs(ptr, first, x, mask, BLOCK: tl.constexpr, PER_THREAD: tl.constex
             tl.store(ptr + offs, x, mask=mask)
         else:
             tl.store(ptr + offs, x)"""
-_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _holds_runs(spec: KernelSpec) -> bool:
@@ -621,7 +639,7 @@ def _kernel(out: _Lines, spec: KernelSpec, scalar: TritonPrinter, element: Trito
     out.add(1, "# hyperparameters, the step and the size, float64, once per program")
     for i, name in enumerate(prog.hparams):
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
-    if prog.has_quantized_states:  # the maps and the q8 bucket tables follow the hyperparameters
+    if prog.has_quantized_states:  # the maps and their bucket tables follow the hyperparameters
         h = len(prog.hparams)
         for k, (name, dtype) in enumerate(QUANT_TABLES):
             out.add(1, f"{name} = tl.load(hparams + {h + k}).to(tl.pointer_type(tl.{dtype}))")

@@ -211,6 +211,41 @@ def test_codes_on_and_beside_every_midpoint_match_the_quantizer(device, fmt, sig
     assert torch.equal(got[name], codes), f"{int((got[name] != codes).sum())} of {codes.numel()} codes differ"
 
 
+@rule("read_back_q4")
+def read_back_q4(p, g, t):
+    m = state("m", dtype="q4")
+    v = state("v", dtype="q4", nonnegative=True)
+    m.set(m)
+    v.set(v)
+    p.set(p + m + v)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_every_4bit_code_decodes_as_the_quantizer(device):
+    """Stored codes (every nibble value, in both halves of a byte) under random bf16 scales read
+    back as fusedopt.quant.decode_state gives them, bit for bit: the signed map through its table,
+    the second moment's k / 16 in closed form (template._even_grid_values)."""
+    require_kernel_device(device)
+    n = 5 * 128 + 37
+    p = torch.zeros(n, device=device, requires_grad=True)
+    opt = fusedopt.FusedOptimizer([p], read_back_q4, backend="triton")
+    p.grad = torch.zeros(n, device=device)
+    opt.step()  # creates the states
+    gen = torch.Generator().manual_seed(8)
+    expected = torch.zeros(n)
+    for name, signed in (("m", True), ("v", False)):
+        codes = torch.randint(0, 256, opt.state[p][name].shape, generator=gen, dtype=torch.uint8)
+        codes[:16] = torch.arange(0, 256, 17, dtype=torch.uint8)  # 0x00, 0x11, .. 0xFF: every nibble, both halves
+        scales = torch.rand(opt.state[p][f"{name}_absmax"].shape, generator=gen).add(0.01).to(torch.bfloat16)
+        opt.state[p][name].copy_(codes)
+        opt.state[p][f"{name}_absmax"].copy_(scales)
+        expected = expected + quant.decode_state(codes, scales, "q4", signed, shape=(n,))
+    with torch.no_grad():
+        p.zero_()
+    opt.step()
+    assert torch.equal(p.detach().cpu(), expected)
+
+
 def test_a_closed_form_4bit_code_off_by_half_a_step_is_caught(monkeypatch):
     """The midpoint check can fail: rounding the even 4-bit grid at its values instead of its
     midpoints (an offset of 1 instead of 1.5) moves codes."""
