@@ -35,12 +35,14 @@ for part in ${parts//,/ }; do
              done; tail -5 "$out/bench_peers.err"
            else echo "peers: no wheels in .whl/ (make peer-wheels)"; fi ;;
     tune) # launch configurations per rule: TUNE_RULES (default adamw8bit,adamw4bit; fp32 adamw was swept
-          # on 2026-11-23) over the default and 4 elements per thread (half the registers, twice the warps);
+          # on 2026-11-23) over the default, 4 elements per thread (half the registers, twice the warps),
+          # and longer chunks or single-warp programs (the per-program float64 prologue, about 800
+          # instructions per warp, shared by more elements);
           # TUNE_ARGS go to bench_step as well (e.g. TUNE_ARGS="--dtype bf16")
           rules=${TUNE_RULES:-adamw8bit,adamw4bit}
           for r in ${rules//,/ }; do
-          for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=2048,ITERS=2,num_warps=8 BLOCK=512,ITERS=8,num_warps=4 \
-                     BLOCK=1024,ITERS=4,num_warps=8 BLOCK=256,ITERS=16,num_warps=1; do
+          for cfg in BLOCK=1024,ITERS=4,num_warps=4 BLOCK=1024,ITERS=16,num_warps=4 BLOCK=512,ITERS=8,num_warps=4 \
+                     BLOCK=1024,ITERS=4,num_warps=8 BLOCK=256,ITERS=16,num_warps=1 BLOCK=2048,ITERS=2,num_warps=8; do
             FUSEDOPT_LAUNCH=$cfg timeout 120 python3 -m benchmarks.bench_step --shapes llama1b --rules $r \
               --impls fusedopt-triton --steps 10 --warmup 2 ${TUNE_ARGS:-} --out "$out/tune" 2>/dev/null \
               | grep "fusedopt-triton" \
