@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import fusedopt
 from benchmarks import shapes as bench_shapes
-from codegen import config, launch, ops, template
+from codegen import launch, ops, template
 from fusedopt import quant, reference
 from fusedopt.dsl import absolute, rule, state
 from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device, tolerance
@@ -138,41 +138,47 @@ def test_packed_4bit_kernel_codes_are_bit_identical_to_the_quantizer(device):
     assert torch.equal(got["v"], v) and torch.equal(got["v_absmax"], v_absmax)
 
 
-def _two_steps(optimizer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _two_steps(optimizer, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """Parameter and states after two steps on a tensor with a partial last chunk and block."""
     gen = torch.Generator().manual_seed(11)
-    p = torch.randn(9 * 512 + 256 + 77, generator=gen).to(dtype).requires_grad_()
+    p = torch.randn(9 * 512 + 256 + 77, generator=gen).to(dtype).to(device).requires_grad_()
     opt = optimizer([p], lr=1e-2, backend="triton")
     for _ in range(2):
-        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(device)
         opt.step()
-    return {"p": p.detach().clone(), **{k: v.clone() for k, v in opt.state[p].items()}}
+    return {"p": p.detach().cpu(), **{k: v.cpu() for k, v in opt.state[p].items()}}
 
 
 STATE_KINDS = {"q8": (fusedopt.AdamW8bit, torch.uint8), "q4": (fusedopt.AdamW4bit, torch.uint8),
                "fp32-states": (fusedopt.AdamW, torch.float32),
                "bf16-states": (functools.partial(fusedopt.AdamW, state_dtype="bf16"), torch.bfloat16)}
+# (BLOCK, ITERS, num_warps) with 4 and 16 elements per thread, besides the default 8
+OTHER_LAYOUTS = {"cpu": ((512, 1, 4), (512, 1, 1)), "cuda": ((1024, 4, 8), (2048, 2, 4))}
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("kind", sorted(STATE_KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_results_do_not_depend_on_elements_per_thread(monkeypatch, kind, dtype):
+def test_results_do_not_depend_on_elements_per_thread(monkeypatch, device, kind, dtype):
     """The stores that follow the registers' layout (template._store_runs, _byte_runs, _store_scales)
-    take other paths at 4 and 16 elements per thread than at the interpreter's default 8 (one
-    vector per run, four); every path writes the same bits, with quantized states and with float
-    states of another width than the parameters."""
-    any_kernel_device()
-    if not config.interpreting():
-        pytest.skip("the launch configuration is patched for the interpreter")
+    take other paths at 4 and 16 elements per thread than at the default 8 (one vector per run,
+    four); every path writes the same bits, with quantized states and with float states of another
+    width than the parameters. (The interpreter's configuration is patched; CUDA's is set through
+    FUSEDOPT_LAUNCH.)"""
+    require_kernel_device(device)
     optimizer, state_dtype = STATE_KINDS[kind]
-    expected = _two_steps(optimizer, dtype)
+    expected = _two_steps(optimizer, dtype, device)
     assert expected["exp_avg"].dtype == state_dtype  # (the tensor is above the 4096-element threshold)
-    for block, warps in ((512, 4), (512, 1)):  # 4 and 16 elements per thread
-        monkeypatch.setitem(launch._CONFIG, "interpreter", dict(BLOCK=block, ITERS=1, ROWS=2, num_warps=warps))
+    for block, iters, warps in OTHER_LAYOUTS[device]:
+        if device == "cpu":
+            patched = dict(BLOCK=block, ITERS=iters, ROWS=2, num_warps=warps)
+            monkeypatch.setitem(launch._CONFIG, "interpreter", patched)
+        else:
+            monkeypatch.setenv("FUSEDOPT_LAUNCH", f"BLOCK={block},ITERS={iters},num_warps={warps}")
         ops._PLANS.plans.clear()
-        got = _two_steps(optimizer, dtype)
+        got = _two_steps(optimizer, dtype, device)
         for name, value in expected.items():
-            assert torch.equal(got[name], value), (block, warps, name)
+            assert torch.equal(got[name], value), (block, iters, warps, name)
     ops._PLANS.plans.clear()
 
 
