@@ -183,6 +183,27 @@ def test_results_do_not_depend_on_elements_per_thread(monkeypatch, device, kind,
     ops._PLANS.plans.clear()
 
 
+def test_a_store_that_swaps_two_vectors_of_a_run_is_caught(monkeypatch):
+    """The check above can fail: a _store_runs that writes each thread's two vectors in each
+    other's place moves parameters."""
+    device = any_kernel_device()
+    if device != "cpu":
+        pytest.skip("the interpreter's layout (8 float32 elements per thread) is the one patched")
+    expected = _two_steps(fusedopt.AdamW8bit, torch.float32, device)
+    good = template._STORE_RUNS
+    bad = good.replace("tl.store(ptr + row, x0)\n            tl.store(ptr + row + V, x1)",
+                       "tl.store(ptr + row, x1)\n            tl.store(ptr + row + V, x0)")
+    assert bad != good
+    monkeypatch.setattr(template, "_STORE_RUNS", bad)
+    ops.source.cache_clear()
+    try:
+        got = _two_steps(fusedopt.AdamW8bit, torch.float32, device)
+        assert not torch.equal(got["p"], expected["p"])
+    finally:
+        monkeypatch.undo()
+        ops.source.cache_clear()
+
+
 def _on_midpoints(fmt: str, signed: bool) -> torch.Tensor:
     """Blocks that put x / scale on and beside every midpoint of a map: each block holds its scale
     (a bf16 value: 1, 3, 0.1 rounded, a subnormal) first, then scale * midpoint rounded to float32
@@ -227,12 +248,9 @@ def read_back_q4(p, g, t):
     p.set(p + m + v)
 
 
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_every_4bit_code_decodes_as_the_quantizer(device):
-    """Stored codes (every nibble value, in both halves of a byte) under random bf16 scales read
-    back as fusedopt.quant.decode_state gives them, bit for bit: the signed map through its table,
-    the second moment's k / 16 in closed form (template._even_grid_values)."""
-    require_kernel_device(device)
+def _read_back_4bit(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the kernel reads back, what fusedopt.quant decodes) for stored 4-bit codes: every
+    nibble value in both halves of a byte, then random ones, under random bf16 scales."""
     n = 5 * 128 + 37
     p = torch.zeros(n, device=device, requires_grad=True)
     opt = fusedopt.FusedOptimizer([p], read_back_q4, backend="triton")
@@ -250,7 +268,30 @@ def test_every_4bit_code_decodes_as_the_quantizer(device):
     with torch.no_grad():
         p.zero_()
     opt.step()
-    assert torch.equal(p.detach().cpu(), expected)
+    return p.detach().cpu(), expected
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_every_4bit_code_decodes_as_the_quantizer(device):
+    """Stored codes read back as fusedopt.quant.decode_state gives them, bit for bit: the signed
+    map through its table, the second moment's k / 16 in closed form (template._even_grid_values)."""
+    require_kernel_device(device)
+    got, expected = _read_back_4bit(device)
+    assert torch.equal(got, expected)
+
+
+def test_a_closed_form_4bit_decode_off_by_one_code_is_caught(monkeypatch):
+    """The check above can fail: decoding k / 16 as c / 16 instead of (c + 1) / 16 moves values."""
+    device = any_kernel_device()
+    assert template._even_grid_values(quant.Q4.code(False)) == (1.0, 0.0625)
+    monkeypatch.setattr(template, "_even_grid_values", lambda code_map: (0.0, 0.0625) if code_map.min() > 0 else None)
+    ops.source.cache_clear()
+    try:
+        got, expected = _read_back_4bit(device)
+        assert not torch.equal(got, expected)
+    finally:
+        monkeypatch.undo()
+        ops.source.cache_clear()
 
 
 def test_a_closed_form_4bit_code_off_by_half_a_step_is_caught(monkeypatch):
