@@ -71,8 +71,8 @@ def _launch(program_key, params, grads, states, steps, hparams) -> None:
 @functools.lru_cache(maxsize=None)
 def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
     """In template.QUANT_TABLES order: per map (q8 signed and unsigned, then q4) its values
-    (float32) and its encoder's bucket table (bucket_table). Kept for the life of the process, read by kernels through the hyperparameter
-    table."""
+    (float32) and its encoder's bucket table (bucket_table). Kept for the life of the process, read
+    by kernels through the hyperparameter table."""
     out = []
     for signed in (True, False):
         code = quant.Q8.code(signed)
@@ -84,8 +84,8 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def bucket_table(code: torch.Tensor) -> torch.Tensor:
-    """The encoder table of a q8 or q4 map (see template._q8_store_source), int32, one entry per bucket
-    of float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent,
+    """The encoder table of a q8 or q4 map (see template._q8_store_source), int32, one entry per
+    bucket of float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent,
     leading mantissa bits), an interval from ``h << shift`` up for a positive sign, down to
     ``(h << shift) | low`` for a negative one. An entry holds, in its low 8 bits, how many of the
     map's midpoints lie below the bucket's smallest value, and above them the low ``shift`` bits of
