@@ -84,16 +84,16 @@ def _quant_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def bucket_table(code: torch.Tensor) -> torch.Tensor:
-    """The encoder table of a q8 or q4 map (see template._q8_store_source), int32, one entry per
-    bucket of float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent,
-    leading mantissa bits), an interval from ``h << shift`` up for a positive sign, down to
-    ``(h << shift) | (2**shift - 1)`` for a negative one. An entry holds, in its low 8 bits, how many of the
-    map's midpoints lie below the bucket's smallest value, and above them the low ``shift`` bits of
-    the one midpoint (rounded down to float32) that may lie inside the bucket: for a positive sign as
-    they are, so that a value inside is above it exactly when its own low bits are larger; for a
-    negative sign complemented, so that the same comparison of complemented low bits holds. A bucket
-    without a midpoint holds all ones there, which no value's low bits exceed. Raises when a bucket
-    holds more than one midpoint (the kernel makes one comparison)."""
+    """The encoder table of a q8 or q4 map (see template._q8_store_source), int32, one entry per bucket of
+    float32 values: the values sharing their top QUANT_BUCKET_BITS bits ``h`` (sign, exponent, leading
+    mantissa bits), an interval from ``h << shift`` up for a positive sign, down to ``(h << shift) |
+    (2**shift - 1)`` for a negative one. An entry holds, in its low 8 bits, how many of the map's
+    midpoints lie below the bucket's smallest value, and above them the low ``shift`` bits of the one
+    midpoint (rounded down to float32) that may lie inside the bucket: for a positive sign as they are,
+    so that a value inside is above it exactly when its own low bits are larger; for a negative sign
+    complemented, so that the same comparison of complemented low bits holds. A bucket without a
+    midpoint holds all ones there, which no value's low bits exceed. Raises when a bucket holds more
+    than one midpoint (the kernel makes one comparison)."""
     shift = 32 - QUANT_BUCKET_BITS
     ones = (1 << shift) - 1
     midpoints, below_f32 = quant.midpoints(code), quant.midpoints_below_f32(code)
