@@ -1,9 +1,12 @@
-"""Triton helpers shared by hand-assembled kernels (the window template imports them by name).
+"""Triton helpers that generated kernels import by name (the window template, and any kernel whose
+printed math calls one).
 
 * :func:`to_bf16_rne`: float32 -> bfloat16 rounded to nearest even on the bits, as torch rounds (the
   CPU interpreter's own conversion truncates);
 * :func:`power`: ``base ** n`` in float64 by binary exponentiation (within a few float64 ulps of the
   host's ``base ** n``), for an int64 ``n >= 0`` known only at run time;
+* :func:`real_power`: ``base ** exponent`` for any real exponent known only at run time, with
+  torch.pow's signs and special cases (the code printer calls it);
 * :func:`load_float` / :func:`store_float`: a tensor whose dtype (0 fp32, 1 bf16, 2 fp16) is read from
   a table at run time, as float32 values (a uniform branch, so one kernel serves mixed-dtype groups);
 * :func:`decode_minmax` / :func:`encode_minmax`: the min/max storage of :mod:`fusedopt.sparse`
@@ -108,3 +111,21 @@ def encode_minmax(r, valid, codes, lo_ptr, hi_ptr, start, size, BLOCK: tl.conste
         tl.store(codes + start // 2 + half, (even * 16 + odd).to(tl.uint8), mask=2 * half < size)
     else:
         tl.store(codes + start + tl.arange(0, BLOCK), q.to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def real_power(base, exponent):
+    """``base ** exponent`` with torch.pow's real cases, as ``2 ** (exponent * log2|base|)``: a
+    negative base (-0.0 included) takes the sign of an odd whole exponent, and a finite one gives NaN
+    for a fractional exponent; ``x ** 0``, ``1 ** x`` and ``(-1) ** +-inf`` are 1."""
+    magnitude = tl.exp2(exponent * tl.log2(tl.abs(base)))
+    half = exponent * 0.5
+    whole = exponent == tl.floor(exponent)
+    odd = whole & (half != tl.floor(half))  # conditions on the exponent alone, and on the base alone,
+    negative = (base < 0) | ((base == 0) & (1.0 / base < 0))  # meet only through where
+    signed = tl.where(negative, tl.where(odd, -magnitude, magnitude), magnitude)
+    fractional = tl.where(base == float("-inf"), magnitude, float("nan"))
+    out = tl.where(base < 0, tl.where(whole, signed, fractional), signed)
+    out = tl.where(base == -1, tl.where(tl.abs(exponent) == float("inf"), 1.0, out), out)
+    out = tl.where(base == 1, 1.0, out)
+    return tl.where(exponent == 0, 1.0, out)

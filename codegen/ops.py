@@ -183,9 +183,12 @@ def _geometry(program: ir.Program, param: torch.Tensor, states: list[torch.Tenso
     """(elements per row, elements per matrix) of a tensor: its last dim and last two dims (a vector
     is one row), or for a rule with per-block states the block size of the partition, which the
     per-block state's length gives. Checks that every per-row (column, block) state fits, since a
-    kernel indexes them without bounds."""
+    kernel indexes them without bounds. ``states``: the tensor's storage, in
+    ``program.storage_names`` order (a quantized state's scales follow it)."""
     numel = param.numel()
     shape = tuple(param.shape)
+    stored = dict(zip(program.storage_names, states))  # a quantized state also stores its scales
+    states = [stored[s.name] for s in program.states]
     blocks = [t for s, t in zip(program.states, states) if s.layout == "blocks"]
     if blocks:
         n_blocks = blocks[0].numel()

@@ -10,6 +10,12 @@ Two contexts, one method per node kind:
   as ``s_<name>``. On CUDA transcendental float64 functions go through libdevice; the CPU
   interpreter (``TRITON_INTERPRET=1``) has no libdevice, so there they use ``tl.exp``/``tl.log``.
 
+Powers: exponents 2 to 4 multiply out, 1/2 is a square root; any other power is ``2 ** (e *
+log2|b|)`` with torch.pow's real cases (a negative base takes the sign of an odd whole exponent and
+gives NaN for a fractional one): decided while printing for a constant exponent, at run time by
+``codegen.jit_helpers.real_power`` for a symbolic one. ``TritonPrinter.helpers`` names the helpers
+printed text calls, so that a template imports them.
+
 A node with no rule raises NotImplementedError naming the node, never a silent default.
 """
 
@@ -35,6 +41,7 @@ class TritonPrinter:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.context = context
         self.target = target
+        self.helpers: set[str] = set()  # names from codegen.jit_helpers the printed text calls
 
     # ---- entry point --------------------------------------------------------------------------
 
@@ -77,11 +84,15 @@ class TritonPrinter:
             return f"libdevice.{name}({x})"
         return f"tl.{name}({x})"
 
-    def _pow_general(self, base: str, exponent: str) -> str:
+    def _pow_general(self, base: sympy.Basic, exponent: str) -> str:
+        """``base ** exponent`` for an exponent known only at run time."""
+        b = self(base)
         if self.context == "scalar" and self.target == "cuda":
-            return f"libdevice.pow({base}, {exponent})"
-        # base ** e = 2 ** (e * log2(base)); NaN for a negative base, as torch.pow with a fractional e
-        return f"tl.exp2({exponent} * tl.log2({base}))"
+            return f"libdevice.pow({b}, {exponent})"
+        if base.is_Number and base > 0:  # a positive constant base: the logarithm is all it takes
+            return f"tl.exp2({exponent} * tl.log2({b}))"
+        self.helpers.add("real_power")  # torch.pow's sign and special cases (codegen.jit_helpers)
+        return f"real_power({b}, {exponent})"
 
     def _positive_power(self, base: sympy.Basic, exponent: sympy.Number) -> str:
         b = self(base)
@@ -91,7 +102,14 @@ class TritonPrinter:
             return "(" + " * ".join([b] * int(exponent)) + ")"
         if exponent == sympy.Rational(1, 2):
             return self._sqrt(b)
-        return self._pow_general(b, self._const(float(exponent)))
+        if self.context == "scalar" and self.target == "cuda":
+            return f"libdevice.pow({b}, {self._const(float(exponent))})"
+        if exponent.is_Integer:  # |b| ** n, and b's sign for odd n (b * |b| ** (n - 1) keeps -0.0 and -inf)
+            n = int(exponent)
+            magnitude = f"tl.exp2({self._const(float(n - n % 2))} * tl.log2(tl.abs({b})))"
+            return f"({b} * {magnitude})" if n % 2 else magnitude
+        # a fractional power: NaN for a negative base, as torch.pow
+        return f"tl.exp2({self._const(float(exponent))} * tl.log2({b}))"
 
     # ---- atoms --------------------------------------------------------------------------------
 
@@ -135,7 +153,7 @@ class TritonPrinter:
             if e.exp == 0:
                 return self._const(1.0)
             return self._positive_power(e.base, e.exp)
-        return self._pow_general(self(e.base), self(e.exp))
+        return self._pow_general(e.base, self(e.exp))
 
     # ---- functions ----------------------------------------------------------------------------
 

@@ -506,6 +506,7 @@ def render(spec: KernelSpec) -> str:
     module_header(out, [f"fusedopt kernel for rule '{prog.name}' (program {prog.key()[:16]})",
                         f"param {spec.param_dtype}, grad {spec.grad_dtype}, target {spec.target}"],
                   prog.pretty(), spec.target)
+    imports_at = len(out.lines)
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE[spec.target].splitlines()
@@ -526,6 +527,9 @@ def render(spec: KernelSpec) -> str:
         for phase in range(low.n_phases):
             _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
+    helpers = scalar.helpers | element.helpers
+    if helpers:
+        out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
 
 

@@ -100,8 +100,7 @@ def render(spec: WindowKernelSpec) -> str:
     out = _Lines()
     module_header(out, [f"fusedopt window kernel for rule '{prog.name}' (program {prog.key()[:16]}), target "
                         f"{spec.target}"], low.text(), spec.target)
-    out.add(0, "from codegen.jit_helpers import decode_minmax, encode_minmax, load_float, power, store_float, "
-               "to_bf16_rne")
+    imports_at = len(out.lines)
     out.add(0, "from codegen.topk import select_topk")
     out.add(0, "")
     out.add(0, "")
@@ -216,6 +215,9 @@ def render(spec: WindowKernelSpec) -> str:
     out.add(2, "if tl.atomic_add(done + tid, 1) == tl.load(block_count + tid) - 1:")
     out.add(3, f"tl.store(ptr_{ir.STEP}, t)")
     out.add(3, "tl.store(done + tid, 0)")
+    helpers = {"decode_minmax", "encode_minmax", "load_float", "power", "store_float", "to_bf16_rne",
+               *scalar.helpers, *element.helpers}
+    out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
 
 

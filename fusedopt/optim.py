@@ -43,16 +43,20 @@ class _FastGroup:
 
     A step over ~150 tensors otherwise spends milliseconds of Python per call regrouping tensors,
     checking eligibility and rebuilding pointer lists. The replay checks, per step: the same
-    parameter objects with the same addresses and shapes, the same static options, and gradients that are either
+    parameter objects with the same addresses and shapes, the same state (``opt.state[p]`` the same
+    dict holding the same tensor objects), the same static options, and gradients that are either
     the same objects or new ones with the same dtype, shape, strides and device (new addresses are
     patched into the device tables). Anything else (a missing gradient, a replaced parameter, a
-    loaded checkpoint) takes the full path, which records the group again.
+    cleared or replaced state, a loaded checkpoint) takes the full path, which records the group again.
     """
 
-    def __init__(self, group: "_ParamGroup", options: tuple, calls: list, before: Callable | None = None):
+    def __init__(self, opt: "FusedOptimizer", group: "_ParamGroup", options: tuple, calls: list,
+                 before: Callable | None = None):
         self.params_list = group["params"]
         self.params = list(self.params_list)
         self.param_layouts = [(p.data_ptr(), p.shape) for p in self.params]
+        self.states = [opt.state.get(p) for p in self.params]
+        self.state_values = [tuple(st.values()) for st in self.states]
         self.grads = [p.grad for p in self.params]
         self.layouts = [(g.dtype, g.shape, g.stride(), g.device) for g in self.grads]
         self.options = options
@@ -73,7 +77,13 @@ class _FastGroup:
                         or g.device != device or g.is_sparse:
                     return False
             self.new_grads = grads
-        return [(p.data_ptr(), p.shape) for p in params] == self.param_layouts
+        return [(p.data_ptr(), p.shape) for p in params] == self.param_layouts and self._same_state(opt.state)
+
+    def _same_state(self, state: Mapping) -> bool:
+        for p, st, values in zip(self.params, self.states, self.state_values):
+            if state.get(p) is not st or len(st) != len(values) or not all(map(operator.is_, st.values(), values)):
+                return False
+        return True
 
     def run(self) -> None:
         grads = self.new_grads
@@ -422,7 +432,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         self._fast.pop(id(group), None)
         if len(params) == len(group["params"]) and all(call is not None for call, _ in calls):
-            self._fast[id(group)] = _FastGroup(group, self._static_options(group), calls, factors)
+            self._fast[id(group)] = _FastGroup(self, group, self._static_options(group), calls, factors)
 
     def _step_tensors(self, prepared: "_Prepared", group, device: torch.device, params: list, eager: bool = False):
         """Steps ``params``; returns the bound eager call when one fused call did all of it, else None."""

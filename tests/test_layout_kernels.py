@@ -96,7 +96,7 @@ def _assert_agree(program, fused, ref, rtol=2e-5, atol=1e-6):
     (kp, ks, kt), (rp, rs, rt) = fused, ref
     for i, (a, b) in enumerate(zip(kp, rp)):
         torch.testing.assert_close(a, b, rtol=RTOL.get(a.dtype, rtol), atol=atol, msg=f"param {i} {tuple(a.shape)}")
-        for name in program.state_names:
+        for name in program.storage_names:
             torch.testing.assert_close(ks[name][i], rs[name][i], rtol=rtol, atol=atol * 1e-2,
                                        msg=f"state {name} of param {i}")
         assert kt[i].item() == rt[i].item()
@@ -106,7 +106,7 @@ def _run_steps(program, params, grads_per_step, views=None, **values):
     device = params[0].device
     hparams = hparam_tensors(program, values, device)
     states_per = [reference.init_state(program, p, p, v) for p, v in zip(params, views or [None] * len(params))]
-    states = {name: [s[name] for s in states_per] for name in program.state_names}
+    states = {name: [s[name] for s in states_per] for name in program.storage_names}
     steps = [torch.zeros((), device=device) for _ in params]
     for grads in grads_per_step:
         fused, ref = _one_step_both(program, params, grads, states, steps, hparams, views)
@@ -222,6 +222,17 @@ def test_adam_mini_matches_the_reference(device, views, n_steps, seed):
     require_kernel_device(device)
     params, grads = _random_case([n * b for n, b in views], n_steps, seed, device)
     _run_steps(adam_mini.program(), params, grads, views=views, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("state_dtype", ["q8", "q4"])
+def test_adam_mini_with_a_quantized_first_moment_matches_the_reference(device, state_dtype):
+    """The quantized m stores its scales beside its codes: the per-block state must still be found
+    by name (the block size comes from its length), in one-pass and tiled launches alike."""
+    require_kernel_device(device)
+    views = [(16, 64), (4, 1000), (1, 300)]
+    params, grads = _random_case([n * b for n, b in views], 2, 11, device)
+    _run_steps(adam_mini.program(state_dtype=state_dtype), params, grads, views=views, weight_decay=0.1)
 
 
 def test_factored_adafactor_is_four_launches_and_adam_mini_three():

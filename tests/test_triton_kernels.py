@@ -199,3 +199,26 @@ def test_symbolic_exponent_rule_matches_reference():
     params = [torch.randn(100, generator=gen)]
     grads = [[torch.randn(100, generator=gen)] for _ in range(3)]
     run_trajectory(program, params, grads, {}, "cpu")
+
+
+@pytest.mark.parametrize("form", ["g**5", "g**6", "g**7", "g**-3", "g**k", "g**(-k)"])
+@pytest.mark.parametrize("k", [3.0, 2.0, 0.0, 2.5])
+def test_powers_of_negative_bases_match_reference(form, k):
+    """Powers the printer cannot multiply out: a negative base keeps the sign of an odd whole
+    exponent (torch.pow), ``x ** 0`` is 1, a fractional power of a negative base is NaN."""
+    require_kernel_device("cpu")
+    power = {"g**5": lambda g, k: g**5, "g**6": lambda g, k: g**6, "g**7": lambda g, k: g**7,
+             "g**-3": lambda g, k: g**-3, "g**k": lambda g, k: g**k, "g**(-k)": lambda g, k: g ** (-k)}[form]
+
+    @rule("powers")
+    def powers(p, g, t, lr=0.01, k=1.0):
+        p.set(p - lr * power(g, k))
+
+    program = powers.program()
+    g = torch.tensor([-2.0, -1.5, -1.0, -0.75, -0.0, 0.0, 0.5, 1.0, 1.25, 3.0, float("-inf"), float("inf")])
+    params, grads = [torch.ones(g.numel())], [[g], [-g]]
+    states = fresh_states(program, params, grads[0])
+    steps = [torch.zeros(())]
+    hp = hparam_tensors(program, {"k": k}, "cpu")
+    for gs in grads:
+        params, states, steps = compare_step(program, params, gs, states, steps, hp, rtol=2e-6)

@@ -240,6 +240,35 @@ def test_replayed_steps_use_loaded_states_and_changed_options(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("change", ["clear", "delete one", "replace a tensor"])
+def test_replayed_steps_see_a_cleared_or_replaced_state(device, change):
+    """``opt.state`` edited by hand between steps: the next step must use (and create) the states
+    that ``opt.state`` holds, as torch.optim does, never the tensors the previous step launched on."""
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(5):
+        set_grads(a, b, gen)
+        if step == 2:
+            for o, ps in ((oa, a), (ob, b)):
+                if change == "clear":
+                    o.state.clear()
+                elif change == "delete one":
+                    del o.state[ps[1]]
+                else:
+                    o.state[ps[2]]["exp_avg"] = torch.full_like(o.state[ps[2]]["exp_avg"], 0.25)
+        oa.step()
+        ob.step()
+        assert_same(a, b)
+    saved = oa.state_dict()["state"]
+    expected = {"clear": [3, 3, 3], "delete one": [5, 3, 5], "replace a tensor": [5, 5, 5]}[change]
+    assert [float(saved[i]["step"]) for i in range(3)] == expected
+    for x, y in zip(a, b):
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(oa.state[x][name], ob.state[y][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_replayed_steps_with_the_same_gradient_objects(device):
     """zero_grad(set_to_none=False) keeps gradient tensors: the replay relaunches without any refresh."""
     require_kernel_device(device)
