@@ -147,6 +147,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     aliases: Mapping[str, tuple[str, ...]] = {}
     # Keys accepted for torch.optim signature compatibility and stored in groups untouched.
     passthrough: tuple[str, ...] = ()
+    # Hyperparameter keys that may be None: _complete_group resolves them (Adafactor's lr, eps1, beta1).
+    nullable: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, rule: Rule, *, backend: str | None = None, **hparams: Any):
         if not isinstance(rule, Rule):
@@ -163,7 +165,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._groups: list[_ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
         self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
-        self._multi: dict[int, bool] = {}  # id(group) -> whether its tensors run as several programs
+        # (id(group), state_dtype, quant_threshold) -> whether its tensors run as several programs
+        self._multi: dict[tuple, bool] = {}
+        self._wide: dict[tuple, bool] = {}  # (rule options, matrix) -> the rule reduces over the group
         # id(group) -> {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}, computed before the
         # launches of a group that runs as several programs, one copy on each device of the group
         self._factors: dict[int, dict[torch.device, dict[str, torch.Tensor]]] = {}
@@ -212,48 +216,88 @@ class FusedOptimizer(torch.optim.Optimizer):
         group["params"] = params
         for key, value in self.defaults.items():
             group.setdefault(key, value)
+        self._check_numbers(group)
         self._complete_group(group)
+        self._check_group(group)
+        super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
+        try:
+            device = params[0].device if params else torch.device("cpu")
+            converted = _ParamGroup()
+            for key, value in self.param_groups[-1].items():
+                if key in self.aliases:
+                    value = tuple(_as_hparam_tensor(v, device) for v in value)
+                elif key in self.rule.hparams or key == ir.SR_SEED or (key == CLIP_HPARAM and value is not None):
+                    value = _as_hparam_tensor(value, device)
+                dict.__setitem__(converted, key, value)
+            self.param_groups[-1] = converted
+            self._groups = list(self.param_groups)
+            for matrix in self._matrix_choices():
+                for storage in {converted[STATE_DTYPE], "fp32"}:
+                    self._prepared(converted, matrix, storage)
+            self._check_group_runs(converted)
+        except BaseException:  # e.g. a device the kernels cannot run on: the group is not kept
+            self.param_groups.pop()
+            self._groups = list(self.param_groups)
+            raise
+
+    def _check_numbers(self, group: Mapping[str, Any]) -> None:
+        """Every hyperparameter a number (or a one-element tensor); None only for keys in
+        ``nullable``, which a subclass resolves."""
+        for key in self._hparam_keys():
+            value = group[key]
+            names = self.aliases.get(key)
+            if names is not None and not (isinstance(value, (tuple, list)) and len(value) == len(names)):
+                raise ValueError(f"{type(self).__name__}: {key}={value!r}; expected {len(names)} numbers "
+                                 f"({', '.join(names)})")
+            for v in value if names is not None else (value,):
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if not ((v is None and key in self.nullable) or number
+                        or (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex())):
+                    raise TypeError(f"{type(self).__name__}: {key}={value!r} is not a number. Fix: pass a float "
+                                    "(or a one-element tensor)")
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """The front end's own group keys (checked again when a checkpoint loads)."""
+        cls = type(self).__name__
+        params = group["params"]
         clip = group.get(CLIP_HPARAM)
         if clip is not None and not (isinstance(clip, (int, float, torch.Tensor)) and float(clip) > 0):
-            raise ValueError(f"{type(self).__name__}: invalid {CLIP_HPARAM} {clip!r}; expected None or a number > 0")
+            raise ValueError(f"{cls}: invalid {CLIP_HPARAM} {clip!r}; expected None or a number > 0")
         for key in self._group_options():
             if not isinstance(group[key], bool):
-                raise TypeError(f"{type(self).__name__}: option '{key}' must be a bool, got {group[key]!r}")
+                raise TypeError(f"{cls}: option '{key}' must be a bool, got {group[key]!r}")
         if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
-            raise ValueError(f"{type(self).__name__}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
+            raise ValueError(f"{cls}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
                              f"of {list(ir.STORAGE_DTYPES)}")
         if not isinstance(group[MASTER_WEIGHTS], bool):
-            raise TypeError(f"{type(self).__name__}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
+            raise TypeError(f"{cls}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
         if not isinstance(group[STOCHASTIC_ROUNDING], bool):
-            raise TypeError(f"{type(self).__name__}: stochastic_rounding must be a bool, got "
-                            f"{group[STOCHASTIC_ROUNDING]!r}")
+            raise TypeError(f"{cls}: stochastic_rounding must be a bool, got {group[STOCHASTIC_ROUNDING]!r}")
         if group[STOCHASTIC_ROUNDING] and any(isinstance(p, torch.Tensor) and p.dtype == torch.float16 for p in params):
-            raise ValueError(f"{type(self).__name__}: stochastic_rounding rounds bfloat16 parameters; this group has "
-                             "float16 ones. Fix: train in bfloat16, or use master_weights=True")
+            fix = "with master_weights=True, drop stochastic_rounding (float16 parameters then receive the float32 " \
+                  "value rounded to nearest)" if group[MASTER_WEIGHTS] else "use master_weights=True instead"
+            raise ValueError(f"{cls}: stochastic_rounding rounds bfloat16 parameters; this group has float16 ones. "
+                             f"Fix: train in bfloat16, or {fix}")
         if group[NONFINITE] not in NONFINITE_POLICIES:
-            raise ValueError(f"{type(self).__name__}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
+            raise ValueError(f"{cls}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
                              "flow into the parameters and states) or 'skip' (the group's step is skipped)")
         seed = group[ir.SR_SEED]
         if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32:
-            raise ValueError(f"{type(self).__name__}: sr_seed={seed!r}; expected an int in [0, 2**32)")
+            raise ValueError(f"{cls}: sr_seed={seed!r}; expected an int in [0, 2**32)")
         threshold = group[QUANT_THRESHOLD]
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-            raise ValueError(f"{type(self).__name__}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
+            raise ValueError(f"{cls}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
                              "with fewer elements keep float32 states)")
-        super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
-        device = params[0].device if params else torch.device("cpu")
-        converted = _ParamGroup()
-        for key, value in self.param_groups[-1].items():
-            if key in self.aliases:
-                value = tuple(_as_hparam_tensor(v, device) for v in value)
-            elif key in self.rule.hparams or key == ir.SR_SEED or (key == CLIP_HPARAM and value is not None):
-                value = _as_hparam_tensor(value, device)
-            dict.__setitem__(converted, key, value)
-        self.param_groups[-1] = converted
-        self._groups = list(self.param_groups)
-        for matrix in self._matrix_choices():
-            for storage in {converted[STATE_DTYPE], "fp32"}:
-                self._prepared(converted, matrix, storage)
+
+    def _check_group_runs(self, group: Mapping[str, Any]) -> None:
+        """A rule reducing over the whole group in its own update needs the group in one fused call:
+        refused here, before any step, when the group's tensors need several programs."""
+        kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
+        if len(kinds) > 1 and any(self._prepared(group, matrix, storage).group_wide for _, matrix, storage in kinds):
+            raise ValueError(f"{type(self).__name__}: rule '{self.rule.name}' reduces over the whole group in its own "
+                             "update, which one fused call must see whole, but this group's parameters need "
+                             f"{len(kinds)} programs (devices, tensor kinds or state storages: {sorted(map(str, kinds))}). "
+                             f"Fix: split the group, or give it one state storage (e.g. {QUANT_THRESHOLD}=0)")
 
     def _group_options(self) -> list[str]:
         return [k for k in self.rule.options if k != ir.MATRIX_OPTION]
@@ -290,27 +334,50 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The static choices: the rule's options, the tensor kind, how gradients are clipped, the
         state storage, whether bf16 parameters are rounded stochastically, master weights, and how a
         non-finite gradient skips the step."""
+        rule_options = tuple(group[k] for k in self._group_options())
         multi = self._runs_as_several_programs(group)
-        clip = None if group.get(CLIP_HPARAM) is None else ("scale" if multi else "norm")
+        clip = None
+        if group.get(CLIP_HPARAM) is not None:
+            # a rule that reduces over the group itself would reduce over a reduction: clip by a factor
+            by_factor = multi or self._reduces_over_group(rule_options, matrix)
+            clip = "scale" if by_factor else "norm"
+            if by_factor:
+                self._make_factors(group)
         skip = None if group[NONFINITE] == "propagate" else ("flag" if multi else "group")
-        return (*(group[k] for k in self._group_options()), matrix, clip, storage, group[STOCHASTIC_ROUNDING],
-                group[MASTER_WEIGHTS], skip)
+        return (*rule_options, matrix, clip, storage, group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS], skip)
+
+    def _reduces_over_group(self, rule_options: tuple, matrix: bool | None) -> bool:
+        key = (rule_options, matrix)
+        wide = self._wide.get(key)
+        if wide is None:
+            chosen = dict(zip(self._group_options(), rule_options))
+            if matrix is not None:
+                chosen[ir.MATRIX_OPTION] = matrix
+            wide = self._wide[key] = self.rule.program(**chosen).has_group_reductions
+        return wide
 
     def _runs_as_several_programs(self, group: Mapping[str, Any]) -> bool:
         """Whether the group's tensors run as several programs (matrix and vector variants, quantized
         and float32 states, several devices). Then a group-wide clipping factor and non-finite flag
         cannot be reductions of one fused step: they are computed on the device before the launches
         (see _update_group_factors) and every program reads them as hyperparameters."""
-        multi = self._multi.get(id(group))
+        key = (id(group), group[STATE_DTYPE], group[QUANT_THRESHOLD])  # storages may be changed by hand
+        multi = self._multi.get(key)
         if multi is None:
             kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
-            multi = self._multi[id(group)] = len(kinds) > 1
-            if multi:  # made now, not inside a traced step
-                self._factors[id(group)] = {
-                    device: {name: torch.full((), value, dtype=torch.float64, device=device)
-                             for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
-                    for device in dict.fromkeys(p.device for p in group["params"])}
+            multi = self._multi[key] = len(kinds) > 1
+            if multi:
+                self._make_factors(group)
         return multi
+
+    def _make_factors(self, group: Mapping[str, Any]) -> None:
+        """The group's clipping factor and non-finite flag, one copy per device (made when the group
+        is added, not inside a traced step)."""
+        if id(group) not in self._factors:
+            self._factors[id(group)] = {
+                device: {name: torch.full((), value, dtype=torch.float64, device=device)
+                         for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
+                for device in dict.fromkeys(p.device for p in group["params"])}
 
     def _update_group_factors(self, group: Mapping[str, Any], grads: list) -> None:
         """Over every gradient of the group, without a host sync: the clipping factor
@@ -366,6 +433,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         st = self.state[p]
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        view = self._block_view(p) if program.uses_blocks else None
+        for spec in program.states:  # a storage changed by hand (group["state_dtype"] = ...): convert
+            if spec.name in st and not _stored_as(spec, st, p, view):
+                values = {k: st.pop(k) for k in (spec.name, spec.name + ir.ABSMAX_SUFFIX) if k in st}
+                st.update(self._convert_one(spec, p, values, view))
         missing = [n for n in program.storage_names if n not in st]
         if missing:
             fresh = reference.init_state(program, p, g, self._block_view(p) if program.uses_blocks else None)
@@ -517,7 +589,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 sd["state"][index] = _dense_state(program, values, tuple(p.shape))
         for group in sd["param_groups"]:
             for key, value in group.items():
-                if isinstance(value, torch.Tensor):
+                if key == ir.SR_SEED and isinstance(value, torch.Tensor):
+                    group[key] = int(value.item())
+                elif isinstance(value, torch.Tensor):
                     group[key] = value.item()
                 elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
                     group[key] = tuple(v.item() for v in value)
@@ -546,7 +620,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                       **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD,
                                                                          MASTER_WEIGHTS)}}
             merged["params"] = mine["params"]
+            seed = merged.get(ir.SR_SEED)
+            if isinstance(seed, float) and seed.is_integer():  # saved as a float before it was saved as an int
+                merged[ir.SR_SEED] = int(seed)
+            self._check_numbers(merged)
             self._complete_group(merged)
+            self._check_group(merged)
             new_groups.append((mine, merged))
             for key_id, p in zip(saved["params"], mine["params"]):
                 index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program)
@@ -581,66 +660,86 @@ class FusedOptimizer(torch.optim.Optimizer):
         view = self._block_view(p) if program.uses_blocks else None
         out = {}
         for spec in program.states:
-            value = values[spec.name]
-            expected = reference.state_shape(spec, p.shape, view)
-            saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
-            saved_format = _saved_format(value, saved_absmax, expected) if saved_absmax is not None else None
-            if not isinstance(value, torch.Tensor) or (saved_format is None and tuple(value.shape) != expected):
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
-                                 f"{tuple(p.shape)} it must be {expected} (or the codes of a q8 or q4 storage "
-                                 f"with '{spec.name}{ir.ABSMAX_SUFFIX}')")
-            value = value.detach().to(p.device)
-            if saved_format is not None:  # compact
-                scale_dtype = quant.format_for(saved_format).scale_dtype
-                if saved_format == spec.dtype and saved_absmax.dtype == scale_dtype:
-                    # the same storage: the codes as they are (re-encoding is not exact)
-                    out[spec.name] = value.to(torch.uint8, copy=True).contiguous()
-                    out[spec.name + ir.ABSMAX_SUFFIX] = saved_absmax.detach().to(p.device, copy=True)
-                    continue
-                # another format, or float32 scales (bitsandbytes' and torchao's): decode, re-encode
-                value = quant.decode_state(value, saved_absmax.to(p.device), saved_format,
-                                           signed=not spec.nonnegative, shape=expected)
-            elif not value.is_floating_point():
-                raise ValueError(f"state '{spec.name}' holds {value.dtype} without '{spec.name}{ir.ABSMAX_SUFFIX}'; "
-                                 "a quantized state needs its absmax")
-            if spec.quantized:
-                codes, scale = quant.encode_state(value, spec.dtype, signed=not spec.nonnegative)
-                out[spec.name], out[spec.name + ir.ABSMAX_SUFFIX] = codes.contiguous(), scale
-            else:
-                out[spec.name] = value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)
+            out.update(self._convert_one(spec, p, values, view))
         step = values.get("step")
         if step is None:  # torch.optim.SGD keeps no step: a buffer means at least one step was taken
             step = 1.0 if program.states else 0.0
         out["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device).reshape(())
         return out
 
+    @staticmethod
+    def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view) -> dict:
+        """One state, saved compact (codes plus "<name>_absmax") or dense, in ``spec``'s storage."""
+        value = values[spec.name]
+        expected = reference.state_shape(spec, p.shape, view)
+        saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
+        saved_format = _saved_format(value, saved_absmax, expected, spec.dtype) if saved_absmax is not None else None
+        if not isinstance(value, torch.Tensor) or (saved_format is None and tuple(value.shape) != expected):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
+                             f"{tuple(p.shape)} it must be {expected} (or the codes of a q8 or q4 storage "
+                             f"with '{spec.name}{ir.ABSMAX_SUFFIX}')")
+        value = value.detach().to(p.device)
+        if saved_format is not None:  # compact
+            scale_dtype = quant.format_for(saved_format).scale_dtype
+            if saved_format == spec.dtype and saved_absmax.dtype == scale_dtype:
+                # the same storage: the codes as they are (re-encoding is not exact)
+                return {spec.name: value.to(torch.uint8, copy=True).contiguous(),
+                        spec.name + ir.ABSMAX_SUFFIX: saved_absmax.detach().to(p.device, copy=True)}
+            # another format, or float32 scales (bitsandbytes' and torchao's): decode, re-encode
+            value = quant.decode_state(value, saved_absmax.to(p.device), saved_format,
+                                       signed=not spec.nonnegative, shape=expected)
+        elif not value.is_floating_point():
+            raise ValueError(f"state '{spec.name}' holds {value.dtype} without '{spec.name}{ir.ABSMAX_SUFFIX}'; "
+                             "a quantized state needs its absmax")
+        if spec.quantized:
+            codes, scale = quant.encode_state(value, spec.dtype, signed=not spec.nonnegative)
+            return {spec.name: codes.contiguous(), spec.name + ir.ABSMAX_SUFFIX: scale}
+        return {spec.name: value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._groups = list(self.param_groups)
         self._fast = {}
         self._multi = {}
+        self._wide = {}
         self._factors = {}
 
 
 def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[str, Any]:
     out = dict(values)
     for spec in program.states:
-        if spec.quantized and spec.name in out:
+        if spec.quantized and spec.name + ir.ABSMAX_SUFFIX in out:
             absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX)
             out[spec.name] = quant.decode_state(out[spec.name], absmax, spec.dtype, signed=not spec.nonnegative,
                                                 shape=shape)
     return out
 
 
-def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...]) -> str:
-    """Which quantized storage saved ``codes`` and ``absmax`` for a state of ``shape``."""
+def _stored_as(spec: ir.StateSpec, st: Mapping[str, torch.Tensor], p: torch.Tensor, view) -> bool:
+    """Whether ``st`` keeps the state ``spec`` in ``spec``'s storage (dtype, shape, scales)."""
+    value, scales = st.get(spec.name), st.get(spec.name + ir.ABSMAX_SUFFIX)
+    shape = reference.state_shape(spec, p.shape, view)
+    if not spec.quantized:
+        return scales is None and value.dtype == storage_dtype(spec.dtype, p.dtype) and tuple(value.shape) == shape
+    fmt = quant.format_for(spec.dtype)
+    return (scales is not None and value.dtype == torch.uint8 and tuple(value.shape) == quant.codes_shape(shape, fmt)
+            and scales.dtype == fmt.scale_dtype and tuple(scales.shape) == (-(-math.prod(shape) // fmt.block),))
+
+
+def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...], preferred: str) -> str:
+    """Which quantized storage saved ``codes`` and ``absmax`` for a state of ``shape``. Where both
+    fit (a one-element state), ``preferred`` (the storage it loads into) decides."""
     n = math.prod(shape)
-    for fmt in (quant.Q8, quant.Q4):
-        if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8 \
-                and absmax.dtype in quant.SCALE_DTYPES and tuple(codes.shape) == quant.codes_shape(shape, fmt) \
-                and tuple(absmax.shape) == (-(-n // fmt.block),):
-            return fmt.name
+    fits = [fmt.name for fmt in (quant.Q8, quant.Q4)
+            if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and codes.dtype == torch.uint8
+            and absmax.dtype in quant.SCALE_DTYPES and tuple(codes.shape) == quant.codes_shape(shape, fmt)
+            and tuple(absmax.shape) == (-(-n // fmt.block),)]
+    if len(fits) == 1 or preferred in fits:
+        return preferred if preferred in fits else fits[0]
+    if fits:
+        raise ValueError(f"a one-element state saved compact could be q8 or q4 codes; load it into an optimizer "
+                         f"with the state_dtype it was saved with (then state_dict(dense=True) converts it)")
     raise ValueError(f"a state of shape {shape} comes with an absmax, so it must hold the uint8 codes and the "
                      f"float32 or bfloat16 scales of a q8 or q4 storage; got {getattr(codes, 'dtype', codes)!r} "
                      f"{tuple(getattr(codes, 'shape', ()))} and {tuple(getattr(absmax, 'shape', ()))} scales")

@@ -173,6 +173,7 @@ class Adafactor(FusedOptimizer):
 
     aliases = {"eps": ("eps1", "eps2")}
     passthrough = ("foreach",)
+    nullable = ("lr", "eps", "beta1")
     _HF_NAMES = {"decay_rate": "beta2_decay", "clip_threshold": "d"}
 
     def __init__(self, params: Iterable, lr: float | None = None, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,

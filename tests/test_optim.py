@@ -319,6 +319,88 @@ def test_invalid_group_is_rejected_and_the_optimizer_is_unchanged():
     assert float(opt.state[params[0]]["step"]) == 2
 
 
+def _group_norm_rule():
+    from fusedopt.dsl import norm, rule, state
+
+    @rule("group_normalized")
+    def group_normalized(p, g, t, lr=0.1, beta=0.9):
+        m = state("m")
+        m.set(beta * m + g)
+        p.set(p - lr * m / (norm(g, over="group") + 1e-6))
+
+    return group_normalized
+
+
+def test_a_group_that_fails_after_the_torch_checks_is_not_kept():
+    """A rule reducing over the whole group cannot run a group split into several programs (here by
+    the quantization threshold): refused by add_param_group, which then keeps nothing."""
+    rule = _group_norm_rule()
+    first = torch.randn(3, requires_grad=True)
+    opt = fusedopt.FusedOptimizer([first], rule, backend="reference")
+    big, small = torch.randn(5000, requires_grad=True), torch.randn(10, requires_grad=True)
+    with pytest.raises(ValueError, match="reduces over the whole group.*quant_threshold=0"):
+        opt.add_param_group({"params": [big, small], "state_dtype": "q8"})
+    assert len(opt.param_groups) == 1 and opt._groups == opt.param_groups
+    opt.add_param_group({"params": [big, small], "state_dtype": "q8", "quant_threshold": 0})  # one storage: fine
+    for p in (first, big, small):
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert opt.state[small]["m"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_clipping_a_rule_that_reduces_over_the_group_equals_clipping_first(backend):
+    """max_grad_norm on a rule with its own group reduction: the clipping factor is computed before
+    the launch (a reduction of a reduction is not one fused phase), as clip_grad_norm_ then step."""
+    if backend == "triton":
+        from kernel_check import require_kernel_device
+
+        require_kernel_device("cpu")
+    rule = _group_norm_rule()
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in (7, (3, 5))]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    a = fusedopt.FusedOptimizer(ours, rule, max_grad_norm=0.5, backend=backend)
+    b = fusedopt.FusedOptimizer(theirs, rule, backend=backend)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen) * 3
+            q.grad = p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        a.step()
+        b.step()
+    _assert_same(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": "0.1"}, "lr='0.1' is not a number"),
+    ({"lr": None}, "lr=None is not a number"),
+    ({"weight_decay": True}, "weight_decay=True is not a number"),
+    ({"betas": ("a", "b")}, r"betas=\('a', 'b'\) is not a number"),
+    ({"betas": (0.9,)}, "expected 2 numbers"),
+    ({"lr": torch.tensor([0.1, 0.2])}, "lr=tensor"),
+])
+def test_hyperparameters_that_are_not_numbers_name_the_argument(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fusedopt.AdamW([torch.randn(2, requires_grad=True)], **kwargs)
+
+
+def test_a_loaded_checkpoint_is_checked_like_a_new_group():
+    p = torch.randn(3, requires_grad=True).to(torch.float16).detach().requires_grad_()
+    opt = fusedopt.AdamW([p], master_weights=True, backend="reference")
+    saved = opt.state_dict()
+    assert isinstance(saved["param_groups"][0]["sr_seed"], int)
+    saved["param_groups"][0]["stochastic_rounding"] = True  # float16 parameters cannot round stochastically
+    with pytest.raises(ValueError, match="float16 ones.*drop stochastic_rounding"):
+        opt.load_state_dict(saved)
+    saved["param_groups"][0].update(stochastic_rounding=False, sr_seed=-1)
+    with pytest.raises(ValueError, match="sr_seed=-1"):
+        opt.load_state_dict(saved)
+    saved["param_groups"][0]["sr_seed"] = 7.0  # older checkpoints saved the seed as a float
+    opt.load_state_dict(saved)
+    assert int(opt.param_groups[0]["sr_seed"]) == 7
+
+
 def test_a_parameter_in_two_groups_raises():
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="more than one"):

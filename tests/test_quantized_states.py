@@ -555,6 +555,56 @@ def test_4bit_checkpoints_decode_to_dense_and_convert_to_8bit():
         fusedopt.AdamW4bit([p.detach().clone().requires_grad_()]).load_state_dict(broken)
 
 
+@pytest.mark.parametrize("backend", ["reference", *(["triton"] if any_kernel_device() else [])])
+def test_a_storage_changed_between_steps_converts_the_states(backend):
+    """group["state_dtype"] (or quant_threshold) changed after steps: the next step converts each
+    state to the new storage, as a checkpoint load would, and never reads codes as values."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(8)
+    p = torch.randn(5000, generator=gen).to(device).requires_grad_()
+    opt = fusedopt.AdamW8bit([p], lr=1e-2, backend=backend)
+    grads = [torch.randn(5000, generator=gen).to(device) for _ in range(6)]
+    history = []
+    for i, g in enumerate(grads):
+        if i in (2, 4):
+            dense = opt.state_dict(dense=True)["state"][0]
+            opt.param_groups[0]["state_dtype"] = "fp32" if i == 2 else "q4"
+            fresh = fusedopt.AdamW([q := p.detach().clone().requires_grad_()], lr=1e-2, backend=backend,
+                                   state_dtype=opt.param_groups[0]["state_dtype"])
+            fresh.load_state_dict({"state": {0: dense}, "param_groups": opt.state_dict()["param_groups"]})
+            q.grad = g.clone()
+            fresh.step()
+        p.grad = g.clone()
+        opt.step()
+        if i in (2, 4):  # the same as loading the dense checkpoint into that storage
+            assert torch.equal(p.detach(), q.detach())
+        history.append(p.detach().clone())
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg"].shape == (2500,) and st["exp_avg_absmax"].shape == (40,)
+    opt.param_groups[0]["quant_threshold"] = 10**6  # now below the threshold: float32 states
+    p.grad = grads[-1].clone()
+    opt.step()
+    assert st is opt.state[p] and st["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in st
+    assert all(torch.isfinite(h).all() for h in history) and float((history[-1] - history[0]).abs().max()) < 0.1
+
+
+def test_a_one_element_compact_state_loads_into_its_own_storage():
+    """q8 and q4 codes of one element have the same shapes: the loading optimizer's storage decides."""
+    for fmt, cls in (("q4", fusedopt.AdamW4bit), ("q8", fusedopt.AdamW8bit)):
+        p = torch.randn(1).requires_grad_()
+        opt = cls([p], quant_threshold=0)
+        for _ in range(3):
+            p.grad = torch.randn(1)
+            opt.step()
+        q = p.detach().clone().requires_grad_()
+        again = cls([q], quant_threshold=0)
+        again.load_state_dict(opt.state_dict())
+        for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            assert torch.equal(again.state[q][name], opt.state[p][name]), (fmt, name)
+        with pytest.raises(ValueError, match="could be q8 or q4"):
+            fusedopt.AdamW([q.detach().clone().requires_grad_()]).load_state_dict(opt.state_dict())
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_compact_states_with_float32_scales_are_re_encoded_on_load(fmt):
     """Compact states whose scales are float32 (bitsandbytes' and torchao's layout) load: they are
