@@ -149,6 +149,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     passthrough: tuple[str, ...] = ()
     # Hyperparameter keys that may be None: _complete_group resolves them (Adafactor's lr, eps1, beta1).
     nullable: tuple[str, ...] = ()
+    group_type: type = _ParamGroup  # a subclass may derive options from written values (see SGD)
 
     def __init__(self, params: Iterable, rule: Rule, *, backend: str | None = None, **hparams: Any):
         if not isinstance(rule, Rule):
@@ -222,7 +223,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
         try:
             device = params[0].device if params else torch.device("cpu")
-            converted = _ParamGroup()
+            converted = self.group_type()
             for key, value in self.param_groups[-1].items():
                 if key in self.aliases:
                     value = tuple(_as_hparam_tensor(v, device) for v in value)

@@ -6,11 +6,14 @@ from typing import Any, Iterable
 
 import torch
 
-from .optim import FusedOptimizer
+from .optim import FusedOptimizer, _ParamGroup
 from . import partition as partitions
 from .optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd
 
-_TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+# torch.optim's implementation choices: accepted and kept in the groups; fusedopt has one
+# implementation (differentiable=True, which fusedopt cannot honour, is refused)
+_TORCH_FLAGS = ("foreach", "capturable", "differentiable", "fused")
+DECOUPLED = "decoupled_weight_decay"  # torch.optim.Adam's switch to AdamW's decay, kept in its groups
 
 
 def _value(x: Any) -> float:
@@ -35,6 +38,9 @@ def _check_common(cls: str, group: dict[str, Any]) -> None:
             _require(cls, f"beta{i + 1}", _value(b), 0.0 <= _value(b) < 1.0, "a value in [0, 1)")
     wd = _value(group["weight_decay"])
     _require(cls, "weight_decay", wd, wd >= 0.0, "weight_decay >= 0")
+    if group.get("differentiable"):
+        raise ValueError(f"{cls}: differentiable=True is not supported: the step runs under torch.no_grad "
+                         "(fused kernels have no autograd formula). Fix: leave differentiable=False")
 
 
 class _AdamFamily(FusedOptimizer):
@@ -46,25 +52,44 @@ class _AdamFamily(FusedOptimizer):
 
 
 class Adam(_AdamFamily):
-    """torch.optim.Adam, fused (L2 weight decay; amsgrad; maximize). See fusedopt.optimizers.adam."""
+    """torch.optim.Adam, fused (L2 weight decay; amsgrad; maximize). See fusedopt.optimizers.adam.
+    ``decoupled_weight_decay=True`` runs AdamW's rule instead, as torch.optim.Adam does."""
+
+    passthrough = (*_TORCH_FLAGS, DECOUPLED)
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,
-                 backend: str | None = None, **torch_flags):
-        super().__init__(params, adam, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, max_grad_norm=max_grad_norm, backend=backend,
-                         **torch_flags)
+                 decoupled_weight_decay: bool = False, backend: str | None = None, **torch_flags):
+        if not isinstance(decoupled_weight_decay, bool):
+            raise TypeError(f"{type(self).__name__}: decoupled_weight_decay must be a bool, got "
+                            f"{decoupled_weight_decay!r}")
+        self._decoupled = decoupled_weight_decay  # read by _complete_group, which runs inside __init__
+        super().__init__(params, adamw if decoupled_weight_decay else adam, lr=lr, betas=betas, eps=eps,
+                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, max_grad_norm=max_grad_norm,
+                         decoupled_weight_decay=decoupled_weight_decay, backend=backend, **torch_flags)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        super()._complete_group(group)
+        given = group.get(DECOUPLED, self._decoupled)
+        if given is not self._decoupled:  # a group dict or a checkpoint of the other algorithm
+            ours = "decoupled (AdamW's)" if self._decoupled else "L2 (Adam's)"
+            raise ValueError(f"{type(self).__name__}: this optimizer applies {ours} weight decay, but a group has "
+                             f"{DECOUPLED}={given!r}. Fix: construct it with {DECOUPLED}={given!r} "
+                             "(fusedopt.AdamW decouples), or load a checkpoint of the same algorithm")
 
 
-class AdamW(_AdamFamily):
+class AdamW(Adam):
     """torch.optim.AdamW, fused (decoupled weight decay). See fusedopt.optimizers.adamw."""
 
     def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,
                  backend: str | None = None, **torch_flags):
-        super().__init__(params, adamw, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, max_grad_norm=max_grad_norm, backend=backend,
-                         **torch_flags)
+        if DECOUPLED in torch_flags:  # as torch.optim.AdamW, which has no such argument
+            raise TypeError(f"{type(self).__name__} got an unexpected keyword argument '{DECOUPLED}': its weight "
+                            "decay is always decoupled. Fix: drop it, or use fusedopt.Adam for L2 decay")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, max_grad_norm=max_grad_norm, decoupled_weight_decay=True,
+                         backend=backend, **torch_flags)
 
 
 class Adam8bit(Adam):
@@ -109,10 +134,27 @@ class Lion(_AdamFamily):
                          master_weights=master_weights, nonfinite=nonfinite, backend=backend)
 
 
+class _SGDGroup(_ParamGroup):
+    """An SGD group keeps a momentum buffer exactly while its momentum is nonzero, as torch.optim.SGD
+    decides at each step: writing the momentum (by hand or by a scheduler such as OneCycleLR)
+    updates the static option ``with_momentum``."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if key == "momentum" and value is not None:
+            dict.__setitem__(self, "with_momentum", _value(value) != 0.0)
+
+
 class SGD(FusedOptimizer):
-    """torch.optim.SGD, fused (momentum, dampening, nesterov, maximize). See fusedopt.optimizers.sgd."""
+    """torch.optim.SGD, fused (momentum, dampening, nesterov, maximize). See fusedopt.optimizers.sgd.
+
+    A group's momentum may be changed between steps, from or to 0 as well (the step then keeps or
+    ignores its buffer, as torch's). One difference: a buffer first created after the group's first
+    step starts at ``(1 - dampening) * d`` where torch starts it at ``d``; with dampening 0 (the
+    default) both are ``d``."""
 
     passthrough = ("foreach", "differentiable", "fused")
+    group_type = _SGDGroup
 
     def __init__(self, params: Iterable, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,

@@ -419,6 +419,60 @@ def test_torch_only_flags_are_accepted():
     fusedopt.SGD([p], foreach=None, fused=None)
 
 
+def test_decoupled_weight_decay_selects_adamw_as_in_torch():
+    ours, theirs = _pair()
+    twin = [p.detach().clone().requires_grad_() for p in ours]
+    a = fusedopt.Adam(ours, lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    b = torch.optim.Adam(theirs, lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    c = fusedopt.AdamW(twin, lr=0.1, weight_decay=0.5)
+    for step in range(3):
+        _set_grads(ours, theirs, step)
+        for p, q in zip(twin, ours):
+            p.grad = q.grad.clone()
+        a.step(), b.step(), c.step()
+    _assert_same(ours, theirs)
+    _assert_same(twin, theirs)
+    assert a.param_groups[0]["decoupled_weight_decay"] is True and c.param_groups[0]["decoupled_weight_decay"] is True
+    with pytest.raises(ValueError, match="L2.*decoupled_weight_decay=True"):  # torch AdamW's checkpoint into Adam
+        fusedopt.Adam([p.detach().clone().requires_grad_() for p in ours]).load_state_dict(b.state_dict())
+    fusedopt.AdamW([p.detach().clone().requires_grad_() for p in ours]).load_state_dict(b.state_dict())
+    with pytest.raises(TypeError, match="always decoupled"):
+        fusedopt.AdamW(ours, decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        fusedopt.Adam(ours, differentiable=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sgd_momentum_may_cross_zero_between_steps_as_in_torch(backend):
+    """torch.optim.SGD keeps (and uses) a buffer while momentum != 0, whatever it was at construction:
+    momentum set by hand, and OneCycleLR cycling the momentum of an SGD built with momentum=0."""
+    if backend == "triton":
+        from kernel_check import require_kernel_device
+
+        require_kernel_device("cpu")
+    ours, theirs = _pair(dtype=FP32)
+    a = fusedopt.SGD(ours, lr=0.1, momentum=0.0, backend=backend)
+    b = torch.optim.SGD(theirs, lr=0.1, momentum=0.0)
+    for step in range(6):
+        if step in (2, 4):
+            for o in (a, b):
+                o.param_groups[0]["momentum"] = 0.9 if step == 2 else 0.0
+        _set_grads(ours, theirs, step)
+        a.step(), b.step()
+    _assert_same(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert "momentum_buffer" in a.state[ours[0]]
+    ours, theirs = _pair(dtype=FP32)
+    a = fusedopt.SGD(ours, lr=0.1, momentum=0.0, backend=backend)
+    b = torch.optim.SGD(theirs, lr=0.1, momentum=0.0)
+    schedules = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in (a, b)]
+    for step in range(4):
+        _set_grads(ours, theirs, step)
+        a.step(), b.step()
+        for s in schedules:
+            s.step()
+    _assert_same(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_backend_must_be_known():
     with pytest.raises(ValueError, match="backend"):
         fusedopt.AdamW([torch.randn(2, requires_grad=True)], backend="cuda-graphs")
