@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from typing import Any, Callable
 
 import sympy
@@ -74,6 +75,59 @@ def _checked(b: _Builder, value: Any, what: str) -> sympy.Expr:
     return expr
 
 
+def _called_by_rule_code() -> bool:
+    """Whether the dunder method calling this was called by a rule's own code: a module outside
+    sympy and fusedopt's machinery (fusedopt.optimizers holds rules)."""
+    module = sys._getframe(2).f_globals.get("__name__", "")
+    internal = module.startswith("sympy") or module == "fusedopt" or \
+        (module.startswith("fusedopt.") and not module.startswith("fusedopt.optimizers"))
+    return not internal
+
+
+def _python_logic(name: str, what: str, other: Any = None) -> RuleError:
+    b = _Builder.current("a rule's value")
+    cond = f"eq({name}, {other!r})" if what in ("==", "!=") else f"{name} > 0"
+    branches = "b, a" if what == "!=" else "a, b"
+    shown = f"`{what}` (comparing with {other!r})" if what in ("==", "!=") else "`if`/`and`/`or`/`not`"
+    return _fail(b.rule, f"Python {shown} on '{name}' decides on the symbol, not on its value at run time (the rule "
+                 "is traced once, so one branch would hold for every step)",
+                 f"for a choice at run time use where({cond}, {branches}); for a choice made once, add a bool "
+                 "option (e.g. use_x=False) and branch on that")
+
+
+class _Traced(sympy.Symbol):
+    """A name a rule's function reads while it runs (g, t, hyperparameters, the values of p and of
+    states): an ordinary sympy symbol, except that Python control flow on it from the rule's code
+    (``if wd == 0:``, ``if t == 1:``, ``lr or 1e-3``) raises a RuleError instead of silently taking
+    one branch for every step. After the trace every _Traced symbol is replaced by a plain one."""
+
+    def __bool__(self) -> bool:
+        if _called_by_rule_code():
+            raise _python_logic(self.name, "bool")
+        return True
+
+    def __eq__(self, other: Any) -> bool:
+        if _called_by_rule_code():
+            raise _python_logic(self.name, "==", other)
+        return super().__eq__(other)
+
+    def __ne__(self, other: Any) -> bool:
+        if _called_by_rule_code():
+            raise _python_logic(self.name, "!=", other)
+        return super().__ne__(other)
+
+    __hash__ = sympy.Symbol.__hash__
+
+    def set(self, value: Any) -> None:
+        b = _Builder.current("set()")
+        raise _fail(b.rule, f"'{self.name}' is set, but it is read-only",
+                    "only p and states declared with state(...) are set; compute a new value and use it")
+
+
+def _untraced(expr: sympy.Basic) -> sympy.Basic:
+    return expr.xreplace({s: ir.symbol(s.name) for s in expr.atoms(_Traced)})
+
+
 class _Handle:
     """A tensor the rule may write (``p`` or a state); reads give its current value."""
 
@@ -82,7 +136,7 @@ class _Handle:
         self._name = name
 
     def _sympy_(self) -> sympy.Expr:
-        return self._builder.updates.get(self._name, ir.symbol(self._name))
+        return self._builder.updates.get(self._name, _Traced(self._name))
 
     def set(self, value: Any) -> None:
         b = self._builder
@@ -119,6 +173,17 @@ class _Handle:
     def __le__(self, o): return self._sympy_() <= o
     def __gt__(self, o): return self._sympy_() > o
     def __ge__(self, o): return self._sympy_() >= o
+
+    def __bool__(self) -> bool:
+        raise _python_logic(self._name, "bool")
+
+    def __eq__(self, other: Any) -> bool:
+        raise _python_logic(self._name, "==", other)
+
+    def __ne__(self, other: Any) -> bool:
+        raise _python_logic(self._name, "!=", other)
+
+    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"<{self._name}>"
@@ -175,8 +240,11 @@ def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "fu
 def _declare(b: _Builder, name: str, what: str) -> None:
     if not isinstance(name, str) or not name.isidentifier():
         raise _fail(b.rule, f"{what} name {name!r} is not a Python identifier", "use a name like 'exp_avg'")
-    if name.startswith("_") or name in ir.RESERVED or name in b.known:
+    if name.startswith("_") or name in ir.RESERVED or name in FRONT_END_NAMES or name in b.known:
         raise _fail(b.rule, f"{what} '{name}' shadows a reserved name or hyperparameter", f"give the {what} another name")
+    if name.endswith(ir.ABSMAX_SUFFIX):
+        raise _fail(b.rule, f"{what} '{name}' ends in '{ir.ABSMAX_SUFFIX}', the suffix under which a quantized "
+                    "state keeps its scales", f"give the {what} another name")
     if name in b.states:
         raise _fail(b.rule, f"{what} '{name}' is declared twice", f"call {what}('{name}') once and reuse the handle")
 
@@ -391,6 +459,9 @@ def where(cond, a, b):
                       "symbols structurally", "write eq(t, 1)")
     if not _is_condition(cond):
         raise _misuse(f"where() needs a comparison as its condition, got {cond!r}", "e.g. where(g > 0, a, b)")
+    if isinstance(cond, (sympy.And, sympy.Or, sympy.Not)):
+        raise _misuse(f"where() got the combined condition {cond} (`&`, `|` or `~`), which the backends do not run",
+                      "nest where() instead: where(x > 0, where(y > 0, a, b), b) for (x > 0) & (y > 0)")
     return sympy.Piecewise((_expr(a), cond), (_expr(b), True))
 
 
@@ -404,6 +475,13 @@ CLIP_MODES = ("norm", "scale")
 # over the group; "flag" reads a flag the caller computed (for groups that run as several programs).
 SKIP_FLAG = "nonfinite_flag"
 SKIP_MODES = ("group", "flag")
+# Names the front end gives meaning to, beside a rule's own: hyperparameters it adds to programs,
+# keys of every param group and FusedOptimizer's own arguments. A rule's hyperparameter, option or
+# state of one of these names would be overwritten or shadowed, so it is refused; options also may
+# not take the names of Rule.program's arguments.
+FRONT_END_NAMES = frozenset({CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, ir.SR_SEED, ir.MASTER, "state_dtype",
+                             "quant_threshold", "stochastic_rounding", "master_weights", "nonfinite", "backend"})
+PROGRAM_ARGUMENTS = frozenset({"clip", "state_dtype", "stochastic_rounding", "master_weights", "skip_nonfinite"})
 
 
 # ---- the decorator ------------------------------------------------------------------------------
@@ -431,6 +509,11 @@ class Rule:
         if prm.name in ir.RESERVED or prm.name.startswith("_"):
             raise _fail(self.name, f"hyperparameter '{prm.name}' shadows a reserved name",
                         f"rename it; {sorted(ir.RESERVED)} and names starting with '_' are reserved")
+        is_option = isinstance(prm.default, bool)
+        if prm.name in FRONT_END_NAMES or (is_option and prm.name in PROGRAM_ARGUMENTS):
+            raise _fail(self.name, f"argument '{prm.name}' has a name every optimizer gives its own meaning "
+                        "(a param group key, or for an option an argument of Rule.program)",
+                        f"rename it; reserved: {sorted(FRONT_END_NAMES | PROGRAM_ARGUMENTS)}")
         default = prm.default
         if default is inspect.Parameter.empty:
             raise _fail(self.name, f"hyperparameter '{prm.name}' has no default",
@@ -593,7 +676,7 @@ def _with_stochastic_rounding(program: ir.Program) -> ir.Program:
 @functools.lru_cache(maxsize=None)
 def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") -> ir.Program:
     hparams = dict(rule.hparams)
-    grad: sympy.Expr = ir.symbol(ir.GRAD)
+    grad: sympy.Expr = _Traced(ir.GRAD)
     if clip:
         name = CLIP_HPARAM if clip == "norm" else CLIP_SCALE
         if name in hparams:
@@ -606,11 +689,11 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
             grad = grad * ir.symbol(CLIP_SCALE)
     known = set(hparams) | {ir.PARAM, ir.GRAD, ir.STEP, ir.NUMEL}
     b = _Builder(rule.name, known)
-    kwargs: dict[str, Any] = {h: ir.symbol(h) for h in rule.hparams}
+    kwargs: dict[str, Any] = {h: _Traced(h) for h in rule.hparams}
     kwargs.update(dict(options))
     _Builder.active.append(b)
     try:
-        rule.fn(_Handle(b, ir.PARAM), grad, ir.symbol(ir.STEP), **kwargs)
+        returned = rule.fn(_Handle(b, ir.PARAM), grad, _Traced(ir.STEP), **kwargs)
     except RuleError:
         raise
     except Exception as exc:
@@ -618,8 +701,13 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
                     "use only p, g, t, hyperparameters, states and the fusedopt.dsl functions") from exc
     finally:
         _Builder.active.pop()
+    if returned is not None:
+        raise _fail(rule.name, f"its function returned {returned!r}, which would be ignored",
+                    "write results with p.set(...) and state.set(...), and return nothing")
     if ir.PARAM not in b.updates:
         raise _fail(rule.name, "it never sets p", "end the rule with p.set(new_value)")
+    b.updates = {name: _untraced(expr) for name, expr in b.updates.items()}
+    b.selections = {name: _untraced(expr) for name, expr in b.selections.items()}
     factored = [s.name for s in b.states.values() if s.layout in ("rows", "cols")]
     if factored and dict(options).get(ir.MATRIX_OPTION) is not True:
         raise _fail(rule.name, f"states {factored} have row/column layouts but the rule is being built for "
@@ -632,6 +720,17 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
     _check_window_rule(rule.name, b)
     order = [ir.PARAM] + list(b.states)
     updates = tuple((name, ir.fold_constants(b.updates[name])) for name in order)
+    for name, expr in updates:
+        for r in expr.atoms(ir.Reduction):
+            if r.over == "group" and r.args[0].atoms(ir.Reduction):
+                if clip == "norm":
+                    raise _fail(rule.name, "clip=True (the group norm inside the step) meets the rule's own group "
+                                "reduction, which would reduce over a reduction",
+                                "pass clip='scale' and the factor as the hyperparameter clip_scale (what "
+                                "FusedOptimizer(max_grad_norm=...) does for this rule)")
+                raise _fail(rule.name, f"'{name}' reduces over the group a value that holds another reduction ({r})",
+                            "a group reduction takes elementwise values of g, p and states; reduce per tensor "
+                            "instead (over='tensor'), or clip with max_grad_norm rather than in the rule")
     for name, expr in updates:
         bad = ir.unsupported_node(expr)
         if bad is not None:

@@ -225,8 +225,150 @@ def test_where_with_a_python_bool_is_an_error():
     with pytest.raises(RuleError) as excinfo:
         @rule("python_bool")
         def f(p, g, t, lr=0.1):
-            p.set(p - lr * where(t == 1, g, 2 * g))  # t == 1 compares symbols: False
-    _assert_rule_error(excinfo, "python_bool", "where()", "eq(t, 1)")
+            p.set(p - lr * where(t == 1, g, 2 * g))  # t == 1 would compare symbols: False
+    _assert_rule_error(excinfo, "python_bool", "`==`", "where(eq(t, 1), a, b)")
+
+
+def _python_branch(p, g, t, lr, wd):
+    if wd == 0:
+        p.set(p - lr * g)
+    else:
+        p.set(p - 100 * lr * g)
+
+
+def _python_truth(p, g, t, lr, wd):
+    p.set(p - lr * g * (1 + wd) if wd else p - lr * g)
+
+
+def _python_ne(p, g, t, lr, wd):
+    m = state("m")
+    m.set(g if t != 1 else m)
+    p.set(p - lr * m)
+
+
+def _python_default(p, g, t, lr, wd):
+    p.set(p - (lr or 1e-3) * g)
+
+
+def _state_compared(p, g, t, lr, wd):
+    m = state("m")
+    m.set(g)
+    if m == 0:
+        p.set(p)
+    p.set(p - lr * m)
+
+
+def _param_compared(p, g, t, lr, wd):
+    p.set(p - lr * g if p != 0 else p)
+
+
+@pytest.mark.parametrize("body, name, shown", [
+    (_python_branch, "wd", "`==` (comparing with 0)"),
+    (_python_truth, "wd", "`if`/`and`/`or`/`not`"),
+    (_python_ne, "t", "`!=` (comparing with 1)"),
+    (_python_default, "lr", "`if`/`and`/`or`/`not`"),
+    (_state_compared, "m", "`==` (comparing with 0)"),
+    (_param_compared, "p", "`!=` (comparing with 0)"),
+])
+def test_python_control_flow_on_a_symbol_is_an_error(body, name, shown):
+    """`if wd == 0:` would compare the symbol wd with 0 (False) and take one branch for every step."""
+    def f(p, g, t, lr=0.1, wd=0.0):
+        body(p, g, t, lr, wd)
+
+    with pytest.raises(RuleError) as excinfo:
+        rule("python_logic")(f)
+    _assert_rule_error(excinfo, "python_logic", f"'{name}'", shown, "bool option")
+
+
+def test_rule_code_still_compares_and_branches_on_options_and_numbers():
+    """Only symbols refuse Python logic: options, Python numbers and sympy's own comparisons work,
+    and the built program holds plain symbols."""
+    @rule("plain_python")
+    def f(p, g, t, lr=0.1, beta=0.9, nesterov=False):
+        scale = 2 if nesterov == True else 1  # noqa: E712 (an option: a Python bool)
+        m = state("m")
+        m.set(beta * m + g if scale == 1 else g)
+        p.set(p - lr * where(eq(t, 1), g, m) * scale)
+
+    prog = f.program()
+    symbols = {s for _, e in prog.updates for s in e.free_symbols}
+    assert {type(s) for s in symbols} == {sympy.Symbol}
+    assert prog == f.program() and prog.key() == f.program().key()
+    assert prog.update_of("m") == S("beta") * S("m") + S("g")
+
+
+def test_setting_g_or_a_hyperparameter_and_returning_a_value_are_errors():
+    with pytest.raises(RuleError) as excinfo:
+        @rule("sets_g")
+        def f(p, g, t, lr=0.1):
+            g.set(g * 2)
+    _assert_rule_error(excinfo, "sets_g", "'g' is set", "read-only")
+    with pytest.raises(RuleError) as excinfo:
+        @rule("returns")
+        def h(p, g, t, lr=0.1):
+            p.set(p - lr * g)
+            return p - lr * g
+    _assert_rule_error(excinfo, "returns", "returned", "return nothing")
+
+
+@pytest.mark.parametrize("name, default", [
+    *((n, d) for n in ("quant_threshold", "master_weights", "sr_seed", "max_grad_norm", "clip_scale",
+                       "nonfinite_flag", "state_dtype", "nonfinite", "backend") for d in (2.0, False)),
+    ("clip", False), ("skip_nonfinite", True),  # options only: Rule.program's arguments
+])
+def test_front_end_names_are_refused_as_hyperparameters_and_options(name, default):
+    """These keys mean something to every optimizer: a rule's own would be overwritten or shadowed."""
+    fn = eval(f"lambda p, g, t, lr=0.1, {name}={default!r}: p.set(p - lr * g)")  # noqa: S307 (a signature)
+    with pytest.raises(RuleError) as excinfo:
+        rule("front_end_name")(fn)
+    _assert_rule_error(excinfo, "front_end_name", f"'{name}'", "rename it")
+
+
+def test_front_end_keys_are_all_reserved():
+    """Every group key the front end adds (beyond the rule's own) is in FRONT_END_NAMES."""
+    import torch
+
+    from fusedopt.dsl import FRONT_END_NAMES
+
+    opt = fusedopt.FusedOptimizer([torch.zeros(2, requires_grad=True)], adamw)
+    own = set(adamw.hparams) | set(adamw.options)
+    assert set(opt.defaults) - own <= FRONT_END_NAMES
+    assert (set(opt.defaults) - own) >= {"quant_threshold", "state_dtype", "max_grad_norm", "sr_seed"}
+
+
+@pytest.mark.parametrize("names", [("m", "m_absmax"), ("m_absmax", "m")])
+def test_a_state_named_like_another_states_scales_is_an_error(names):
+    with pytest.raises(RuleError) as excinfo:
+        @rule("absmax_name")
+        def f(p, g, t, lr=0.1):
+            a, b = state(names[0]), state(names[1])
+            a.set(g)
+            b.set(g)
+            p.set(p - lr * (a + b))
+    _assert_rule_error(excinfo, "absmax_name", "'m_absmax'", "_absmax")
+
+
+def test_combined_conditions_and_nested_group_reductions_are_errors():
+    from fusedopt.dsl import norm
+
+    with pytest.raises(RuleError) as excinfo:
+        @rule("combined")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * where((g > 0) & (p > 0), g, 0))
+    _assert_rule_error(excinfo, "combined", "combined condition", "nest where()")
+    with pytest.raises(RuleError) as excinfo:
+        @rule("nested_group")
+        def h(p, g, t, lr=0.1):
+            p.set(p - lr * g / norm(g / norm(g), over="group"))
+    _assert_rule_error(excinfo, "nested_group", "another reduction", "over='tensor'")
+
+    @rule("group_normalized")
+    def k(p, g, t, lr=0.1):
+        p.set(p - lr * g / norm(g, over="group"))
+
+    with pytest.raises(RuleError, match="clip='scale'"):
+        k.program(clip=True)
+    assert "clip_scale" in k.program(clip="scale").hparams
 
 
 def test_where_with_a_non_condition_is_an_error():
