@@ -33,6 +33,12 @@ def is_boolean(expr: sympy.Basic, boolean_names: frozenset[str] = frozenset()) -
     return isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Expr)
 
 
+def _repeated(factor: sympy.Basic) -> bool:
+    """A factor of a product that multiplies out as repeated factors, after the others: x**2 to x**4.
+    The reference interpreter orders a product's factors the same way."""
+    return factor.is_Pow and factor.exp.is_Integer and 2 <= factor.exp <= 4
+
+
 class TritonPrinter:
     def __init__(self, context: str, target: str):
         if context not in ("element", "scalar"):
@@ -131,14 +137,17 @@ class TritonPrinter:
         return "(" + " + ".join(self(a) for a in e.args) + ")"
 
     def _print_Mul(self, e: sympy.Mul) -> str:
-        num, den, negate = [], [], False
+        num, den, negate, repeated = [], [], False, []
         for a in e.args:
             if a == -1:
                 negate = not negate
             elif a.is_Pow and a.exp.is_Number and a.exp < 0:
                 den.append(self._positive_power(a.base, -a.exp))
+            elif _repeated(a):  # c * x**2 is (c * x) * x, as torch's addcmul: x * x may overflow first
+                repeated += [self(a.base)] * int(a.exp)
             else:
                 num.append(self(a))
+        num += repeated
         out = " * ".join(num) if num else self._const(1.0)
         if len(num) > 1:
             out = f"({out})"

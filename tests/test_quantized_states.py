@@ -472,6 +472,30 @@ def test_non_finite_gradients_poison_only_their_block(backend):
     assert bool(p.detach().cpu()[300].isnan())  # propagated, as with float32 states
 
 
+@pytest.mark.parametrize("backend", ["reference", *(["triton"] if any_kernel_device() else [])])
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.AdamW8bit, fusedopt.AdamW4bit])
+def test_a_huge_finite_gradient_stays_finite_as_in_torch(backend, cls):
+    """(1 - beta2) * g * g multiplies as torch's addcmul, (c * g) * g: a gradient of 1e20 gives a
+    second moment of 1e37, not g * g = inf (which froze the element in float32 and turned a
+    quantized block into NaN)."""
+    device = any_kernel_device() if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(5000, generator=gen) * 1e-3
+    g[7] = 1e20
+    p = torch.zeros(5000, device=device, requires_grad=True)
+    q = torch.zeros(5000, requires_grad=True)
+    ours, theirs = cls([p], lr=1e-3, backend=backend), torch.optim.AdamW([q], lr=1e-3)
+    for _ in range(3):
+        p.grad, q.grad = g.to(device), g.clone()
+        ours.step()
+        theirs.step()
+    assert bool(torch.isfinite(p).all()) and bool(torch.isfinite(theirs.state[q]["exp_avg_sq"]).all())
+    atol = 1e-8 if cls is fusedopt.AdamW else 5e-3  # the quantized moments: a few lr
+    torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=0, atol=atol)
+    rtol = 1e-6 if cls is fusedopt.AdamW else 1e-3  # the block's largest moment: quantized within 0.1 %
+    torch.testing.assert_close(p.detach().cpu()[7], q.detach()[7], rtol=rtol, atol=0)
+
+
 def test_checkpoints_move_between_compact_dense_and_torch_forms():
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(s, generator=gen) for s in [(64, 80), (300,)]]
