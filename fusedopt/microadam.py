@@ -187,6 +187,9 @@ class MicroAdam(WindowOptimizer):
         _check_args(*(group[n] for n in ("lr", "m", "density", "block", "quant_block", "betas", "eps",
                                          "weight_decay", "window_dtype")))
 
+    def hparam_keys(self) -> tuple[str, ...]:
+        return ("lr", "betas", "eps", "weight_decay")
+
     def state_settings(self, group: dict) -> dict:
         return _settings(group["m"], group["density"], group["block"], group["quant_block"],
                          group["exact_error_feedback"], group["window_dtype"])

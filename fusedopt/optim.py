@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from . import ir, quant, reference
+from . import groups, ir, quant, reference
 from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
+from .groups import ParamGroup
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
@@ -50,7 +51,7 @@ class _FastGroup:
     cleared or replaced state, a loaded checkpoint) takes the full path, which records the group again.
     """
 
-    def __init__(self, opt: "FusedOptimizer", group: "_ParamGroup", options: tuple, calls: list,
+    def __init__(self, opt: "FusedOptimizer", group: "ParamGroup", options: tuple, calls: list,
                  before: Callable | None = None):
         self.params_list = group["params"]
         self.params = list(self.params_list)
@@ -64,7 +65,7 @@ class _FastGroup:
         self.before = before  # run with the step's gradients before the launches (a clipping factor)
         self.new_grads: list | None = None
 
-    def ready(self, opt: "FusedOptimizer", group: "_ParamGroup") -> bool:
+    def ready(self, opt: "FusedOptimizer", group: "ParamGroup") -> bool:
         params = group["params"]
         if params is not self.params_list or len(params) != len(self.params) \
                 or not all(map(operator.is_, params, self.params)) or opt._static_options(group) != self.options:
@@ -95,46 +96,6 @@ class _FastGroup:
             self.grads = grads
 
 
-class _ParamGroup(dict):
-    """A param group whose tensor-valued hyperparameters are updated in place.
-
-    torch's schedulers assign Python floats (``group["betas"] = (0.95, beta2)`` in OneCycleLR,
-    ``group["lr"] = 0.1`` by hand); writing them into the existing tensors keeps the identity of every
-    tensor a compiled step has captured, so nothing recompiles.
-    """
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        current = self.get(key)
-        if isinstance(current, torch.Tensor) and value is not None:
-            _write_scalar(current, value)
-            return
-        if isinstance(current, tuple) and current and all(isinstance(c, torch.Tensor) for c in current):
-            if not isinstance(value, (tuple, list)) or len(value) != len(current):
-                raise ValueError(f"param group '{key}' holds {len(current)} values, got {value!r}")
-            for c, v in zip(current, value):
-                if v is not c:
-                    _write_scalar(c, v)
-            return
-        super().__setitem__(key, value)
-
-
-def _write_scalar(dest: torch.Tensor, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a hyperparameter holds one number, got a tensor of shape {tuple(value.shape)}")
-        dest.copy_(value.detach().reshape(()))
-    else:
-        dest.fill_(float(value))
-
-
-def _as_hparam_tensor(value: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a tensor hyperparameter must hold one number, got shape {tuple(value.shape)}")
-        return value.detach().to(device=device, dtype=torch.float64).reshape(()).clone()
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
-
-
 class FusedOptimizer(torch.optim.Optimizer):
     """Runs ``rule`` (a :class:`fusedopt.dsl.Rule`) as a torch.optim.Optimizer.
 
@@ -149,7 +110,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     passthrough: tuple[str, ...] = ()
     # Hyperparameter keys that may be None: _complete_group resolves them (Adafactor's lr, eps1, beta1).
     nullable: tuple[str, ...] = ()
-    group_type: type = _ParamGroup  # a subclass may derive options from written values (see SGD)
+    group_type: type = ParamGroup  # a subclass may derive options from written values (see SGD)
 
     def __init__(self, params: Iterable, rule: Rule, *, backend: str | None = None, **hparams: Any):
         if not isinstance(rule, Rule):
@@ -163,7 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._alias_of = {h: (key, i) for key, names in self.aliases.items() for i, h in enumerate(names)}
         defaults = self._defaults(hparams)
-        self._groups: list[_ParamGroup] = []
+        self._groups: list[ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
         self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
         # (id(group), state_dtype, quant_threshold) -> whether its tensors run as several programs
@@ -222,14 +183,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group(group)
         super().add_param_group(group)  # checks leaves and duplicates; nothing is stored on failure
         try:
-            device = params[0].device if params else torch.device("cpu")
-            converted = self.group_type()
-            for key, value in self.param_groups[-1].items():
-                if key in self.aliases:
-                    value = tuple(_as_hparam_tensor(v, device) for v in value)
-                elif key in self.rule.hparams or key == ir.SR_SEED or (key == CLIP_HPARAM and value is not None):
-                    value = _as_hparam_tensor(value, device)
-                dict.__setitem__(converted, key, value)
+            converted = groups.held_in_tensors(self.param_groups[-1], [*self._hparam_keys(), ir.SR_SEED, CLIP_HPARAM],
+                                               self.group_type)
             self.param_groups[-1] = converted
             self._groups = list(self.param_groups)
             for matrix in self._matrix_choices():
@@ -424,7 +379,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 value = group[name]
             if not isinstance(value, torch.Tensor) or value.device != device:
-                value = _as_hparam_tensor(value, device)
+                value = groups.as_hparam_tensor(value, device)
             out[name] = value
         return out
 
@@ -459,7 +414,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         eager = not torch.compiler.is_compiling()
-        work: list[tuple[_ParamGroup, Any]] = []
+        work: list[tuple[ParamGroup, Any]] = []
         for group in self._groups:
             fast = self._fast.get(id(group)) if eager else None
             if fast is not None and fast.ready(self, group):
@@ -480,7 +435,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._step_group(group, item, eager)
         return loss
 
-    def _step_group(self, group: _ParamGroup, params: list, eager: bool) -> None:
+    def _step_group(self, group: ParamGroup, params: list, eager: bool) -> None:
         factors = None
         *_, clip, _, _, _, skip = self._static_options(group)[:-1]
         if clip == "scale" or skip == "flag":
@@ -557,18 +512,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
-        for group in self._groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+        groups.zero_grad(self._groups, set_to_none)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -583,19 +527,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         if dense:
             params = [p for group in self._groups for p in group["params"]]
-            groups = {p: group for group in self._groups for p in group["params"]}
+            group_of = {p: group for group in self._groups for p in group["params"]}
             for index, values in list(sd["state"].items()):
                 p = params[index]
-                program = self._prepared(groups[p], *self._kind_of(groups[p], p)).program
+                program = self._prepared(group_of[p], *self._kind_of(group_of[p], p)).program
                 sd["state"][index] = _dense_state(program, values, tuple(p.shape))
         for group in sd["param_groups"]:
-            for key, value in group.items():
-                if key == ir.SR_SEED and isinstance(value, torch.Tensor):
-                    group[key] = int(value.item())
-                elif isinstance(value, torch.Tensor):
-                    group[key] = value.item()
-                elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
-                    group[key] = tuple(v.item() for v in value)
+            groups.saved_numbers(group, ints=(ir.SR_SEED,))
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

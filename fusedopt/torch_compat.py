@@ -6,7 +6,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .optim import FusedOptimizer, _ParamGroup
+from .groups import ParamGroup
+from .optim import FusedOptimizer
 from . import partition as partitions
 from .optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd
 
@@ -134,7 +135,7 @@ class Lion(_AdamFamily):
                          master_weights=master_weights, nonfinite=nonfinite, backend=backend)
 
 
-class _SGDGroup(_ParamGroup):
+class _SGDGroup(ParamGroup):
     """An SGD group keeps a momentum buffer exactly while its momentum is nonzero, as torch.optim.SGD
     decides at each step: writing the momentum (by hand or by a scheduler such as OneCycleLR)
     updates the static option ``with_momentum``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import dsl, ir, sparse, window_reference
+from . import dsl, groups, ir, sparse, window_reference
 from .window_passes import lower_window
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,22 +57,45 @@ class WindowOptimizer(torch.optim.Optimizer):
         self._kernel_keys: dict[ir.Program, str] = {}
         self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            self.check_group(group)
-            program = self.program(group)
-            problem = _kernel_problem(program)
-            if backend == "triton" and problem:
-                raise ValueError(f"backend='triton' cannot run this group: {problem}")
-            if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
-                self._kernel_key(program)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's (defaults, leaves, duplicates), then the group's values and program are
+        checked, its hyperparameters put in device tensors (see fusedopt.groups: a scheduler's new
+        lr is new data, never a recompile) and, where it runs fused, its kernel built. A group that
+        fails is not kept."""
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(f"{type(self).__name__} optimizes floating-point parameters, got one of dtype {p.dtype}")
+            self.check_group(group)
+            program = self.program(group)
+            problem = _kernel_problem(program)
+            if self.backend == "triton" and problem:
+                raise ValueError(f"backend='triton' cannot run this group: {problem}")
+            if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
+                self._kernel_key(program)
+            self.param_groups[-1] = groups.held_in_tensors(group, self.hparam_keys())
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        # steps read this copy of the list: dynamo's handling of Optimizer.param_groups (it marks
+        # torch's own groups capturable) does not take a group with its own __setitem__
+        self._groups = list(self.param_groups)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
+        groups.zero_grad(self._groups, set_to_none)
 
     # ---- what a group runs -----------------------------------------------------------------------
 
     def check_group(self, group: dict) -> None:
         """Raise ValueError for a param group's values that cannot work (subclasses check theirs)."""
+
+    def hparam_keys(self) -> tuple[str, ...]:
+        """The group keys that hold hyperparameters (numbers, or tuples of them), kept in tensors."""
+        return tuple(self.rule.hparams)
 
     def state_settings(self, group: dict) -> dict[str, dict[str, Any]]:
         """The group's state settings (subclasses map their own arguments here)."""
@@ -126,15 +149,20 @@ class WindowOptimizer(torch.optim.Optimizer):
             state.update(window_reference.init_state(program, p))
             # the fused kernel reads and advances the counter on the device; the eager code on the host
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device if fused else "cpu")
-        window = program.window
-        expected = (window.m, sparse.topk_layout(p.numel(), window.block, window.density).k)
-        index = state.get(window.storage[0])
-        if index is None or tuple(index.shape) != expected:
-            raise ValueError(f"the window of a parameter of {p.numel()} elements has shape "
-                             f"{None if index is None else tuple(index.shape)}, but the group's settings (m="
-                             f"{window.m}, block={window.block}, density={window.density}) need {expected}; m, "
-                             "block and density cannot change once a parameter has state")
+        for name, (shape, dtype) in window_reference.storage_shapes(program, p.numel(), p.shape, p.dtype).items():
+            value = state.get(name)
+            if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                found = None if value is None else (tuple(value.shape), value.dtype)
+                raise ValueError(f"state '{name}' of a parameter of {p.numel()} elements is {found}, but the group's "
+                                 f"settings need {(tuple(shape), dtype)}: the window (m, block, density, value "
+                                 "dtype) and the error feedback's storage (quant_block, exact or quantized) cannot "
+                                 "change once a parameter has state. Fix: set them before the first step, or "
+                                 "start a new optimizer")
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._groups = list(self.param_groups)
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:
         """Least bytes a step moves for ``p``'s state: the whole window is read and one row of it
@@ -151,15 +179,24 @@ class WindowOptimizer(torch.optim.Optimizer):
                 moved += size + (size // window.m if name in window.storage else size)
         return moved
 
+    def state_dict(self) -> dict:
+        """torch.optim's layout; hyperparameter tensors are saved as Python floats."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            groups.saved_numbers(group)
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base
         class casts floating-point states to the parameter's dtype) and is copied, so stepping never
-        writes into the loaded dictionary."""
+        writes into the loaded dictionary; hyperparameters go back into device tensors."""
         super().load_state_dict(state_dict)
+        self.param_groups[:] = [groups.held_in_tensors(g, self.hparam_keys()) for g in self.param_groups]
+        self._groups = list(self.param_groups)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
-        for saved_id, p, group in zip(saved_ids, params, groups):
+        group_of = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
+        for saved_id, p, group in zip(saved_ids, params, group_of):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
@@ -178,7 +215,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group in self._groups:
             program = self.program(group)
             fused = []
             for p in group["params"]:

@@ -399,6 +399,39 @@ def test_group_override_is_validated():
         MicroAdam([{"params": [torch.nn.Parameter(torch.zeros(4))], "block": 2**15}])
 
 
+def test_a_group_added_later_is_validated_and_not_kept_on_failure():
+    opt = MicroAdam([torch.nn.Parameter(torch.zeros(4))], m=2, density=0.5, block=64, quant_block=16)
+    extra = torch.nn.Parameter(torch.zeros(4))
+    for bad, match in (({"lr": -1.0}, "lr"), ({"m": 0}, "m \\(window length\\)"), ({"quant_block": 7}, "quant_block")):
+        with pytest.raises(ValueError, match=match):
+            opt.add_param_group({"params": [extra], **bad})
+        assert len(opt.param_groups) == 1 and opt._groups == opt.param_groups
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert float(opt.param_groups[1]["lr"]) == 0.5 and isinstance(opt.param_groups[1]["lr"], torch.Tensor)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("change", [{"exact_error_feedback": True}, {"window_dtype": torch.float32},
+                                    {"quant_block": 32}])
+def test_storage_settings_cannot_change_once_a_parameter_has_state(backend, change):
+    """The kernel indexes every state by the group's settings: a state kept under other settings is
+    refused before any launch (it was read out of bounds)."""
+    if backend == "triton":
+        from kernel_check import require_kernel_device
+
+        require_kernel_device("cpu")
+    p = torch.nn.Parameter(torch.randn(200))
+    opt = MicroAdam([p], lr=1e-2, m=3, density=0.2, block=64, quant_block=16, backend=backend)
+    p.grad = torch.randn(200)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0].update(change)
+    p.grad = torch.randn(200)
+    with pytest.raises(ValueError, match="cannot change once a parameter has state"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in opt.state[p].items())
+
+
 def _make_params(gen):
     return [
         torch.nn.Parameter(torch.randn(3000, generator=gen)),

@@ -314,19 +314,21 @@ def test_state_dict_round_trip_with_the_fused_backend():
 # ---- torch.compile -------------------------------------------------------------------------------
 
 
-def test_compiled_step_is_one_graph_without_recompiles():
-    """opt.step() compiled with fullgraph=True (aot_eager: functionalized, so ``mutates_args`` and the
-    fake impl are exercised) runs the custom op fusedopt::window_step: the first two steps compile
-    (the first creates the state), then 20 steps with a cosine schedule on a tensor lr compile
-    nothing; the trajectory is the eager fused one, bit for bit."""
+@pytest.mark.parametrize("lr", ["float", "tensor"])
+def test_compiled_step_is_one_graph_without_recompiles(lr):
+    """opt.step() and opt.zero_grad() compiled together with fullgraph=True (aot_eager:
+    functionalized, so ``mutates_args`` and the fake impl are exercised) run the custom op
+    fusedopt::window_step: the first two steps compile (the first creates the state), then 20 steps
+    with a cosine schedule compile nothing, whether lr was given as a float (the group keeps it in a
+    tensor) or as a tensor; the trajectory is the eager fused one, bit for bit."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
     def setup():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).to(DEVICE)
-        lr = torch.tensor(0.01, dtype=torch.float64, device=DEVICE)
-        opt = MicroAdam(model.parameters(), lr=lr, m=3, density=0.1, backend="triton", **SMALL)
+        rate = 0.01 if lr == "float" else torch.tensor(0.01, dtype=torch.float64, device=DEVICE)
+        opt = MicroAdam(model.parameters(), lr=rate, m=3, density=0.1, backend="triton", **SMALL)
         return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
 
     x, y = torch.randn(32, 8, device=DEVICE), torch.randn(32, 1, device=DEVICE)
@@ -334,14 +336,18 @@ def test_compiled_step_is_one_graph_without_recompiles():
     runs = []
     for compiled in (False, True):
         model, opt, sched = setup()
-        step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+
+        def update():
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(update, backend=counter, fullgraph=True) if compiled else update
         for k in range(22):
             if k == 2:
                 warm = counter.frame_count
             with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 step()
-                opt.zero_grad()
                 sched.step()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert 0 < counter.frame_count == warm

@@ -1,0 +1,94 @@
+"""Param groups as fusedopt's front ends keep them.
+
+Hyperparameters live in 0-d float64 tensors on the parameters' device. torch's schedulers assign
+Python floats (``group["betas"] = (0.95, beta2)`` in OneCycleLR, ``group["lr"] = 0.1`` by hand);
+:class:`ParamGroup` writes them into the existing tensors, which keeps the identity of every tensor a
+compiled step has captured, so a new value is new data for the kernels and nothing recompiles.
+Checkpoints hold the values as Python numbers (:func:`saved_numbers`). :func:`zero_grad` is
+torch.optim's, in a form torch.compile traces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+
+class ParamGroup(dict):
+    """A param group whose tensor-valued hyperparameters are updated in place."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        current = self.get(key)
+        if isinstance(current, torch.Tensor) and value is not None:
+            write_scalar(current, value)
+            return
+        if isinstance(current, tuple) and current and all(isinstance(c, torch.Tensor) for c in current):
+            if not isinstance(value, (tuple, list)) or len(value) != len(current):
+                raise ValueError(f"param group '{key}' holds {len(current)} values, got {value!r}")
+            for c, v in zip(current, value):
+                if v is not c:
+                    write_scalar(c, v)
+            return
+        super().__setitem__(key, value)
+
+
+def write_scalar(dest: torch.Tensor, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a hyperparameter holds one number, got a tensor of shape {tuple(value.shape)}")
+        dest.copy_(value.detach().reshape(()))
+    else:
+        dest.fill_(float(value))
+
+
+def as_hparam_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """``value`` (a number or a one-element tensor) as a new 0-d float64 tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyperparameter must hold one number, got shape {tuple(value.shape)}")
+        return value.detach().to(device=device, dtype=torch.float64).reshape(()).clone()
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def held_in_tensors(group: dict, keys: Iterable[str], cls: type = ParamGroup) -> ParamGroup:
+    """A copy of ``group`` as ``cls`` with the hyperparameters under ``keys`` (numbers, one-element
+    tensors, or tuples of them) in 0-d float64 tensors on the device of the group's first parameter."""
+    params = group["params"]
+    device = params[0].device if params else torch.device("cpu")
+    keys = set(keys)
+    out = cls()
+    for key, value in group.items():
+        if key in keys and value is not None:
+            value = tuple(as_hparam_tensor(v, device) for v in value) if isinstance(value, (tuple, list)) \
+                else as_hparam_tensor(value, device)
+        dict.__setitem__(out, key, value)
+    return out
+
+
+def saved_numbers(group: dict, ints: Iterable[str] = ()) -> None:
+    """In a checkpoint's copy of a group, hyperparameter tensors become Python floats (ints for the
+    keys in ``ints``), as torch.optim saves them."""
+    ints = set(ints)
+    for key, value in group.items():
+        if isinstance(value, torch.Tensor):
+            group[key] = int(value.item()) if key in ints else value.item()
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            group[key] = tuple(v.item() for v in value)
+
+
+def zero_grad(param_groups: Iterable[dict], set_to_none: bool = True) -> None:
+    """torch.optim.Optimizer.zero_grad over ``param_groups``, traceable by torch.compile (torch's
+    is marked untraceable)."""
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
