@@ -466,9 +466,10 @@ def where(cond, a, b):
 
 
 CLIP_HPARAM = "max_grad_norm"
-# Clipping a group whose tensors run as several programs (a rule's matrix and vector variants, or
-# quantized and float32 states): the front end computes the factor min(1, max_norm / (||g|| + 1e-6))
-# on the device and every program reads it as this hyperparameter.
+# Clipping where one launch does not see the whole norm (a group whose tensors run as several
+# programs: a rule's matrix and vector variants, quantized and float32 states; a norm over several
+# groups; a rule with its own group reduction): the front end computes the factor
+# min(1, max_norm / (||g|| + 1e-6)) on the device and every program reads it as this hyperparameter.
 CLIP_SCALE = "clip_scale"
 CLIP_MODES = ("norm", "scale")
 # Skipping the step of a group with a NaN or infinite gradient: "group" finds it with a fused reduction

@@ -191,6 +191,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for storage in {converted[STATE_DTYPE], "fp32"}:
                     self._prepared(converted, matrix, storage)
             self._check_group_runs(converted)
+            if self._clipping_groups() > 1:  # the clipping factors, made now rather than in a traced step
+                for group in self._groups:
+                    if group.get(CLIP_HPARAM) is not None:
+                        self._make_factors(group)
         except BaseException:  # e.g. a device the kernels cannot run on: the group is not kept
             self.param_groups.pop()
             self._groups = list(self.param_groups)
@@ -294,8 +298,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         multi = self._runs_as_several_programs(group)
         clip = None
         if group.get(CLIP_HPARAM) is not None:
-            # a rule that reduces over the group itself would reduce over a reduction: clip by a factor
-            by_factor = multi or self._reduces_over_group(rule_options, matrix)
+            # clip by a factor computed before the launches where the norm spans several groups or
+            # programs, or where the rule reduces over the group itself (a reduction over a reduction)
+            by_factor = multi or self._clipping_groups() > 1 or self._reduces_over_group(rule_options, matrix)
             clip = "scale" if by_factor else "norm"
             if by_factor:
                 self._make_factors(group)
@@ -335,16 +340,40 @@ class FusedOptimizer(torch.optim.Optimizer):
                          for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
                 for device in dict.fromkeys(p.device for p in group["params"])}
 
+    def _clipping_groups(self) -> int:
+        return sum(g.get(CLIP_HPARAM) is not None for g in self._groups)
+
+    def _update_clip_factors(self) -> None:
+        """For an optimizer with several clipping groups, before any launch and without a host sync:
+        the norm of every gradient of those groups (in float64, as torch.nn.utils.clip_grad_norm_
+        over all their parameters), and each group's factor min(1, max_grad_norm / (norm + 1e-6))."""
+        clipping = [g for g in self._groups if g.get(CLIP_HPARAM) is not None]
+        for group in clipping:
+            self._make_factors(group)
+        grads = [p.grad for g in clipping for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        device = grads[0].device
+        norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        for group in clipping:
+            limit = group[CLIP_HPARAM]  # a tensor, or a number set by hand where it was None
+            limit = limit.to(device) if isinstance(limit, torch.Tensor) else limit
+            factor = torch.clamp(limit / (total + 1e-6), max=1.0)
+            for copy in self._factors[id(group)].values():
+                copy[CLIP_SCALE].copy_(factor, non_blocking=True)
+
     def _update_group_factors(self, group: Mapping[str, Any], grads: list) -> None:
         """Over every gradient of the group, without a host sync: the clipping factor
         min(1, max_grad_norm / (||g|| + 1e-6)) (as torch.nn.utils.clip_grad_norm_ computes it, the norm
-        in float64) and the flag that a gradient holds a NaN or an infinity."""
+        in float64; over every clipping group when there are several, see _update_clip_factors) and
+        the flag that a gradient holds a NaN or an infinity."""
         grads = [g for g in grads if g is not None]
         first, *others = self._factors[id(group)].values()
         if not grads:
             return
         device = first[CLIP_SCALE].device
-        if group.get(CLIP_HPARAM) is not None:
+        if group.get(CLIP_HPARAM) is not None and self._clipping_groups() == 1:
             norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
             total = torch.linalg.vector_norm(torch.stack(norms))
             first[CLIP_SCALE].copy_(torch.clamp(group[CLIP_HPARAM] / (total + 1e-6), max=1.0))
@@ -428,6 +457,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        "nn.Embedding(..., sparse=False)")
             if params:
                 work.append((group, params))
+        if self._clipping_groups() > 1:  # one norm over the clipping groups, before any launch
+            self._update_clip_factors()
         for group, item in work:
             if isinstance(item, _FastGroup):
                 item.run()

@@ -85,6 +85,62 @@ def test_clipping_is_over_the_group_not_each_tensor():
     torch.testing.assert_close(small.detach(), torch.full((4,), -0.1 / (norm_ + 1e-6)))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_clipping_spans_every_clipping_group(backend):
+    """Several groups with max_grad_norm: one norm over all their gradients, as clip_grad_norm_ over
+    those parameters (a group without max_grad_norm is neither counted nor clipped)."""
+    if backend == "triton":
+        require_kernel_device("cpu")
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(s, generator=gen) for s in ((6, 5), (7,), (3, 4), (9,))]
+    a = [p.clone().requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    oa = fusedopt.AdamW([{"params": a[:2]}, {"params": a[2:3], "lr": 0.03}, {"params": a[3:], "max_grad_norm": None}],
+                        lr=0.01, max_grad_norm=0.5, backend=backend)
+    ob = torch.optim.AdamW([{"params": b[:2]}, {"params": b[2:3], "lr": 0.03}, {"params": b[3:]}], lr=0.01,
+                           foreach=False)
+    for _ in range(4):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen) * 3
+            x.grad, y.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(b[:3], 0.5)
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", ["adam_mini", "lamb"])
+def test_optimizers_that_split_groups_themselves_clip_over_the_whole_model(make):
+    """AdamMini puts biases and norms in a group of their own and LAMB is used so: max_grad_norm
+    still clips by the norm over every parameter (as clip_grad_norm_(model.parameters()); timm's
+    LAMB takes one norm over all groups)."""
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+        return m
+
+    def build(m, clip):
+        if make == "adam_mini":
+            return fusedopt.AdamMini(m.named_parameters(), lr=1e-2, weight_decay=0.1, dim=8, n_heads=2,
+                                     max_grad_norm=clip)
+        decay = [p for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1]
+        rest = [p for n, p in m.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
+        return fusedopt.LAMB([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2, max_grad_norm=clip)
+
+    ours, theirs = model(), model()
+    oa, ob = build(ours, 0.5), build(theirs, None)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(4):
+        for m in (ours, theirs):
+            (m(x) ** 2).sum().mul(3).backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.5)
+        oa.step(), ob.step()
+        oa.zero_grad(), ob.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_max_grad_norm_can_be_switched_on_and_off():
     p = torch.zeros(3, requires_grad=True)
     opt = fusedopt.SGD([p], lr=1.0)

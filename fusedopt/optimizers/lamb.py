@@ -7,8 +7,11 @@
         r = 1 for tensors with wd = 0 unless always_adapt
     p <- p - lr * r * u
 
-timm clips gradients to a global norm of 1.0 inside the optimizer; here that is the
-``max_grad_norm`` every fusedopt optimizer accepts (fusedopt.LAMB defaults it to 1.0, as timm).
+timm clips gradients to a global norm of 1.0 inside the optimizer, over every group; here that is
+the ``max_grad_norm`` every fusedopt optimizer accepts (one norm over all groups that clip;
+fusedopt.LAMB defaults it to 1.0, as timm). One difference: timm counts steps per group, fusedopt
+(as torch.optim) per parameter, so a parameter that misses a step's gradient keeps its own bias
+correction.
 """
 
 from ..dsl import eq, lerp, minimum, norm, rule, sqrt, state, where
