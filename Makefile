@@ -3,22 +3,25 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# one stamp per torch requirement: changing TORCH installs again
+STAMP := $(BIN)/.installed-$(shell printf '%s' '$(TORCH)' | tr -c 'A-Za-z0-9.' '_')
 
 .PHONY: demo test setup clean peer-wheels
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test,demo]"
+	rm -f $(BIN)/.installed*
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(STAMP)
 
-demo: $(BIN)/.installed
+demo: $(STAMP)
 	$(BIN)/python -m fusedopt.demo
 
-test: $(BIN)/.installed
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Peer optimizers for benchmarks/gpu_campaign.sh peers: the wheels, for a GPU machine without network

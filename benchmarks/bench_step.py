@@ -5,7 +5,7 @@
         [--quick] [--out DIR]
 
 For every parameter list and rule: fusedopt (``backend="triton"``: one fused launch per group and
-step; on a CPU the Triton interpreter, plus ``backend="reference"``) and torch.optim with
+step; on a CPU ``backend="reference"``, and with ``--quick`` also the Triton interpreter) and torch.optim with
 ``foreach=True``, ``fused=True`` and a ``torch.compile``d ``opt.step`` (the last two on CUDA by
 default). SGD runs with momentum 0.9. torch.optim has no Lion: Lion rows are compared with
 torch.optim.AdamW as a bandwidth reference. The table goes to stdout, progress to stderr, and a CSV

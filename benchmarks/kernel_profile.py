@@ -94,7 +94,8 @@ def profile(counts: collections.Counter, usage: dict[str, int]) -> dict[str, obj
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.kernel_profile",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--rules", default="adamw,adamw-bf16state,adamw8bit,adamw4bit",
                         help=f"comma-separated, from {', '.join(PROGRAMS)}")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

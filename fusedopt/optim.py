@@ -5,7 +5,8 @@ Hyperparameters live in 0-d float64 tensors on the parameters' device, so changi
 never changes code: a ``torch.compile``d training step does not recompile. Per-parameter state uses
 torch.optim's keys (``step``, ``exp_avg``, ...), so checkpoints move between fusedopt and torch.optim.
 
-This module is the one place that joins the rule side (dsl, ir, reference) with ``codegen``.
+This module and fusedopt.window_optimizer are the two places that join the rule side (dsl, ir,
+reference) with ``codegen``.
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for device in devices:
             if self._backend_for(device) == "triton" and device not in prepared.kernel_keys \
                     and not prepared.program.needs_reference:
-                from codegen import ops  # the front end is the one place that reaches codegen
+                from codegen import ops  # the front ends are the only modules that reach codegen
 
                 ops.target_for(device)  # a device the kernels cannot run on fails here, not in step()
                 prepared.kernel_keys[device] = ops.register(prepared.program)

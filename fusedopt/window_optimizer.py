@@ -120,7 +120,7 @@ class WindowOptimizer(torch.optim.Optimizer):
     def _kernel_key(self, program: ir.Program) -> str:
         key = self._kernel_keys.get(program)
         if key is None:
-            from codegen import window_ops  # the front end is the one place that reaches codegen
+            from codegen import window_ops  # the front ends are the only modules that reach codegen
 
             key = self._kernel_keys[program] = window_ops.register(program)
         return key

@@ -145,7 +145,7 @@ def _rms(x):
 def oracle_step(p, g, st, variant="hf", lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                 beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False,
                 mutation=None):
-    """One Adafactor step on p in place, transcribed from research/algorithms.md: variant "hf" is
+    """One Adafactor step on p in place, transcribed from the two implementations: variant "hf" is
     transformers.optimization.Adafactor (4.3, HF's argument names and defaults), "torch" is
     torch.optim.Adafactor (4.2; relative_step and scale_parameter unused) plus HF's first moment.
     ``mutation`` makes a deliberately wrong HF step, to show the comparison catches it."""

@@ -1,6 +1,6 @@
 """Every built-in kernel compiles for sm_90 on a machine without a GPU, and the alignment hints
 turn its parameter, gradient and state accesses into 16-byte vector loads and stores (the H100
-measurement in DESIGN.md: 74 % of copy bandwidth without them, 94 % with them)."""
+measurement of the fp32 AdamW step: 74 % of copy bandwidth without them, 94 % with them)."""
 
 from __future__ import annotations
 

@@ -28,10 +28,10 @@ def exact_microadam(params, **kw):
     return MicroAdam(params, exact_error_feedback=True, window_dtype=None, **kw)
 
 
-# ---- the worked vectors of algorithms.md section 13 ----------------------------------------------
+# ---- worked vectors: three steps from fixed inputs, hand-derived ---------------------------------
 
 
-def test_section_13_5_vector():
+def test_worked_vector_of_one_block():
     """One block of 3, k=1, m=2, lr 0.01, float64, exact EF: selection, EF, u and theta per step."""
     p = torch.nn.Parameter(torch.tensor(THETA0, dtype=F64))
     opt = exact_microadam([p], lr=0.01, m=2, density=1 / 3, block=3)
@@ -53,8 +53,8 @@ def test_section_13_5_vector():
         torch.testing.assert_close(p.detach(), torch.tensor(theta, dtype=F64), rtol=0, atol=1e-9)
 
 
-def test_section_13_5_dense_check_is_adam_13_1():
-    """k = d (density 1) and m = 10: the same code reproduces Adam's vector of section 13.1."""
+def test_at_density_one_the_worked_vector_is_adams():
+    """k = d (density 1) and m = 10: the same code reproduces Adam's worked vector (test_reference.py)."""
     p = torch.nn.Parameter(torch.tensor(THETA0, dtype=F64))
     opt = exact_microadam([p], lr=0.01, m=10, density=1.0, block=3)
     expected = [

@@ -178,7 +178,7 @@ def test_trajectory_matches_torch_optim_fp64(cls_name, kwargs):
 
 
 def _lion_formula(params, grads_per_step, lr, beta1, beta2, wd):
-    """Lion as written in the google/automl code (algorithms.md section 7), in float64."""
+    """Lion as written in the google/automl code, in float64."""
     params = [p.clone() for p in params]
     m = [torch.zeros_like(p) for p in params]
     for grads in grads_per_step:
@@ -206,13 +206,13 @@ def test_lion_trajectory_matches_the_formula(dtype, rtol):
                                        msg=lambda m, k=k: f"step {k + 1}: {m}")
 
 
-# ---- test vectors of algorithms.md section 13 ----------------------------------------------------
+# ---- worked vectors: three steps of each rule from fixed inputs, to 10 significant digits ----------
 
 THETA0 = [1.0, -2.0, 0.5]
 GRADS = [[0.1, -0.2, 0.3], [0.0, 0.5, -0.1], [1.0, 1.0, 1.0]]
 
 VECTORS = {
-    "13.1 adam": (
+    "adam": (
         "Adam", {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
         {1: {"param": [0.990000001, -1.990000001, 0.4900000003], "exp_avg": [0.01, -0.02, 0.03],
              "exp_avg_sq": [1e-05, 4e-05, 9e-05]},
@@ -221,7 +221,7 @@ VECTORS = {
          3: {"param": [0.9764280476, -2.001667358, 0.4789744601], "exp_avg": [0.1081, 0.1288, 0.1153],
              "exp_avg_sq": [0.00100998001, 0.00128967004, 0.00109981009]}},
     ),
-    "13.2 adamw": (
+    "adamw": (
         "AdamW", {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1},
         {1: {"param": [0.989000001, -1.988000001, 0.4895000003], "exp_avg": [0.01, -0.02, 0.03],
              "exp_avg_sq": [1e-05, 4e-05, 9e-05]},
@@ -230,7 +230,7 @@ VECTORS = {
          3: {"param": [0.9734577372, -1.995688924, 0.4774999518], "exp_avg": [0.1081, 0.1288, 0.1153],
              "exp_avg_sq": [0.00100998001, 0.00128967004, 0.00109981009]}},
     ),
-    "13.3 adam-l2": (
+    "adam-l2": (
         "Adam", {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1},
         {1: {"param": [0.9900000005, -1.99, 0.4900000003], "exp_avg": [0.02, -0.04, 0.035]},
          2: {"param": [0.9806929425, -1.989122692, 0.4844430175]},
@@ -238,7 +238,7 @@ VECTORS = {
              "exp_avg": [0.1349169294, 0.07479877308, 0.1286044302],
              "exp_avg_sq": [0.001255467414, 0.0008919321114, 0.001224088975]}},
     ),
-    "13.4 lion": (
+    "lion": (
         "Lion", {"lr": 0.01, "betas": (0.9, 0.99), "weight_decay": 0.1},
         {1: {"param": [0.989, -1.988, 0.4895], "exp_avg": [0.001, -0.002, 0.003]},
          2: {"param": [0.978011, -1.996012, 0.4990105], "exp_avg": [0.00099, 0.00302, 0.00197]},
@@ -253,7 +253,7 @@ def test_reproduces_reference_test_vectors(vector, dtype):
     cls_name, kwargs, expected = VECTORS[vector]
     p = torch.tensor(THETA0, dtype=dtype, requires_grad=True)
     opt = getattr(fusedopt, cls_name)([p], backend="reference", **kwargs)
-    # float64: the vectors are printed to 10 significant digits; fp32: algorithms.md's atol 3e-7
+    # float64: the vectors are printed to 10 significant digits; fp32: atol 3e-7
     # (on the parameter; fp32 states, computed with fewer roundings, are held to 1e-6 relative)
     for t, grad in enumerate(GRADS, start=1):
         p.grad = torch.tensor(grad, dtype=dtype)
@@ -267,3 +267,18 @@ def test_reproduces_reference_test_vectors(vector, dtype):
             torch.testing.assert_close(got.to(FP64), torch.tensor(want, dtype=FP64), **tol,
                                        msg=lambda m, t=t, key=key: f"{vector} t={t} {key}: {m}")
         assert float(opt.state[p]["step"]) == t
+
+
+def test_float32_square_roots_are_correctly_rounded():
+    """The portable backend's sqrt is IEEE's (as the kernels' sqrt_rn), not torch's CPU approximation."""
+    import numpy as np
+
+    from fusedopt.reference import _sqrt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(200_000, generator=gen) * 10.0 ** torch.randint(-40, 38, (200_000,), generator=gen),
+                   torch.tensor([0.0, -0.0, 1.0, 2.0, 1e-45, 3.4e38, float("inf"), -1.0, float("nan")])])
+    got = _sqrt(x)
+    want = torch.from_numpy(np.sqrt(x.numpy()))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
