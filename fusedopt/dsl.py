@@ -698,8 +698,11 @@ def _build(rule: Rule, options: tuple[tuple[str, bool], ...], clip: str = "") ->
     except RuleError:
         raise
     except Exception as exc:
-        raise _fail(rule.name, f"its function raised {type(exc).__name__}: {exc}",
-                    "use only p, g, t, hyperparameters, states and the fusedopt.dsl functions") from exc
+        fix = "use only p, g, t, hyperparameters, states and the fusedopt.dsl functions"
+        if isinstance(exc, TypeError) and ("convert expression to float" in str(exc) or "real number" in str(exc)):
+            fix = ("a symbol went through a function that needs a Python number (math.sqrt, math.exp, float(), "
+                   "...): use fusedopt.dsl's sqrt, exp, log, minimum, maximum instead")
+        raise _fail(rule.name, f"its function raised {type(exc).__name__}: {exc}", fix) from exc
     finally:
         _Builder.active.pop()
     if returned is not None:

@@ -297,6 +297,16 @@ def test_rule_code_still_compares_and_branches_on_options_and_numbers():
     assert prog.update_of("m") == S("beta") * S("m") + S("g")
 
 
+def test_a_math_function_on_a_symbol_points_to_the_dsl_function():
+    import math
+
+    with pytest.raises(RuleError) as excinfo:
+        @rule("math_sqrt")
+        def f(p, g, t, lr=0.1):
+            p.set(p - lr * math.sqrt(g))
+    _assert_rule_error(excinfo, "math_sqrt", "math.sqrt", "fusedopt.dsl's sqrt")
+
+
 def test_setting_g_or_a_hyperparameter_and_returning_a_value_are_errors():
     with pytest.raises(RuleError) as excinfo:
         @rule("sets_g")
