@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
+from itertools import chain
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
@@ -58,7 +60,8 @@ class _FastGroup:
         self.params = list(self.params_list)
         self.param_layouts = [(p.data_ptr(), p.shape) for p in self.params]
         self.states = [opt.state.get(p) for p in self.params]
-        self.state_values = [tuple(st.values()) for st in self.states]
+        self.state_sizes = tuple(map(len, self.states))
+        self.state_values = tuple(chain.from_iterable(map(dict.values, self.states)))
         self.grads = [p.grad for p in self.params]
         self.layouts = [(g.dtype, g.shape, g.stride(), g.device) for g in self.grads]
         self.options = options
@@ -82,10 +85,9 @@ class _FastGroup:
         return [(p.data_ptr(), p.shape) for p in params] == self.param_layouts and self._same_state(opt.state)
 
     def _same_state(self, state: Mapping) -> bool:
-        for p, st, values in zip(self.params, self.states, self.state_values):
-            if state.get(p) is not st or len(st) != len(values) or not all(map(operator.is_, st.values(), values)):
-                return False
-        return True
+        return (all(map(operator.is_, map(state.get, self.params), self.states))
+                and tuple(map(len, self.states)) == self.state_sizes
+                and all(map(operator.is_, chain.from_iterable(map(dict.values, self.states)), self.state_values)))
 
     def run(self) -> None:
         grads = self.new_grads
@@ -111,6 +113,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     passthrough: tuple[str, ...] = ()
     # Hyperparameter keys that may be None: _complete_group resolves them (Adafactor's lr, eps1, beta1).
     nullable: tuple[str, ...] = ()
+    # States a checkpoint may hold that the group's current options do not use (SGD's momentum buffer
+    # while its momentum is 0): loaded as they are, and used again when the options need them.
+    unused_states: tuple[str, ...] = ()
     group_type: type = ParamGroup  # a subclass may derive options from written values (see SGD)
 
     def __init__(self, params: Iterable, rule: Rule, *, backend: str | None = None, **hparams: Any):
@@ -192,13 +197,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for storage in {converted[STATE_DTYPE], "fp32"}:
                     self._prepared(converted, matrix, storage)
             self._check_group_runs(converted)
-            if self._clipping_groups() > 1:  # the clipping factors, made now rather than in a traced step
+            rule_options = tuple(converted[k] for k in self._group_options())
+            for matrix in {None, *self._matrix_choices()}:
+                self._reduces_over_group(rule_options, matrix)
+            if self._several_clipping_groups():  # the clipping factors, made now rather than in a traced step
                 for group in self._groups:
                     if group.get(CLIP_HPARAM) is not None:
                         self._make_factors(group)
         except BaseException:  # e.g. a device the kernels cannot run on: the group is not kept
-            self.param_groups.pop()
+            dropped = self.param_groups.pop()
             self._groups = list(self.param_groups)
+            self._factors.pop(id(dropped), None)
+            self._multi = {k: v for k, v in self._multi.items() if k[0] != id(dropped)}
             raise
 
     def _check_numbers(self, group: Mapping[str, Any]) -> None:
@@ -211,7 +221,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__}: {key}={value!r}; expected {len(names)} numbers "
                                  f"({', '.join(names)})")
             for v in value if names is not None else (value,):
-                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                number = isinstance(v, numbers.Real) and not isinstance(v, bool)
                 if not ((v is None and key in self.nullable) or number
                         or (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex())):
                     raise TypeError(f"{type(self).__name__}: {key}={value!r} is not a number. Fix: pass a float "
@@ -301,7 +311,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group.get(CLIP_HPARAM) is not None:
             # clip by a factor computed before the launches where the norm spans several groups or
             # programs, or where the rule reduces over the group itself (a reduction over a reduction)
-            by_factor = multi or self._clipping_groups() > 1 or self._reduces_over_group(rule_options, matrix)
+            by_factor = multi or self._several_clipping_groups() or self._reduces_over_group(rule_options, matrix)
             clip = "scale" if by_factor else "norm"
             if by_factor:
                 self._make_factors(group)
@@ -309,13 +319,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         return (*rule_options, matrix, clip, storage, group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS], skip)
 
     def _reduces_over_group(self, rule_options: tuple, matrix: bool | None) -> bool:
+        """Whether the rule's own update reduces over the group (for matrix None: in any of its
+        per-tensor variants). Memoized when a group is added: a compiled step only looks it up."""
         key = (rule_options, matrix)
         wide = self._wide.get(key)
         if wide is None:
-            chosen = dict(zip(self._group_options(), rule_options))
-            if matrix is not None:
-                chosen[ir.MATRIX_OPTION] = matrix
-            wide = self._wide[key] = self.rule.program(**chosen).has_group_reductions
+            if matrix is None and self._matrix_choices() != (None,):
+                wide = any(self._reduces_over_group(rule_options, m) for m in self._matrix_choices())
+            else:
+                chosen = dict(zip(self._group_options(), rule_options))
+                if matrix is not None:
+                    chosen[ir.MATRIX_OPTION] = matrix
+                wide = self.rule.program(**chosen).has_group_reductions
+            self._wide[key] = wide
         return wide
 
     def _runs_as_several_programs(self, group: Mapping[str, Any]) -> bool:
@@ -333,16 +349,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         return multi
 
     def _make_factors(self, group: Mapping[str, Any]) -> None:
-        """The group's clipping factor and non-finite flag, one copy per device (made when the group
-        is added, not inside a traced step)."""
+        """The group's clipping factor and non-finite flag, one copy per device. Made when the group is
+        added (and when a second clipping group is), so that a compiled step finds them; the calls
+        from a step only make what a change by hand since then needs."""
         if id(group) not in self._factors:
             self._factors[id(group)] = {
                 device: {name: torch.full((), value, dtype=torch.float64, device=device)
                          for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
                 for device in dict.fromkeys(p.device for p in group["params"])}
 
-    def _clipping_groups(self) -> int:
-        return sum(g.get(CLIP_HPARAM) is not None for g in self._groups)
+    def _several_clipping_groups(self) -> bool:
+        """Whether two or more groups clip (stops at the second: runs for every group every step)."""
+        found = 0
+        for g in self._groups:
+            if g.get(CLIP_HPARAM) is not None:
+                found += 1
+                if found > 1:
+                    return True
+        return False
 
     def _update_clip_factors(self) -> None:
         """For an optimizer with several clipping groups, before any launch and without a host sync:
@@ -374,7 +398,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not grads:
             return
         device = first[CLIP_SCALE].device
-        if group.get(CLIP_HPARAM) is not None and self._clipping_groups() == 1:
+        if group.get(CLIP_HPARAM) is not None and not self._several_clipping_groups():
             norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
             total = torch.linalg.vector_norm(torch.stack(norms))
             first[CLIP_SCALE].copy_(torch.clamp(group[CLIP_HPARAM] / (total + 1e-6), max=1.0))
@@ -458,7 +482,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        "nn.Embedding(..., sparse=False)")
             if params:
                 work.append((group, params))
-        if self._clipping_groups() > 1:  # one norm over the clipping groups, before any launch
+        if self._several_clipping_groups():  # one norm over the clipping groups, before any launch
             self._update_clip_factors()
         for group, item in work:
             if isinstance(item, _FastGroup):
@@ -622,7 +646,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             values = {**values, ir.MASTER: p.detach().to(torch.float32)}
         expected = set(program.state_names)
         absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
-        unknown = set(values) - expected - absmax - {"step"}
+        kept = {n for n in self.unused_states if n in values and n not in expected}
+        unknown = set(values) - expected - absmax - kept - {"step"}
         missing = expected - set(values)
         if unknown or missing:
             raise ValueError(f"state for a parameter of shape {tuple(p.shape)} does not fit rule "
@@ -632,6 +657,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for spec in program.states:
             out.update(self._convert_one(spec, p, values, view))
+        for name in kept:
+            out[name] = values[name].detach().to(p.device, copy=True)
         step = values.get("step")
         if step is None:  # torch.optim.SGD keeps no step: a buffer means at least one step was taken
             step = 1.0 if program.states else 0.0

@@ -125,8 +125,9 @@ def _is_scalar(expr: sympy.Basic, scalar_names: frozenset[str]) -> bool:
 class _Hoister:
     """Replaces maximal scalar-only subexpressions by fresh symbols."""
 
-    def __init__(self, scalar_names: frozenset[str]):
+    def __init__(self, scalar_names: frozenset[str], into_reductions: bool = True):
         self.scalar_names = scalar_names
+        self.into_reductions = into_reductions
         self.hoisted: dict[sympy.Expr, sympy.Symbol] = {}
 
     def name_for(self, expr: sympy.Expr) -> sympy.Symbol:
@@ -135,7 +136,7 @@ class _Hoister:
         return self.hoisted[expr]
 
     def __call__(self, expr: sympy.Expr) -> sympy.Expr:
-        if expr.is_Atom:
+        if expr.is_Atom or (not self.into_reductions and isinstance(expr, ir.Reduction)):
             return expr
         if _is_scalar(expr, self.scalar_names):
             return self.name_for(expr)
@@ -219,6 +220,17 @@ def store_small_states(program: ir.Program, reductions: list[ReductionSpec], upd
         copy = ir.symbol(store(ir.symbol(name), small_states[name]).name)
         updates = [(t, e.xreplace({ir.symbol(name): copy})) for t, e in updates]
     return reductions, updates
+
+
+def hoist_scalars(program: ir.Program) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list]:
+    """The updates with their maximal scalar-only subexpressions (of hyperparameters, the step and
+    the size) replaced by symbols, as the kernels hoist them, and the hoisted (symbol, expression)
+    pairs; reductions stay in place, their arguments untouched. The reference interpreter evaluates
+    this form, so that both backends group (and round) the per-tensor factors alike:
+    ``lr / (1 - beta1**t)`` once, in float64, then one float32 product."""
+    h = _Hoister(program.scalar_names, into_reductions=False)
+    updates = [(target, h(expr)) for target, expr in program.updates]
+    return [(sym, expr) for expr, sym in h.hoisted.items()], updates
 
 
 def hoist(program: ir.Program):

@@ -3,7 +3,9 @@
 It is deliberately naive (one tensor at a time, the unlowered expressions walked node by node) so
 that it can serve as the oracle for every generated kernel: with ``compute_dtype=torch.float64`` and
 float64 inputs it is the test oracle; with float32 compute and the states' storage dtypes it is the
-portable backend that runs anywhere torch runs, and that ``torch.compile`` can trace.
+portable backend that runs anywhere torch runs, and that ``torch.compile`` can trace. In float32
+the per-tensor scalar factors are grouped first as the kernels group them (``Compiled.grouped``),
+so that the two backends round alike (elementwise rules: the same bits).
 
 Hyperparameters arrive as 0-d float64 tensors and the step as a 0-d float32 tensor, so expressions
 that read only them (bias corrections) are computed in float64, like torch.optim computes them in
@@ -20,7 +22,7 @@ from typing import Mapping, NamedTuple, Sequence
 import sympy
 import torch
 
-from . import ir, quant, rounding
+from . import ir, passes, quant, rounding
 from .dtypes import storage_dtype
 
 
@@ -94,6 +96,11 @@ class Compiled(NamedTuple):
     # (slot the result goes to, "sum" | "max", code computing the argument per tensor, argument slot)
     groups: tuple[tuple[str, str, tuple, object], ...] = ()
     skip: object = None  # the slot of Program.skip_when: nonzero when the step is skipped
+    # the same program with its per-tensor scalar factors computed first, as the kernels compute
+    # them (``lr / (1 - beta1**t)`` once, then one product per element): what float32 compute runs,
+    # so that this backend and the kernels round alike; float64 compute (the oracle) runs the code
+    # above, which shares nothing with the kernels' lowering
+    grouped: "Compiled | None" = None
 
 
 class _Flattener:
@@ -235,8 +242,18 @@ _OPS = {
 
 @functools.lru_cache(maxsize=None)
 def compile_program(program: ir.Program) -> Compiled:
+    """The program as straight-line code, node by node as written, and (``grouped``) with its
+    per-tensor scalar factors grouped as the kernels group them (passes.hoist_scalars)."""
+    naive = _compile(program, program.updates)
+    scalars, updates = passes.hoist_scalars(program)
+    return naive._replace(grouped=_compile(program, updates, scalars)) if scalars else naive
+
+
+def _compile(program: ir.Program, updates, scalars=()) -> Compiled:
     flat = _Flattener()
-    outputs = tuple((target, flat(expr)) for target, expr in program.updates)
+    for sym, expr in scalars:  # a hoisted symbol reads its expression's slot
+        flat.slots[sym] = flat(expr)
+    outputs = tuple((target, flat(expr)) for target, expr in updates)
     skip = flat(program.skip_when) if program.skip_when is not None else None
     return Compiled(program, tuple(flat.code), outputs, tuple(flat.groups), skip)
 
@@ -330,6 +347,8 @@ def step(
     ``views``: per tensor, the (n_blocks, block_numel) view its full-size tensors take for block
     layouts and reductions (None: the tensor's own shape)."""
     compiled = program if isinstance(program, Compiled) else compile_program(program)
+    if compute_dtype != torch.float64 and compiled.grouped is not None:
+        compiled = compiled.grouped
     full = {s.name for s in compiled.program.states if s.layout == "full"}
     quantized = {s.name: s for s in compiled.program.states if s.quantized}
     envs = []
@@ -342,7 +361,9 @@ def step(
 
         env: dict[str, object] = dict(hparams)
         env[ir.STEP] = steps[i].to(torch.float64) if compute_dtype == torch.float64 else steps[i]
-        env[ir.NUMEL] = float(p.numel())
+        # a float64 tensor, as the kernels' float64 scalar: per-tensor factors of it (1 / numel, hoisted
+        # as the kernels hoist them) divide as IEEE does for an empty tensor, where Python raises
+        env[ir.NUMEL] = torch.tensor(float(p.numel()), dtype=torch.float64, device=p.device)
         env[ir.PARAM] = load(p)
         env[ir.GRAD] = load(g)
         for spec in compiled.program.states:

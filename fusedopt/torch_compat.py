@@ -156,6 +156,7 @@ class SGD(FusedOptimizer):
 
     passthrough = ("foreach", "differentiable", "fused")
     group_type = _SGDGroup
+    unused_states = ("momentum_buffer",)  # kept while the momentum is 0, as torch keeps it
 
     def __init__(self, params: Iterable, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov: bool = False, *, maximize: bool = False, max_grad_norm: float | None = None,

@@ -14,6 +14,7 @@ storage tensors (``Program.storage_names``): for MicroAdam ``error`` (packed 4-b
 
 from __future__ import annotations
 
+import functools
 from itertools import chain
 from typing import Any
 
@@ -52,7 +53,6 @@ class WindowOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend must be 'triton', 'reference' or None (by device), got {backend!r}")
         self.rule = rule
         self.backend = backend
-        self._hparam_tensors: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
         self._programs: dict[tuple, ir.Program] = {}
         self._kernel_keys: dict[ir.Program, str] = {}
         self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
@@ -149,7 +149,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             state.update(window_reference.init_state(program, p))
             # the fused kernel reads and advances the counter on the device; the eager code on the host
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device if fused else "cpu")
-        for name, (shape, dtype) in window_reference.storage_shapes(program, p.numel(), p.shape, p.dtype).items():
+        for name, (shape, dtype) in _storage_shapes(program, p.numel(), p.shape, p.dtype).items():
             value = state.get(name)
             if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
                 found = None if value is None else (tuple(value.shape), value.dtype)
@@ -218,6 +218,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         for group in self._groups:
             program = self.program(group)
             fused = []
+            values = None  # the hyperparameters as Python floats, read once per group for eager steps
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to select or update
                     continue
@@ -230,39 +231,26 @@ class WindowOptimizer(torch.optim.Optimizer):
                 state = self._state_of(program, p, fused=False)
                 if state["step"].device.type != "cpu":
                     state["step"] = state["step"].cpu()
-                values = {k: float(v) for k, v in self.hparam_values(group).items()}
+                if values is None:
+                    values = {k: float(v) for k, v in self.hparam_values(group).items()}
                 window_reference.step(program, p, p.grad, state, state["step"], values)
             if fused:
                 self._step_fused(group, program, fused)
         return loss
 
     def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
-        """The group's hyperparameters as 0-d float64 tensors on ``device``, in the rule's order, kept
-        for the life of the group and rewritten in place when a value changes (a new lr is new data
-        for the kernel, never new code). A tensor lr is passed as it is (float64, on ``device``): the
-        form for torch.compile, where an lr scheduler fills the tensor and nothing recompiles."""
-        values = self.hparam_values(group)
-        names = list(values)
-        given = {}
-        for name, v in values.items():
+        """The group's hyperparameters as 0-d float64 tensors on ``device``, in the rule's order: the
+        group's own tensors (see fusedopt.groups: a scheduler's new lr is written into them, so a
+        compiled step sees new data and compiles nothing), copied only for another device; a plain
+        number (a subclass's hparam_values may return one) becomes a new tensor."""
+        out = []
+        for v in self.hparam_values(group).values():
             if isinstance(v, torch.Tensor):
                 v = v.reshape(())
-                given[name] = v if (v.dtype, v.device) == (torch.float64, device) else v.to(device, torch.float64)
-        if torch.compiler.is_compiling():
-            return [given[n] if n in given else torch.tensor(float(values[n]), dtype=torch.float64, device=device)
-                    for n in names]
-        plain = tuple(None if n in given else float(values[n]) for n in names)
-        key = id(group)
-        cached = self._hparam_tensors.get(key)
-        if cached is None or (cached[1] and cached[1][0].device != device):
-            tensors = [torch.tensor(v or 0.0, dtype=torch.float64, device=device) for v in plain]
-        else:
-            old, tensors = cached
-            for t, v, o in zip(tensors, plain, old):
-                if v is not None and v != o:
-                    t.fill_(v)
-        self._hparam_tensors[key] = (plain, tensors)
-        return [given.get(n, t) for n, t in zip(names, tensors)]
+                out.append(v if (v.dtype, v.device) == (torch.float64, device) else v.to(device, torch.float64))
+            else:
+                out.append(torch.tensor(float(v), dtype=torch.float64, device=device))
+        return out
 
     def _step_fused(self, group: dict, program: ir.Program, params: list[torch.Tensor]) -> None:
         """One launch of the fused kernel over ``params`` (all on one device; else one per device)."""
@@ -282,6 +270,11 @@ class WindowOptimizer(torch.optim.Optimizer):
             window_ops.step(key, ps, [p.grad for p in ps],
                             [s[name] for name in program.storage_names for s in states],
                             [s["step"] for s in states], self._hparams_on(group, device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _storage_shapes(program: ir.Program, numel: int, shape: torch.Size, dtype: torch.dtype) -> dict:
+    return window_reference.storage_shapes(program, numel, shape, dtype)
 
 
 def _kernel_problem(program: ir.Program) -> str | None:

@@ -156,6 +156,35 @@ def test_compiled_optimizer_step_alone_is_one_graph_without_recompiles(config):
     assert counter.frame_count == 2
 
 
+@pytest.mark.parametrize("make", [
+    # one tensor kind only: the per-kind programs and the group's static options must agree without
+    # building a program inside the traced step
+    lambda ps: fusedopt.Adafactor(ps, lr=0.01, max_grad_norm=1.0, backend="reference"),
+    # two clipping groups: one norm over both, computed before the launches
+    lambda ps: fusedopt.AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.02}], lr=0.01, max_grad_norm=0.5,
+                              backend="reference"),
+], ids=["adafactor-matrices-clipped", "adamw-two-groups-clipped"])
+def test_compiled_clipping_steps_compile_once(make):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Tanh(), torch.nn.Linear(16, 1, bias=False))
+    opt = make(list(model.parameters()))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def opt_step():
+        opt.step()
+
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for k in range(12):
+        with torch._dynamo.config.patch(error_on_recompile=k >= 2):
+            torch.nn.functional.mse_loss(model(x), y).mul(100).backward()
+            opt_step()
+            opt.zero_grad()
+            sched.step()
+    assert counter.frame_count == 2
+
+
 def test_recompile_count_is_not_vacuous():
     """Changing a static option (a Python bool the graph specialises on) does give a new graph."""
     model, opt, _, data, _ = _setup("adamw-cosine")

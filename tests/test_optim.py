@@ -385,6 +385,38 @@ def test_hyperparameters_that_are_not_numbers_name_the_argument(kwargs, match):
         fusedopt.AdamW([torch.randn(2, requires_grad=True)], **kwargs)
 
 
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    p = torch.randn(3, requires_grad=True)
+    opt = fusedopt.Adam([p], lr=np.float32(1e-3), weight_decay=np.int64(0), betas=(np.float64(0.9), 0.999))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert abs(float(opt.param_groups[0]["lr"]) - 1e-3) < 1e-9
+
+
+def test_an_sgd_checkpoint_with_a_buffer_and_momentum_zero_loads():
+    """momentum set to 0 keeps the buffer unused, as torch; the checkpoint then holds it and loads
+    (into fusedopt and from torch.optim), and the buffer is used again once momentum returns."""
+    ours, theirs = _pair(dtype=FP32)
+    a, b = fusedopt.SGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for step in range(4):
+        if step == 2:
+            for o in (a, b):
+                o.param_groups[0]["momentum"] = 0.0
+        _set_grads(ours, theirs, step)
+        a.step(), b.step()
+    for saved in (a.state_dict(), b.state_dict()):
+        c = fusedopt.SGD([p.detach().clone().requires_grad_() for p in ours], lr=0.1, momentum=0.9)
+        c.load_state_dict(saved)
+        assert c.param_groups[0]["with_momentum"] is False and "momentum_buffer" in c.state[c.param_groups[0]["params"][0]]
+    for o in (a, b):
+        o.param_groups[0]["momentum"] = 0.5
+    _set_grads(ours, theirs, 4)
+    a.step(), b.step()
+    _assert_same(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_a_loaded_checkpoint_is_checked_like_a_new_group():
     p = torch.randn(3, requires_grad=True).to(torch.float16).detach().requires_grad_()
     opt = fusedopt.AdamW([p], master_weights=True, backend="reference")

@@ -141,6 +141,31 @@ def test_optimizers_that_split_groups_themselves_clip_over_the_whole_model(make)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_clipping_a_rule_whose_matrix_variant_alone_reduces_over_the_group():
+    """Only the matrix variant has a group reduction; a group of matrices must still be clipped."""
+    @rule("matrix_group_norm")
+    def matrix_group_norm(p, g, t, lr=0.1, matrix=False):
+        if matrix:
+            p.set(p - lr * g * norm(g, over="group"))
+        else:
+            p.set(p - lr * g)
+
+    gen = torch.Generator().manual_seed(2)
+    base = [torch.randn(4, 5, generator=gen), torch.randn(3, 5, generator=gen)]
+    a = [p.clone().requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    oa = fusedopt.FusedOptimizer(a, matrix_group_norm, max_grad_norm=1e-3, backend="reference")
+    ob = fusedopt.FusedOptimizer(b, matrix_group_norm, backend="reference")
+    for x, y in zip(a, b):
+        x.grad = torch.randn(x.shape, generator=gen)
+        y.grad = x.grad.clone()
+    torch.nn.utils.clip_grad_norm_(b, 1e-3)
+    oa.step()
+    ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
 def test_max_grad_norm_can_be_switched_on_and_off():
     p = torch.zeros(3, requires_grad=True)
     opt = fusedopt.SGD([p], lr=1.0)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import fusedopt
 from codegen import launch
 from fusedopt.dsl import lerp, rule, sqrt, state
-from kernel_check import KERNEL_DEVICES, builtin_programs, compare_step, fresh_states, hparam_tensors, require_kernel_device
+from kernel_check import (KERNEL_DEVICES, builtin_programs, compare_step, fresh_states, hparam_tensors,
+                          require_kernel_device, run_one_step)
 
 PROGRAMS = builtin_programs()
 CHUNK = launch.chunk_elements("interpreter")
@@ -222,3 +223,33 @@ def test_powers_of_negative_bases_match_reference(form, k):
     hp = hparam_tensors(program, {"k": k}, "cpu")
     for gs in grads:
         params, states, steps = compare_step(program, params, gs, states, steps, hp, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("name,program", [
+    ("adam", fusedopt.optimizers.adam.program()), ("adam-amsgrad", fusedopt.optimizers.adam.program(amsgrad=True)),
+    ("adamw", fusedopt.optimizers.adamw.program()), ("lion", fusedopt.optimizers.lion.program()),
+    ("sgd-nesterov", fusedopt.optimizers.sgd.program(with_momentum=True, nesterov=True)),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_elementwise_builtins_write_the_same_bits_as_the_reference(device, name, program):
+    """For float32 parameters the reference groups per-tensor factors as the kernels do and rounds
+    its square roots as IEEE does, so an elementwise rule's parameters and states agree bit for bit,
+    step after step (rules with reductions sum in another order and agree to a few ulps)."""
+    require_kernel_device(device)
+    gen = torch.Generator().manual_seed(7)
+    shapes_ = [(1,), (7,), (CHUNK + 1,), (33, 65)]
+    params = [torch.randn(s, generator=gen).to(device) for s in shapes_]
+    hp = hparam_tensors(program, {"lr": 0.01, "weight_decay": 0.1}, device)
+    states = fresh_states(program, params, params)
+    steps = [torch.zeros((), device=device) for _ in params]
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen).to(device) for s in shapes_]
+        (kp, ks, kt), (rp, rs, rt) = [([p.clone() for p in params], {k: [t.clone() for t in v] for k, v in states.items()},
+                                       [s.clone() for s in steps]) for _ in range(2)]
+        run_one_step(program, kp, grads, ks, kt, hp, "triton")
+        run_one_step(program, rp, grads, rs, rt, hp, "reference")
+        for i in range(len(params)):
+            assert torch.equal(kp[i], rp[i]), (name, i, int((kp[i] != rp[i]).sum()))
+            for k in states:
+                assert torch.equal(ks[k][i], rs[k][i]), (name, k, i)
+        params, states, steps = kp, ks, kt

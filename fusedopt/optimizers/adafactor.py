@@ -60,7 +60,7 @@ def _torch_update(p, g, t, lr, beta2_decay, eps1, eps2, d, matrix):
         col.set(lerp(col, mean(g * g, over="cols"), one_minus_beta2))
         variance = row * col / maximum(mean(row, over="cols"), eps1)
     else:
-        v = state("variance", nonnegative=True)
+        v = state("variance")
         v.set(lerp(v, g * g, one_minus_beta2))
         variance = v
     update = g * rsqrt(maximum(variance, eps1 * eps1))
@@ -82,7 +82,7 @@ def _hf_update(p, g, t, lr, beta2_decay, eps1, eps2, d, matrix, relative_step, s
         col.set(beta2 * col + (1 - beta2) * mean(q, over="cols"))
         update = rsqrt(row / mean(row, over="cols")) * rsqrt(col) * g
     else:
-        v = state("variance", nonnegative=True)
+        v = state("variance")
         v.set(beta2 * v + (1 - beta2) * q)
         update = rsqrt(v) * g
     return update / maximum(1, rms(update) / d) * lr, lr
