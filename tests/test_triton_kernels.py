@@ -253,3 +253,20 @@ def test_elementwise_builtins_write_the_same_bits_as_the_reference(device, name,
             for k in states:
                 assert torch.equal(ks[k][i], rs[k][i]), (name, k, i)
         params, states, steps = kp, ks, kt
+
+
+def test_a_power_that_drops_the_sign_of_a_negative_base_is_caught(monkeypatch):
+    """The printer's old power, 2 ** (e * log2(b)), is NaN for a negative base: the comparison of
+    test_powers_of_negative_bases_match_reference must fail on it."""
+    from codegen import ops
+    from codegen.printer import TritonPrinter
+
+    require_kernel_device("cpu")
+    monkeypatch.setattr(TritonPrinter, "_pow_general",
+                        lambda self, base, exponent: f"tl.exp2({exponent} * tl.log2({self(base)}))")
+    ops.source.cache_clear()
+    try:
+        with pytest.raises(AssertionError, match="NaN pattern"):
+            test_powers_of_negative_bases_match_reference("g**k", 3.0)
+    finally:
+        ops.source.cache_clear()
