@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import sympy
 
+from fusedopt import ir
+
 TARGETS = ("cuda", "interpreter")
 
 
@@ -31,12 +33,6 @@ def is_boolean(expr: sympy.Basic, boolean_names: frozenset[str] = frozenset()) -
     if isinstance(expr, sympy.Symbol):
         return expr.name in boolean_names
     return isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Expr)
-
-
-def _repeated(factor: sympy.Basic) -> bool:
-    """A factor of a product that multiplies out as repeated factors, after the others: x**2 to x**4.
-    The reference interpreter orders a product's factors the same way."""
-    return factor.is_Pow and factor.exp.is_Integer and 2 <= factor.exp <= 4
 
 
 class TritonPrinter:
@@ -143,7 +139,7 @@ class TritonPrinter:
                 negate = not negate
             elif a.is_Pow and a.exp.is_Number and a.exp < 0:
                 den.append(self._positive_power(a.base, -a.exp))
-            elif _repeated(a):  # c * x**2 is (c * x) * x, as torch's addcmul: x * x may overflow first
+            elif ir.repeated_factor(a):  # multiplied out after the other factors, as the reference does
                 repeated += [self(a.base)] * int(a.exp)
             else:
                 num.append(self(a))

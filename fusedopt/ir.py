@@ -301,6 +301,12 @@ SUPPORTED_NODES = (Reduction, NonFinite, Kept, WindowSum,
 )
 
 
+def repeated_factor(factor: sympy.Basic) -> bool:
+    """A factor of a product that both backends multiply out as repeated factors, after the other
+    factors: x**2 to x**4 (c * x**2 is (c * x) * x, as torch's addcmul; x * x alone may overflow)."""
+    return factor.is_Pow and factor.exp.is_Integer and 2 <= factor.exp <= 4
+
+
 def unsupported_node(expr: sympy.Basic) -> sympy.Basic | None:
     """The first node of ``expr`` that no backend supports, or None."""
     if not isinstance(expr, SUPPORTED_NODES):

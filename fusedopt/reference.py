@@ -128,11 +128,10 @@ class _Flattener:
         if isinstance(e, sympy.Add):
             return self.emit("add", *[self(a) for a in e.args])
         if isinstance(e, sympy.Mul):
-            # factors with a negative exponent divide: a * b**-k is computed as a / b**k
-            # and x**2 .. x**4 multiply out after the other factors (c * x**2 is (c * x) * x, as
-            # torch's addcmul: x * x alone may overflow), in the kernels' order
+            # factors with a negative exponent divide: a * b**-k is computed as a / b**k; squares
+            # to fourth powers multiply out after the other factors, as the kernels do
             den = [a for a in e.args if a.is_Pow and a.exp.is_Number and a.exp < 0]
-            repeated = [a for a in e.args if a.is_Pow and a.exp.is_Integer and 2 <= a.exp <= 4]
+            repeated = [a for a in e.args if ir.repeated_factor(a)]
             num = [a for a in e.args if a not in den and a not in repeated]
             num += [a.base for a in repeated for _ in range(int(a.exp))]
             out = self.emit("mul", *[self(a) for a in num]) if num else 1.0
