@@ -3,6 +3,8 @@ printed math calls one).
 
 * :func:`to_bf16_rne`: float32 -> bfloat16 rounded to nearest even on the bits, as torch rounds (the
   CPU interpreter's own conversion truncates);
+* :func:`to_bf16_sr`: float32 -> bfloat16 rounded stochastically with the bits of
+  :func:`fusedopt.rounding.to_bf16_stochastic` (a hash of seed, step, element count and flat index);
 * :func:`power`: ``base ** n`` in float64 by binary exponentiation (within a few float64 ulps of the
   host's ``base ** n``), for an int64 ``n >= 0`` known only at run time;
 * :func:`real_power`: ``base ** exponent`` for any real exponent known only at run time, with
@@ -27,6 +29,28 @@ def to_bf16_rne(x):
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def mix32(h):
+    """murmur3's 32-bit finalizer on uint32 values (fusedopt.rounding.mix32)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def to_bf16_sr(x, seed, step, n, offs):
+    """``x`` rounded up with probability equal to its distance past the bf16 below it: 16 random bits
+    from (seed, step, n: the tensor's element count, offs: the flat index), as fusedopt.rounding."""
+    key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
+    noise = mix32(offs.to(tl.uint32) ^ key) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 

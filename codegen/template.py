@@ -451,27 +451,6 @@ def _load_inputs(out: "_Lines", spec: KernelSpec, indent: int, used: set[str], l
 
 # Stochastic rounding to bfloat16: the bits of fusedopt.rounding (murmur3's finalizer over the seed,
 # the step, the tensor size and the element index), added below the 16 kept bits before truncating.
-_BF16_SR = """
-
-@triton.jit
-def _mix32(h):
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _to_bf16_sr(x, seed, step, n, offs):
-    key = _mix32(seed.to(tl.uint32) ^ _mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
-    noise = _mix32(offs.to(tl.uint32) ^ key) & 0xFFFF
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)"""
-
-
 class _Lines:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -510,8 +489,6 @@ def render(spec: KernelSpec) -> str:
     stores_bf16 = any(spec.dtype_of(target) == "bf16" for target, _ in low.outputs)
     if stores_bf16:
         out.lines += _BF16_RNE[spec.target].splitlines()
-    if _rounds_stochastically(spec):
-        out.lines += _BF16_SR.splitlines()
     if prog.has_quantized_states:
         out.lines += (_SCALED + _OVER_SCALE + _STORE_SCALES).splitlines()
     if _holds_runs(spec):
@@ -527,7 +504,7 @@ def render(spec: KernelSpec) -> str:
         for phase in range(low.n_phases):
             _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
-    helpers = scalar.helpers | element.helpers
+    helpers = scalar.helpers | element.helpers | ({"to_bf16_sr"} if _rounds_stochastically(spec) else set())
     if helpers:
         out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
@@ -583,7 +560,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             out.add(3, f"tl.store(ptr_{target} + {LAYOUT_INDEX[_layout(spec, target)]}, {written}, mask={where})")
             continue
         if target == ir.PARAM and _rounds_stochastically(spec):
-            value = f"_to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
+            value = f"to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
         elif spec.dtype_of(target) == "bf16":
             value = f"_to_bf16_rne({value})"
         else:

@@ -16,8 +16,15 @@ registers, in the order the rule's semantics fix (:mod:`fusedopt.window_passes`)
    ``n_sums * BLOCK`` float32 of scratch in global memory (small enough to stay in L2): zero it, then
    per row gather, add ``beta ** age * value ** power`` and scatter back; a row's indices within a
    block are distinct, and a barrier separates rows;
-4. compute the rest and store the parameter (rounded once to its dtype) and the states (q4minmax:
-   min/max and clamped codes); the last program to finish a tensor advances its int64 step counter.
+4. compute the rest and store the parameter (rounded once to its dtype: to nearest, or for bf16
+   parameters of a program with stochastic rounding as :func:`fusedopt.rounding.to_bf16_stochastic`)
+   and the states (q4minmax: min/max and clamped codes); the last program to finish a tensor
+   advances its int64 step counter.
+
+A program that skips non-finite steps (``Program.skip_when``, the hyperparameter ``nonfinite_flag``
+the front end computes before the launch) runs no block when the flag is nonzero: nothing is
+written, not even the window row or the step counters. Master weights are a full-size float32 state
+the rule reads in place of ``p`` (:func:`fusedopt.dsl.Rule.program`); nothing here is special to them.
 
 Tables, built once per parameter list by :mod:`codegen.window_ops`: per tensor a row of pointers (p,
 g, every storage tensor of the rule in program order, the step counter) followed by its element
@@ -115,6 +122,9 @@ def render(spec: WindowKernelSpec) -> str:
     out.add(1, "# hyperparameters, float64, read through pointers to the group's tensors")
     for i, name in enumerate(prog.hparams):
         out.add(1, f"s_{name} = tl.load(tl.load(hparams + {i}).to(tl.pointer_type(tl.float64)))")
+    if prog.skip_when is not None:
+        out.add(1, "# a non-finite gradient in the group: no block is stepped, the step counters stay")
+        out.add(1, f"n_blocks = tl.where({scalar(prog.skip_when)} != 0, 0, n_blocks)")
     out.add(1, "lane = tl.arange(0, BLOCK)")
     out.add(1, "col = tl.arange(0, KMAX)")
     for i, s in enumerate(low.sums):
@@ -201,6 +211,14 @@ def render(spec: WindowKernelSpec) -> str:
         out.add(2, f"v_{name} = {element(expr)}")
     for target, expr in low.outputs():
         value_text = f"tl.broadcast_to({element(expr)}, [BLOCK])"
+        if target == ir.PARAM and prog.stochastic_rounding:  # bf16 parameters only; others round to nearest
+            out.add(2, f"v_new_p = {value_text}")
+            out.add(2, f"if p_dtype == {DTYPE_CODES['bf16']}:")
+            out.add(3, f"tl.store(ptr_p.to(tl.pointer_type(tl.bfloat16)) + offs, "
+                       f"to_bf16_sr(v_new_p, s_{ir.SR_SEED}, t, numel, offs), mask=valid)")
+            out.add(2, "else:")
+            out.add(3, "store_float(ptr_p, offs, v_new_p, valid, p_dtype)")
+            continue
         if target == ir.PARAM:
             out.add(2, f"store_float(ptr_p, offs, {value_text}, valid, p_dtype)")
             continue
@@ -216,7 +234,7 @@ def render(spec: WindowKernelSpec) -> str:
     out.add(3, f"tl.store(ptr_{ir.STEP}, t)")
     out.add(3, "tl.store(done + tid, 0)")
     helpers = {"decode_minmax", "encode_minmax", "load_float", "power", "store_float", "to_bf16_rne",
-               *scalar.helpers, *element.helpers}
+               *(("to_bf16_sr",) if prog.stochastic_rounding else ()), *scalar.helpers, *element.helpers}
     out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
 

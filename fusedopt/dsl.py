@@ -542,7 +542,9 @@ class Rule:
         value rounded to the parameter's dtype (for bf16/fp16 training). ``skip_nonfinite`` ("group" or
         "flag") leaves parameters, states and step counters as they were when a gradient of the group
         holds a NaN or an infinity: "group" detects it with a reduction over the group, "flag" reads
-        the hyperparameter ``nonfinite_flag`` (nonzero: skip) that the caller computed."""
+        the hyperparameter ``nonfinite_flag`` (nonzero: skip) that the caller computed. A rule with a
+        window has no reduction over the group in its kernel: it takes ``clip="scale"`` and
+        ``skip_nonfinite="flag"``, and its storage dtypes from the rule (or configure_states)."""
         if state_dtype is not None and state_dtype not in ir.STORAGE_DTYPES:
             raise _fail(self.name, f"state_dtype={state_dtype!r} is not a storage dtype",
                         f"use one of {list(ir.STORAGE_DTYPES)}")
@@ -556,17 +558,9 @@ class Rule:
         if clip not in (None, False, *CLIP_MODES):
             raise _fail(self.name, f"clip={clip!r}", f"pass False, True or one of {list(CLIP_MODES)}")
         full = {**self.options, **options}
-        if clip and _build(self, tuple(sorted(full.items()))).window is not None:
-            raise _fail(self.name, "gradient clipping was asked for a rule with a window",
-                        "clip the gradients before the step (torch.nn.utils.clip_grad_norm_)")
+        if _build(self, tuple(sorted(full.items()))).window is not None:
+            _check_window_options(self.name, clip, state_dtype, skip_nonfinite)
         program = _build(self, tuple(sorted(full.items())), clip or "")
-        if program.window is not None:
-            asked = [n for n, v in (("state_dtype", state_dtype), ("stochastic_rounding", stochastic_rounding),
-                                    ("master_weights", master_weights), ("skip_nonfinite", skip_nonfinite)) if v]
-            if asked:
-                raise _fail(self.name, f"{asked} were asked for a rule with a window",
-                            "set storage dtypes in the rule (or with configure_states); the window template "
-                            "has none of these options")
         if state_dtype not in (None, "fp32"):
             program = _with_state_dtype(program, state_dtype)
         if stochastic_rounding:
@@ -581,6 +575,25 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
+
+
+def _check_window_options(name: str, clip, state_dtype: str | None, skip_nonfinite: str | None) -> None:
+    """A rule with a window runs one program per top-k block with no reduction over the group, so it
+    takes clipping and the non-finite check as factors computed before the step ("scale", "flag"),
+    and storage dtypes from the rule itself."""
+    if clip == "norm":
+        raise _fail(name, "clip=True (a group norm inside the step) was asked for a rule with a window, "
+                    "whose kernel has no reduction over the group",
+                    "pass clip='scale' and the factor as the hyperparameter clip_scale (what "
+                    "WindowOptimizer(max_grad_norm=...) does)")
+    if skip_nonfinite == "group":
+        raise _fail(name, "skip_nonfinite='group' (a check inside the step) was asked for a rule with a window",
+                    "pass skip_nonfinite='flag' and the flag as the hyperparameter nonfinite_flag (what "
+                    "WindowOptimizer(nonfinite='skip') does)")
+    if state_dtype not in (None, "fp32"):
+        raise _fail(name, f"state_dtype={state_dtype!r} was asked for a rule with a window",
+                    "set the storage dtype of a state in the rule, or with configure_states (fp32, bf16, "
+                    f"{' or '.join(ir.MINMAX_BITS)} beside a window)")
 
 
 _SETTINGS = {"window": ("m", "density", "block", "dtype"), ir.MINMAX: ("dtype", "quant_block"),
@@ -648,8 +661,9 @@ def _with_master_weights(program: ir.Program) -> ir.Program:
     new_value = dict(updates).get(ir.PARAM, master)
     updates = [(ir.MASTER if target == ir.PARAM else target, expr) for target, expr in updates]
     updates.append((ir.PARAM, new_value))
+    selections = tuple((name, expr.subs(p, master)) for name, expr in program.selections)  # a window's score
     states = (ir.StateSpec(ir.MASTER, init="p", dtype="fp32"),) + program.states
-    return dataclasses.replace(program, states=states, updates=tuple(updates))
+    return dataclasses.replace(program, states=states, updates=tuple(updates), selections=selections)
 
 
 @functools.lru_cache(maxsize=None)
@@ -661,6 +675,8 @@ def _with_skip_nonfinite(program: ir.Program, mode: str) -> ir.Program:
         if SKIP_FLAG in hparams:
             raise _fail(program.name, f"it has its own '{SKIP_FLAG}'", "rename it to skip non-finite steps")
         hparams, defaults, flag = hparams + (SKIP_FLAG,), defaults + (0.0,), ir.symbol(SKIP_FLAG)
+    if program.window is not None:  # its kernel and interpreter skip the whole step, window row included
+        return dataclasses.replace(program, hparams=hparams, defaults=defaults, skip_when=flag)
     keep = sympy.Eq(flag, 0, evaluate=False)
     updates = tuple((target, sympy.Piecewise((expr, keep), (ir.symbol(target), True))) for target, expr in program.updates)
     return dataclasses.replace(program, hparams=hparams, defaults=defaults, updates=updates, skip_when=flag)

@@ -110,7 +110,9 @@ class Program:
     # bf16 parameters are written with stochastic rounding (hyperparameter SR_SEED seeds the stream)
     stochastic_rounding: bool = False
     # a scalar that is nonzero when the step must leave everything as it was (a non-finite gradient
-    # in the group): every update already keeps its old value then; the step counter does not advance
+    # in the group): every update already keeps its old value then (in a rule with a window, whose
+    # row must not be written either, the kernel and interpreter skip the whole step instead); the
+    # step counter does not advance
     skip_when: sympy.Expr | None = None
     # per window: the score whose largest magnitudes its push keeps (block-wise top-k)
     selections: tuple[tuple[str, sympy.Expr], ...] = ()

@@ -70,7 +70,7 @@ import torch
 
 from . import dsl, sparse
 from .optimizers.microadam import microadam
-from .window_optimizer import WindowOptimizer
+from .window_optimizer import WindowOptimizer, step_defaults
 from .window_optimizer import state_bytes as _program_state_bytes
 
 DEFAULT_BLOCK = 4096
@@ -151,6 +151,17 @@ class MicroAdam(WindowOptimizer):
             4-bit ``quant_block`` that is a power of two dividing ``block`` (the defaults qualify);
             with ``backend="triton"`` any other group is an error. Float64 or non-contiguous
             parameters of a fused group are stepped by the eager interpreter.
+        max_grad_norm: None, or clip the gradients to this global norm before the step, as
+            ``torch.nn.utils.clip_grad_norm_`` over every clipping group's parameters (the factor is
+            computed on the device; the selection and the error feedback see the clipped gradient).
+        nonfinite: "propagate" (as the official code) or "skip": a NaN or Inf anywhere in a group's
+            gradients leaves its parameters, error feedback, window and step counters as they were.
+        stochastic_rounding, sr_seed: write bf16 parameters rounded stochastically (unbiased; the
+            bits are a function of the seed, the step and the element), so that updates below half a
+            bf16 step survive on average.
+        master_weights: keep a float32 copy of each parameter (state ``master_param``, 4 B/param)
+            that the update reads and writes in place of the parameter; the parameter receives it
+            rounded (stochastically with ``stochastic_rounding``).
     """
 
     def __init__(
@@ -167,6 +178,11 @@ class MicroAdam(WindowOptimizer):
         exact_error_feedback: bool = False,
         window_dtype: torch.dtype | None = torch.bfloat16,
         backend: str | None = None,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "propagate",
+        stochastic_rounding: bool = False,
+        sr_seed: int = 0,
+        master_weights: bool = False,
     ):
         _check_args(lr, m, density, block, quant_block, betas, eps, weight_decay, window_dtype)
         defaults = {
@@ -180,6 +196,7 @@ class MicroAdam(WindowOptimizer):
             "weight_decay": weight_decay,
             "exact_error_feedback": bool(exact_error_feedback),
             "window_dtype": window_dtype,
+            **step_defaults(max_grad_norm, nonfinite, stochastic_rounding, sr_seed, master_weights),
         }
         self._setup(params, microadam, backend, defaults)
 

@@ -20,17 +20,14 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from . import groups, ir, quant, reference
+from . import grad_factors, groups, ir, quant, reference
 from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
 from .groups import ParamGroup
 from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
-STOCHASTIC_ROUNDING = "stochastic_rounding"
-MASTER_WEIGHTS = "master_weights"
-NONFINITE = "nonfinite"  # what a step does when a gradient holds NaN or Inf
-NONFINITE_POLICIES = ("propagate", "skip")
+from .groups import MASTER_WEIGHTS, NONFINITE, NONFINITE_POLICIES, STOCHASTIC_ROUNDING  # noqa: E402,F401
 
 BACKENDS = ("reference", "triton")
 
@@ -230,31 +227,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """The front end's own group keys (checked again when a checkpoint loads)."""
         cls = type(self).__name__
-        params = group["params"]
-        clip = group.get(CLIP_HPARAM)
-        if clip is not None and not (isinstance(clip, (int, float, torch.Tensor)) and float(clip) > 0):
-            raise ValueError(f"{cls}: invalid {CLIP_HPARAM} {clip!r}; expected None or a number > 0")
+        groups.check_step_keys(cls, group)
         for key in self._group_options():
             if not isinstance(group[key], bool):
                 raise TypeError(f"{cls}: option '{key}' must be a bool, got {group[key]!r}")
         if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
             raise ValueError(f"{cls}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
                              f"of {list(ir.STORAGE_DTYPES)}")
-        if not isinstance(group[MASTER_WEIGHTS], bool):
-            raise TypeError(f"{cls}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
-        if not isinstance(group[STOCHASTIC_ROUNDING], bool):
-            raise TypeError(f"{cls}: stochastic_rounding must be a bool, got {group[STOCHASTIC_ROUNDING]!r}")
-        if group[STOCHASTIC_ROUNDING] and any(isinstance(p, torch.Tensor) and p.dtype == torch.float16 for p in params):
-            fix = "with master_weights=True, drop stochastic_rounding (float16 parameters then receive the float32 " \
-                  "value rounded to nearest)" if group[MASTER_WEIGHTS] else "use master_weights=True instead"
-            raise ValueError(f"{cls}: stochastic_rounding rounds bfloat16 parameters; this group has float16 ones. "
-                             f"Fix: train in bfloat16, or {fix}")
-        if group[NONFINITE] not in NONFINITE_POLICIES:
-            raise ValueError(f"{cls}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
-                             "flow into the parameters and states) or 'skip' (the group's step is skipped)")
-        seed = group[ir.SR_SEED]
-        if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32:
-            raise ValueError(f"{cls}: sr_seed={seed!r}; expected an int in [0, 2**32)")
         threshold = group[QUANT_THRESHOLD]
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"{cls}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
@@ -378,13 +357,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for g in clipping for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        device = grads[0].device
-        norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = grad_factors.total_norm(grads, grads[0].device)
         for group in clipping:
-            limit = group[CLIP_HPARAM]  # a tensor, or a number set by hand where it was None
-            limit = limit.to(device) if isinstance(limit, torch.Tensor) else limit
-            factor = torch.clamp(limit / (total + 1e-6), max=1.0)
+            # the limit: a tensor, or a number set by hand where it was None
+            factor = grad_factors.clip_factor(group[CLIP_HPARAM], total)
             for copy in self._factors[id(group)].values():
                 copy[CLIP_SCALE].copy_(factor, non_blocking=True)
 
@@ -399,12 +375,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         device = first[CLIP_SCALE].device
         if group.get(CLIP_HPARAM) is not None and not self._several_clipping_groups():
-            norms = [n.to(device) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
-            total = torch.linalg.vector_norm(torch.stack(norms))
-            first[CLIP_SCALE].copy_(torch.clamp(group[CLIP_HPARAM] / (total + 1e-6), max=1.0))
-        if group[NONFINITE] == "skip":  # the largest magnitude is NaN or Inf exactly when one element is
-            peaks = torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))])
-            first[SKIP_FLAG].copy_((~torch.isfinite(peaks)).any())
+            first[CLIP_SCALE].copy_(grad_factors.clip_factor(group[CLIP_HPARAM], grad_factors.total_norm(grads, device)))
+        if group[NONFINITE] == "skip":
+            first[SKIP_FLAG].copy_(grad_factors.any_nonfinite(grads, device))
         for copy in others:  # each device's programs read their own copy
             for name, value in first.items():
                 copy[name].copy_(value, non_blocking=True)

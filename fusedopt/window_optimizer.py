@@ -20,11 +20,21 @@ from typing import Any
 
 import torch
 
-from . import dsl, groups, ir, sparse, window_reference
+from . import dsl, grad_factors, groups, ir, sparse, window_reference
+from .dsl import CLIP_SCALE, SKIP_FLAG
+from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
 from .window_passes import lower_window
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = (None, "reference", "triton")
+
+
+def step_defaults(max_grad_norm=None, nonfinite: str = "propagate", stochastic_rounding: bool = False,
+                  sr_seed: int = 0, master_weights: bool = False) -> dict[str, Any]:
+    """The group keys every window optimizer takes besides the rule's hyperparameters (see
+    :class:`WindowOptimizer`)."""
+    return {MAX_GRAD_NORM: max_grad_norm, NONFINITE: nonfinite, STOCHASTIC_ROUNDING: stochastic_rounding,
+            ir.SR_SEED: sr_seed, MASTER_WEIGHTS: master_weights}
 
 
 class WindowOptimizer(torch.optim.Optimizer):
@@ -33,14 +43,32 @@ class WindowOptimizer(torch.optim.Optimizer):
     ``backend``: "triton" (one fused launch per group and device; an error where the kernel cannot
     run the group's program), "reference" (eager) or None: "triton" for CUDA tensors whose program
     the kernel runs, "reference" for the rest. Float64 or non-contiguous parameters of a fused group
-    are stepped eagerly."""
+    are stepped eagerly.
+
+    As :class:`fusedopt.FusedOptimizer`, every group also takes:
+
+    * ``max_grad_norm``: None, or clip the gradients as ``torch.nn.utils.clip_grad_norm_`` over the
+      parameters of every group that clips, before the step (the factor is computed on the device
+      before the launches, no host sync; the kernel multiplies each gradient by it);
+    * ``nonfinite``: "propagate" (as torch.optim) or "skip": a NaN or Inf in any gradient of the
+      group leaves its parameters, states, window and step counters as they were (a flag computed
+      on the device before the launches; the kernel then steps no block);
+    * ``stochastic_rounding`` (and its ``sr_seed``): bf16 parameters are written rounded
+      stochastically (:mod:`fusedopt.rounding`), reproducibly under the seed;
+    * ``master_weights``: a float32 copy of each parameter (state ``master_param``) that the rule
+      reads and updates in place of ``p``; the parameter receives its new value rounded (a bf16 one
+      stochastically with ``stochastic_rounding``). A checkpoint without it starts it from ``p``.
+    """
 
     def __init__(self, params, rule: dsl.Rule, backend: str | None = None,
-                 states: dict[str, dict[str, Any]] | None = None, **hparams):
+                 states: dict[str, dict[str, Any]] | None = None, max_grad_norm=None, nonfinite: str = "propagate",
+                 stochastic_rounding: bool = False, sr_seed: int = 0, master_weights: bool = False, **hparams):
         unknown = sorted(set(hparams) - set(getattr(rule, "hparams", {})))
         if unknown:
             raise ValueError(f"rule '{rule.name}' has no hyperparameter(s) {unknown}; it has {sorted(rule.hparams)}")
-        self._setup(params, rule, backend, {**rule.hparams, **hparams, "states": dict(states or {})})
+        self._setup(params, rule, backend, {**rule.hparams, **hparams, "states": dict(states or {}),
+                                            **step_defaults(max_grad_norm, nonfinite, stochastic_rounding,
+                                                            sr_seed, master_weights)})
 
     def _setup(self, params, rule: dsl.Rule, backend: str | None, defaults: dict) -> None:
         """Check the rule and the backend, build the param groups from ``defaults`` and check every
@@ -55,6 +83,9 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._programs: dict[tuple, ir.Program] = {}
         self._kernel_keys: dict[ir.Program, str] = {}
+        # id(group) -> (group, {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}): 0-d float64
+        # tensors written before each step's launches and read by the kernels as hyperparameters
+        self._factors: dict[int, tuple[dict, dict[torch.device, dict[str, torch.Tensor]]]] = {}
         self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
         super().__init__(params, defaults)
 
@@ -69,6 +100,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(f"{type(self).__name__} optimizes floating-point parameters, got one of dtype {p.dtype}")
+            groups.check_step_keys(type(self).__name__, group)
             self.check_group(group)
             program = self.program(group)
             problem = _kernel_problem(program)
@@ -76,13 +108,27 @@ class WindowOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"backend='triton' cannot run this group: {problem}")
             if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
                 self._kernel_key(program)
-            self.param_groups[-1] = groups.held_in_tensors(group, self.hparam_keys())
+            self.param_groups[-1] = groups.held_in_tensors(group, (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM))
         except BaseException:
             self.param_groups.pop()
             raise
-        # steps read this copy of the list: dynamo's handling of Optimizer.param_groups (it marks
-        # torch's own groups capturable) does not take a group with its own __setitem__
+        self._refresh_groups()
+
+    def _refresh_groups(self) -> None:
+        """After the groups changed: steps read this copy of the list (dynamo's handling of
+        Optimizer.param_groups, which marks torch's own groups capturable, does not take a group with
+        its own __setitem__), and every group has its clipping factor and non-finite flag on each of
+        its devices, made here rather than inside a traced step."""
         self._groups = list(self.param_groups)
+        factors = {}
+        for group in self._groups:
+            kept = self._factors.get(id(group))
+            if kept is None or kept[0] is not group:
+                kept = (group, {device: {CLIP_SCALE: torch.ones((), dtype=torch.float64, device=device),
+                                         SKIP_FLAG: torch.zeros((), dtype=torch.float64, device=device)}
+                                for device in dict.fromkeys(p.device for p in group["params"])})
+            factors[id(group)] = kept
+        self._factors = factors
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable by torch.compile (torch's is marked untraceable)."""
@@ -106,13 +152,19 @@ class WindowOptimizer(torch.optim.Optimizer):
         return {name: group[name] for name in self.rule.hparams}
 
     def program(self, group: dict) -> ir.Program:
-        """The group's program: the rule with the group's state settings (built once per settings, so
-        that a compiled step only looks it up)."""
+        """The group's program: the rule with the group's state settings, clipping, non-finite policy,
+        stochastic rounding and master weights (built once per choice, so that a compiled step only
+        looks it up)."""
         settings = self.state_settings(group)
-        key = tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items()))
+        flags = (group[MAX_GRAD_NORM] is not None, group[NONFINITE] == "skip", group[STOCHASTIC_ROUNDING],
+                 group[MASTER_WEIGHTS])
+        key = (tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items())), flags)
         program = self._programs.get(key)
         if program is None:
-            program = dsl.configure_states(self.rule.program(), settings)
+            clip, skip, rounding, master = flags
+            base = self.rule.program(clip="scale" if clip else False, skip_nonfinite="flag" if skip else None,
+                                     stochastic_rounding=rounding, master_weights=master)
+            program = dsl.configure_states(base, settings)
             lower_window(program)  # every form a step reads, computed now
             self._programs[key] = program
         return program
@@ -149,6 +201,9 @@ class WindowOptimizer(torch.optim.Optimizer):
             state.update(window_reference.init_state(program, p))
             # the fused kernel reads and advances the counter on the device; the eager code on the host
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device if fused else "cpu")
+        elif ir.MASTER in program.storage_names and ir.MASTER not in state:
+            # master weights turned on, or a checkpoint without them: the copy starts from the parameter
+            state[ir.MASTER] = window_reference.init_state(program, p)[ir.MASTER]
         for name, (shape, dtype) in _storage_shapes(program, p.numel(), p.shape, p.dtype).items():
             value = state.get(name)
             if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
@@ -162,7 +217,7 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._groups = list(self.param_groups)
+        self._refresh_groups()
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:
         """Least bytes a step moves for ``p``'s state: the whole window is read and one row of it
@@ -183,16 +238,26 @@ class WindowOptimizer(torch.optim.Optimizer):
         """torch.optim's layout; hyperparameter tensors are saved as Python floats."""
         sd = super().state_dict()
         for group in sd["param_groups"]:
-            groups.saved_numbers(group)
+            groups.saved_numbers(group, ints=(ir.SR_SEED,))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base
         class casts floating-point states to the parameter's dtype) and is copied, so stepping never
-        writes into the loaded dictionary; hyperparameters go back into device tensors."""
-        super().load_state_dict(state_dict)
-        self.param_groups[:] = [groups.held_in_tensors(g, self.hparam_keys()) for g in self.param_groups]
-        self._groups = list(self.param_groups)
+        writes into the loaded dictionary; hyperparameters go back into device tensors. Keys a
+        checkpoint lacks (one saved before they existed) take this optimizer's defaults; the step keys
+        (clipping, non-finite policy, stochastic rounding, master weights) are checked before
+        anything changes."""
+        saved_groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
+        for saved, mine in zip(saved_groups, self.param_groups):
+            seed = saved[ir.SR_SEED]
+            if isinstance(seed, float) and seed.is_integer():
+                saved[ir.SR_SEED] = int(seed)
+            groups.check_step_keys(type(self).__name__, {**saved, "params": mine["params"]})
+        super().load_state_dict({**state_dict, "param_groups": saved_groups})
+        keys = (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM)
+        self.param_groups[:] = [groups.held_in_tensors(g, keys) for g in self.param_groups]
+        self._refresh_groups()
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         group_of = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
@@ -215,6 +280,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update_factors()
         for group in self._groups:
             program = self.program(group)
             fused = []
@@ -232,19 +298,49 @@ class WindowOptimizer(torch.optim.Optimizer):
                 if state["step"].device.type != "cpu":
                     state["step"] = state["step"].cpu()
                 if values is None:
-                    values = {k: float(v) for k, v in self.hparam_values(group).items()}
+                    values = {k: float(v) for k, v in zip(program.hparams, self._hparams_on(group, program, p.device))}
                 window_reference.step(program, p, p.grad, state, state["step"], values)
             if fused:
                 self._step_fused(group, program, fused)
         return loss
 
-    def _hparams_on(self, group: dict, device: torch.device) -> list[torch.Tensor]:
-        """The group's hyperparameters as 0-d float64 tensors on ``device``, in the rule's order: the
+    def _update_factors(self) -> None:
+        """Before any launch, on the device: one gradient norm over every group that clips (as
+        clip_grad_norm_ over all their parameters) and each such group's factor; each skipping group's
+        non-finite flag."""
+        clipping = [g for g in self._groups if g[MAX_GRAD_NORM] is not None]
+        grads = [p.grad for g in clipping for p in g["params"] if p.grad is not None]
+        if grads:
+            total = grad_factors.total_norm(grads, grads[0].device)
+            for group in clipping:
+                factor = grad_factors.clip_factor(group[MAX_GRAD_NORM], total)
+                for copy in self._factors[id(group)][1].values():
+                    copy[CLIP_SCALE].copy_(factor, non_blocking=True)
+        for group in self._groups:
+            if group[NONFINITE] != "skip":
+                continue
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if grads:
+                flag = grad_factors.any_nonfinite(grads, grads[0].device)
+                for copy in self._factors[id(group)][1].values():
+                    copy[SKIP_FLAG].copy_(flag, non_blocking=True)
+
+    def _hparams_on(self, group: dict, program: ir.Program, device: torch.device) -> list[torch.Tensor]:
+        """The program's hyperparameters as 0-d float64 tensors on ``device``, in its order: the
         group's own tensors (see fusedopt.groups: a scheduler's new lr is written into them, so a
         compiled step sees new data and compiles nothing), copied only for another device; a plain
-        number (a subclass's hparam_values may return one) becomes a new tensor."""
+        number (a subclass's hparam_values may return one) becomes a new tensor. ``sr_seed`` is the
+        group's; ``clip_scale`` and ``nonfinite_flag`` are this step's factors."""
+        values = self.hparam_values(group)
+        factors = self._factors[id(group)][1]
         out = []
-        for v in self.hparam_values(group).values():
+        for name in program.hparams:
+            if name in values:
+                v = values[name]
+            elif name == ir.SR_SEED:
+                v = group[ir.SR_SEED]
+            else:
+                v = factors[device][name] if device in factors else next(iter(factors.values()))[name]
             if isinstance(v, torch.Tensor):
                 v = v.reshape(())
                 out.append(v if (v.dtype, v.device) == (torch.float64, device) else v.to(device, torch.float64))
@@ -269,7 +365,7 @@ class WindowOptimizer(torch.optim.Optimizer):
                 states.append(state)
             window_ops.step(key, ps, [p.grad for p in ps],
                             [s[name] for name in program.storage_names for s in states],
-                            [s["step"] for s in states], self._hparams_on(group, device))
+                            [s["step"] for s in states], self._hparams_on(group, program, device))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -58,12 +58,16 @@ class WindowLowered:
 
     def text(self) -> str:
         lines = [f"window rule {self.program.name}"]
+        if self.program.skip_when is not None:
+            lines += [f"  skip the whole step (window row, states, p, step counter) where {self.program.skip_when} != 0"]
         lines += [f"  scalar {n} = {e}" for n, e in self.lowered.scalars]
         lines += [f"  before {n} = {e}" for n, e in self.temps(True)]
         lines += [f"  select the top-k of |{self.expression(SCORE)}|, push {self.expression(PUSH)}"]
         lines += [f"  {s.name} = window sum of {s.beta}**age * value**{s.power}" for s in self.sums]
         lines += [f"  after {n} = {e}" for n, e in self.temps(False)]
         lines += [f"  {t} <- {e}" for t, e in self.outputs()]
+        if self.program.stochastic_rounding:
+            lines += [f"  bf16 {ir.PARAM} stored with stochastic rounding (seed {ir.SR_SEED})"]
         return "\n".join(lines) + "\n"
 
 
@@ -92,7 +96,7 @@ def lower_window(program: ir.Program) -> WindowLowered:
     score = dict(program.selections)[w.name]
     updates += [(SCORE, score), (PUSH, program.update_of(w.name))]
     shadow = dataclasses.replace(program, states=tuple(s for s in program.states if s.layout != "window"),
-                                 updates=tuple(updates), selections=())
+                                 updates=tuple(updates), selections=(), skip_when=None)
     lowered = passes.lower(shadow)
     late = {KEPT, *(s.name for s in sums.values())}
     before = set()

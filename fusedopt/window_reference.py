@@ -7,7 +7,9 @@ computed from the old states (per-tensor scalar subexpressions, such as bias cor
 in float64, as :func:`fusedopt.passes.lower` hoists them for the kernel); :func:`fusedopt.sparse.block_topk` selects each block's top-k of
 ``|score|`` (ties to the lower index); the pushed values go to ring row ``(t - 1) mod m``; the window
 sums are rebuilt from every written row (:func:`fusedopt.sparse.window_sum`, ``beta ** age`` on the host
-in float64); then the parameter and the other states get their new values. q4minmax states decode and
+in float64); then the parameter (bf16 ones of a program with stochastic rounding rounded as
+:func:`fusedopt.rounding.to_bf16_stochastic`) and the other states get their new values. A program
+that skips non-finite steps returns before any of this when its flag is nonzero. q4minmax states decode and
 encode with :func:`fusedopt.sparse.ef_decode` and :func:`fusedopt.sparse.ef_encode`.
 """
 
@@ -17,7 +19,7 @@ import math
 
 import torch
 
-from . import ir, reference, sparse
+from . import ir, reference, rounding, sparse
 from .dtypes import storage_dtype
 from .window_passes import KEPT, PUSH, SCORE, lower_window
 
@@ -77,10 +79,12 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     w = program.window
     d = param.numel()
     cd = compute_dtype(param.dtype)
-    count += 1
-    t = int(count)
     env: dict[str, object] = {k: torch.as_tensor(v, dtype=torch.float64, device=param.device).reshape(())
                               for k, v in hparams.items()}
+    if program.skip_when is not None and bool(reference.evaluate([program.skip_when], dict(env))[0] != 0):
+        return  # a non-finite gradient in the group: nothing changes, the step does not count
+    count += 1
+    t = int(count)
     env[ir.STEP] = torch.tensor(float(t), dtype=torch.float64, device=param.device)
     env[ir.NUMEL] = float(d)
     env[ir.PARAM] = param.detach().reshape(-1).to(cd)
@@ -115,6 +119,8 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     for target, new in zip(targets, values):
         new = _flat(new, d, cd, param.device)
         if target == ir.PARAM:
+            if program.stochastic_rounding and param.dtype == torch.bfloat16:
+                new = rounding.to_bf16_stochastic(new, int(env[ir.SR_SEED]), t)
             param.copy_(new.view_as(param))
             continue
         spec = next(s for s in program.states if s.name == target)

@@ -205,7 +205,8 @@ def test_changing_lr_changes_data_not_code():
                 pr.copy_(pf)
         if t == 1:
             keys, compiled = set(window_ops.compile_keys), _compiled_count(opt_f)
-    lr_tensor = opt_f._hparams_on(opt_f.param_groups[0], fused[0].device)[0]
+    group = opt_f.param_groups[0]
+    lr_tensor = opt_f._hparams_on(group, opt_f.program(group), fused[0].device)[0]
     assert float(lr_tensor) == 0.1
     assert window_ops.compile_keys == keys
     assert _compiled_count(opt_f) == compiled

@@ -187,10 +187,18 @@ def test_definition_errors_name_the_problem_and_the_fix(body, match):
 
 
 def test_window_rules_refuse_options_they_cannot_honour():
-    with pytest.raises(RuleError, match="clipping"):
+    """A window kernel has no reduction over the group: clipping and the non-finite check come in as
+    factors computed before the step; storage dtypes come from the rule."""
+    with pytest.raises(RuleError, match="clip=True .* no reduction over the group.*clip='scale'"):
         microadam.program(clip=True)
-    with pytest.raises(RuleError, match="state_dtype"):
+    with pytest.raises(RuleError, match="skip_nonfinite='group'.*skip_nonfinite='flag'"):
+        microadam.program(skip_nonfinite="group")
+    with pytest.raises(RuleError, match="state_dtype='q8'.*configure_states"):
         microadam.program(state_dtype="q8")
+    taken = microadam.program(clip="scale", skip_nonfinite="flag", stochastic_rounding=True, master_weights=True)
+    assert {"clip_scale", "nonfinite_flag", "sr_seed"} <= set(taken.hparams)
+    assert taken.states[0].name == "master_param" and taken.stochastic_rounding
+    assert taken.skip_when is not None
 
 
 @pytest.mark.parametrize("settings_, match", [
