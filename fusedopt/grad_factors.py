@@ -6,7 +6,26 @@ hyperparameters (``clip_scale``, ``nonfinite_flag``; see :meth:`fusedopt.dsl.Rul
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+
+from .dsl import CLIP_SCALE, SKIP_FLAG
+
+
+def new_factors(devices: Iterable[torch.device]) -> dict[torch.device, dict[str, torch.Tensor]]:
+    """One clipping factor (1.0) and one non-finite flag (0.0) per device, each a float64 tensor of
+    shape (1,) that the kernels read as a hyperparameter through :func:`as_hparam`. Not 0-d: a compiled
+    step that writes a 0-d float64 CPU tensor it closes over loses the write (seen with torch 2.13,
+    aot_eager and inductor), which would leave the factor at 1.0 and the flag at 0 under torch.compile."""
+    return {device: {CLIP_SCALE: torch.ones(1, dtype=torch.float64, device=device),
+                     SKIP_FLAG: torch.zeros(1, dtype=torch.float64, device=device)}
+            for device in dict.fromkeys(devices)}
+
+
+def as_hparam(factor: torch.Tensor) -> torch.Tensor:
+    """A factor as the 0-d float64 tensor hyperparameters are: a view, so later writes show through."""
+    return factor.view(())
 
 
 def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -332,10 +332,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         added (and when a second clipping group is), so that a compiled step finds them; the calls
         from a step only make what a change by hand since then needs."""
         if id(group) not in self._factors:
-            self._factors[id(group)] = {
-                device: {name: torch.full((), value, dtype=torch.float64, device=device)
-                         for name, value in ((CLIP_SCALE, 1.0), (SKIP_FLAG, 0.0))}
-                for device in dict.fromkeys(p.device for p in group["params"])}
+            self._factors[id(group)] = grad_factors.new_factors(p.device for p in group["params"])
 
     def _several_clipping_groups(self) -> bool:
         """Whether two or more groups clip (stops at the second: runs for every group every step)."""
@@ -402,7 +399,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 key, i = self._alias_of[name]
                 value = group[key][i]
             elif name in (CLIP_SCALE, SKIP_FLAG):
-                value = self._factors[id(group)][device][name]
+                value = grad_factors.as_hparam(self._factors[id(group)][device][name])
             else:
                 value = group[name]
             if not isinstance(value, torch.Tensor) or value.device != device:

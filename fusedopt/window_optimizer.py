@@ -124,9 +124,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         for group in self._groups:
             kept = self._factors.get(id(group))
             if kept is None or kept[0] is not group:
-                kept = (group, {device: {CLIP_SCALE: torch.ones((), dtype=torch.float64, device=device),
-                                         SKIP_FLAG: torch.zeros((), dtype=torch.float64, device=device)}
-                                for device in dict.fromkeys(p.device for p in group["params"])})
+                kept = (group, grad_factors.new_factors(p.device for p in group["params"]))
             factors[id(group)] = kept
         self._factors = factors
 
@@ -340,7 +338,8 @@ class WindowOptimizer(torch.optim.Optimizer):
             elif name == ir.SR_SEED:
                 v = group[ir.SR_SEED]
             else:
-                v = factors[device][name] if device in factors else next(iter(factors.values()))[name]
+                v = grad_factors.as_hparam(factors[device][name] if device in factors
+                                           else next(iter(factors.values()))[name])
             if isinstance(v, torch.Tensor):
                 v = v.reshape(())
                 out.append(v if (v.dtype, v.device) == (torch.float64, device) else v.to(device, torch.float64))

@@ -230,3 +230,41 @@ def test_inductor_compiled_training_step_matches_eager_without_recompiles():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_factors_written_inside_a_compiled_step_reach_the_update(backend):
+    """The clipping factor of two clipping groups and the non-finite flag of a group that runs as
+    several programs are computed inside the compiled opt.step() and read by the update through
+    their tensors. The trajectory, a skipped step included, is the eager one, and the clip is active.
+    (Written into 0-d float64 tensors, these writes were lost under aot_eager and inductor.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def make(ps):
+        # group 0: a quantized weight and a float32 bias, two programs; group 1 clips with it
+        return fusedopt.AdamW8bit([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.01, max_grad_norm=0.05,
+                                  nonfinite="skip", quant_threshold=50, backend="reference")
+
+    runs = []
+    for compiled in (False, True, None):  # None: eager without clipping, to show the clip matters
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = make(list(model.parameters()))
+        if compiled is None:
+            for group in opt.param_groups:
+                group["max_grad_norm"] = None
+        step = torch.compile(opt.step, backend=CompileCounterWithBackend(backend), fullgraph=True) if compiled \
+            else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for k in range(6):
+            x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if k == 3:
+                model[0].weight.grad[2, 5] = float("inf")
+            step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert [int(opt.state[p]["step"]) for p in model.parameters()] == [5, 5, 6, 6]  # group 0 skipped one
+    for a, b in zip(runs[0], runs[1]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert any((a - c).abs().max() > 1e-4 for a, c in zip(runs[0], runs[2]))

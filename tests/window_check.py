@@ -9,6 +9,7 @@ import torch
 from fusedopt.microadam import MicroAdam
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MASTER = "master_param"  # with master_weights=True: compared within the parameter's float32 tolerance
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +60,8 @@ def compare(sizes, dtypes, steps, seed, ties=False, make=MicroAdam, **kw):
     worst = 0.0
     for t, grads in enumerate(make_grads(sizes, dtypes, steps, seed, ties), start=1):
         old = [p.detach().clone() for p in ref]
+        old_master = [opt_r.state[p][MASTER].clone() if MASTER in opt_r.state[p] else p.detach().float()
+                      for p in ref]
         for pf, pr, g in zip(fused, ref, grads):
             pf.grad = g.to(DEVICE)
             pr.grad = g.to(DEVICE).clone()
@@ -66,7 +69,13 @@ def compare(sizes, dtypes, steps, seed, ties=False, make=MicroAdam, **kw):
         opt_r.step()
         for i, (pf, pr) in enumerate(zip(fused, ref)):
             sf, sr = opt_f.state[pf], opt_r.state[pr]
-            for name in set(sf) - {"step"}:
+            if MASTER in sf:  # master weights: float32 values of the parameter, compared as the parameter is
+                mf, mr = sf[MASTER], sr[MASTER]
+                tol = param_tolerance(old_master[i], mr, torch.float32).cpu()
+                diff = (mf.double() - mr.double()).abs().cpu()
+                assert not (diff > tol).any(), f"step {t}, tensor {i}: master weights off by {diff.max().item():.3g}"
+                mr.copy_(mf)
+            for name in set(sf) - {"step", MASTER}:
                 assert sf[name].dtype == sr[name].dtype, (name, sf[name].dtype, sr[name].dtype)
                 assert torch.equal(_bits(sf[name]).cpu(), _bits(sr[name]).cpu()), \
                     f"step {t}, tensor {i} ({sizes[i]} elements, {dtypes[i]}): {name} differs"

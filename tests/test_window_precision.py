@@ -1,0 +1,343 @@
+"""Rules with a window (MicroAdam) with the step options every optimizer has: ``max_grad_norm``,
+``nonfinite="skip"``, ``stochastic_rounding`` and ``master_weights``.
+
+The fused kernel (codegen/window_template.py, through the Triton interpreter on a CPU) is checked
+against the eager interpreter (fusedopt/window_reference.py) as tests/window_check.py does: window,
+error feedback and step counters bit for bit, parameters and master weights within the per-step
+bound of its docstring. Each option is also checked against what it stands for: clipping against the
+gradients clipped by hand, the skip against a snapshot and against a run that never saw the bad
+step, stochastic rounding against its expectation, master weights against float32 training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusedopt import grad_factors
+from fusedopt.microadam import MicroAdam
+from kernel_check import any_kernel_device
+from window_check import _bits, compare
+
+SMALL = dict(block=64, quant_block=32, m=3)
+BACKENDS = ["reference", "triton"]
+
+
+def _device(backend: str) -> str:
+    return any_kernel_device() if backend == "triton" else "cpu"
+
+
+def _state(opt, params):
+    return [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+
+def _assert_same(a_params, a_states, b_params, b_states, what):
+    for i, (pa, pb) in enumerate(zip(a_params, b_params)):
+        assert torch.equal(_bits(pa.detach()), _bits(pb.detach())), f"{what}: param {i} differs"
+        for name in a_states[i]:
+            assert torch.equal(_bits(a_states[i][name]).cpu(), _bits(b_states[i][name]).cpu()), \
+                f"{what}: state {name} of param {i} differs"
+
+
+# ---- the kernel against the interpreter, every option at once --------------------------------------
+
+@settings(max_examples=6, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 7, 33, 64, 97, 130]), min_size=1, max_size=3),
+       bf16=st.lists(st.booleans(), min_size=3, max_size=3), steps=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1), clip=st.sampled_from([None, 0.5, 100.0]),
+       rounding=st.booleans(), master=st.booleans())
+def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, rounding, master):
+    dtypes = [torch.bfloat16 if b else torch.float32 for b, _ in zip(bf16, sizes)]
+    compare(sizes, dtypes, steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
+            nonfinite="skip", stochastic_rounding=rounding, sr_seed=seed % 1000, master_weights=master, **SMALL)
+
+
+# ---- max_grad_norm ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipping_is_the_step_on_gradients_clipped_over_every_clipping_group(backend):
+    """Two clipping groups share one norm (as clip_grad_norm_ over all their parameters); a third group
+    does not clip. The result equals unclipped MicroAdam fed g * float32(factor), bit for bit, and the
+    factor is torch's clip_grad_norm_ coefficient."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(70,), (5, 13), (40,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[3 * torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+
+    def make(clip):
+        ps = [x.clone().to(device).requires_grad_() for x in init]
+        groups = [{"params": ps[:1], "max_grad_norm": clip}, {"params": ps[1:2], "max_grad_norm": clip},
+                  {"params": ps[2:]}]
+        return ps, MicroAdam(groups, lr=1e-2, density=0.2, backend=backend, **SMALL)
+
+    clipped, opt_c = make(1.0)
+    by_hand, opt_h = make(None)
+    for step in grads:
+        norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in step[:2]]))
+        factor = min(1.0, 1.0 / (float(norm) + 1e-6))
+        assert factor < 0.5  # the clip is active
+        for i, (p, q, g) in enumerate(zip(clipped, by_hand, step)):
+            p.grad = g.to(device)
+            q.grad = (g * torch.tensor(factor, dtype=torch.float32) if i < 2 else g).to(device)
+        opt_c.step()
+        opt_h.step()
+        _assert_same(clipped, _state(opt_c, clipped), by_hand, _state(opt_h, by_hand), "clipped")
+    assert not torch.equal(clipped[0].detach(), init[0].to(device))
+
+
+def test_the_clip_factor_is_clip_grad_norm_s():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen) * 4 for s in [(50,), (7, 9)]]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 0.7)
+    factor = grad_factors.clip_factor(0.7, grad_factors.total_norm(grads, torch.device("cpu")))
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * factor.float(), rtol=2e-7, atol=0)
+
+
+# ---- nonfinite="skip" --------------------------------------------------------------------------------
+
+def _skip_setup(backend, **kw):
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(100,), (6, 20)]
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]
+    return params, MicroAdam(params, lr=1e-2, density=0.1, backend=backend, **SMALL, **kw), grads
+
+
+def _step(params, opt, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_gradient_skips_the_whole_group(backend, bad):
+    """Parameters, window rows, error codes and step counters stay as they were; the next finite step
+    is the one an optimizer that never saw the bad gradient takes."""
+    params, opt, grads = _skip_setup(backend, nonfinite="skip")
+    clean, clean_opt, _ = _skip_setup(backend, nonfinite="skip")
+    _step(params, opt, grads[0])
+    _step(clean, clean_opt, grads[0])
+    before, states = [p.detach().clone() for p in params], _state(opt, params)
+    poisoned = [g.clone() for g in grads[1]]
+    poisoned[-1].view(-1)[5] = bad
+    _step(params, opt, poisoned)
+    for i, (p, old) in enumerate(zip(params, before)):
+        assert torch.equal(p.detach(), old), f"param {i} changed"
+        for name, value in states[i].items():
+            assert torch.equal(opt.state[p][name], value), f"state {name} of param {i} changed"
+    _step(params, opt, grads[2])
+    _step(clean, clean_opt, grads[2])
+    _assert_same(params, _state(opt, params), clean, _state(clean_opt, clean), "after the skipped step")
+    assert all(int(opt.state[p]["step"]) == 2 for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_skip_independently_and_propagate_lets_nan_through(backend):
+    device = _device(backend)
+    a, b, c = (torch.zeros(80, device=device, requires_grad=True) for _ in range(3))
+    opt = MicroAdam([{"params": [a], "nonfinite": "skip"}, {"params": [b], "nonfinite": "skip"}, {"params": [c]}],
+                    lr=0.1, density=1.0, backend=backend, **SMALL)
+    for p in (a, b, c):
+        p.grad = torch.ones(80, device=device)
+    b.grad[7] = float("inf")
+    c.grad[7] = float("nan")
+    opt.step()
+    assert torch.equal(b.detach(), torch.zeros(80, device=device))
+    assert int(opt.state[b]["step"]) == 0
+    torch.testing.assert_close(a.detach(), torch.full((80,), -0.1, device=device))
+    assert bool(c[7].isnan()) and int(opt.state[c]["step"]) == 1
+
+
+def test_a_detector_that_misses_infinities_is_caught(monkeypatch):
+    """The skip test can fail: a flag that sees NaN but not Inf lets an infinite gradient through."""
+    monkeypatch.setattr(grad_factors, "any_nonfinite",
+                        lambda grads, device: torch.stack([g.isnan().any().to(device) for g in grads]).any())
+    with pytest.raises(AssertionError, match="changed"):
+        test_a_nonfinite_gradient_skips_the_whole_group("triton", float("inf"))
+
+
+# ---- stochastic rounding -----------------------------------------------------------------------------
+
+def _quarter_step(backend, rounding, seed=0, n=4096):
+    """bf16 parameters at 1.0 and a first step of exactly 2**-10 (a quarter of the bf16 spacing just
+    below 1.0): at density 1 MicroAdam's first update is lr * a / |a| with a = g = 1."""
+    device = _device(backend)
+    p = torch.ones(n, dtype=torch.bfloat16, device=device, requires_grad=True)
+    opt = MicroAdam([p], lr=2.0**-10, density=1.0, eps=0.0, block=1024, quant_block=512, m=2, backend=backend,
+                    stochastic_rounding=rounding, sr_seed=seed)
+    p.grad = torch.ones(n, dtype=torch.bfloat16, device=device)
+    opt.step()
+    return p.detach().float().cpu()
+
+
+def test_a_quarter_step_survives_on_average_only_with_stochastic_rounding():
+    n = 4096
+    assert torch.equal(_quarter_step("reference", False), torch.ones(n))  # to nearest: lost
+    new = _quarter_step("reference", True)
+    assert set(new.unique().tolist()) == {1.0, 1.0 - 2.0**-8}
+    sigma = 2.0**-8 * (0.25 * 0.75 / n) ** 0.5  # of the mean of n draws: each falls 2**-8 with p = 1/4
+    assert abs(float(new.double().mean()) - (1.0 - 2.0**-10)) < 5 * sigma
+
+
+def test_the_kernel_rounds_to_the_interpreter_s_bits_and_the_seed_decides_them():
+    fused = _quarter_step("triton", True, seed=7)
+    assert torch.equal(fused, _quarter_step("reference", True, seed=7))
+    assert torch.equal(fused, _quarter_step("triton", True, seed=7))
+    assert not torch.equal(fused, _quarter_step("triton", True, seed=8))
+
+
+def test_float16_parameters_with_stochastic_rounding_are_refused():
+    p = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="stochastic_rounding rounds bfloat16.*Fix: .*master_weights=True"):
+        MicroAdam([p], stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"sr_seed=-1"):
+        MicroAdam([torch.zeros(4, requires_grad=True)], sr_seed=-1)
+    with pytest.raises(ValueError, match=r"max_grad_norm 0"):
+        MicroAdam([torch.zeros(4, requires_grad=True)], max_grad_norm=0)
+    with pytest.raises(ValueError, match=r"nonfinite='never'"):
+        MicroAdam([torch.zeros(4, requires_grad=True)], nonfinite="never")
+
+
+# ---- master weights ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backend):
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(s, generator=gen).bfloat16() for s in [(150,), (9, 11)]]
+    half = [x.clone().to(device).requires_grad_() for x in base]
+    full = [x.float().to(device).requires_grad_() for x in base]
+    kw = dict(lr=1e-2, weight_decay=0.1, density=0.2, backend=backend, **SMALL)
+    oh, of = MicroAdam(half, master_weights=True, **kw), MicroAdam(full, **kw)
+    for _ in range(5):
+        for h, f in zip(half, full):
+            g = torch.randn(h.shape, generator=gen).bfloat16()
+            h.grad, f.grad = g.to(device), g.float().to(device)
+        oh.step()
+        of.step()
+    for h, f in zip(half, full):
+        master = oh.state[h]["master_param"]
+        assert master.dtype == torch.float32
+        assert torch.equal(master, f.detach())
+        assert torch.equal(h.detach(), master.bfloat16())
+        assert not torch.equal(master, master.bfloat16().float())  # the copy holds what bf16 cannot
+
+
+def test_a_checkpoint_without_master_weights_starts_them_from_the_parameter():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(90, generator=gen).bfloat16().requires_grad_()
+    opt = MicroAdam([p], lr=1e-2, density=0.2, **SMALL)
+    p.grad = torch.randn(90, generator=gen).bfloat16()
+    opt.step()
+    saved = opt.state_dict()
+    q = p.detach().clone().requires_grad_()
+    resumed = MicroAdam([q], lr=1e-2, density=0.2, master_weights=True, **SMALL)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["master_weights"] is False  # the checkpoint's choice
+    resumed.param_groups[0]["master_weights"] = True  # turned on by hand: the copy starts from q
+    q.grad = torch.randn(90, generator=gen).bfloat16()
+    before = q.detach().float().clone()
+    resumed.step()
+    assert int(resumed.state[q]["step"]) == 2
+    expected = MicroAdam([before.clone().requires_grad_()], lr=1e-2, density=0.2, **SMALL)
+    expected.load_state_dict(saved)
+    x = expected.param_groups[0]["params"][0]
+    x.grad = q.grad.float()
+    expected.step()
+    assert torch.equal(resumed.state[q]["master_param"], x.detach())
+
+
+def test_checkpoints_keep_the_step_options_and_resume_bit_for_bit():
+    gen = torch.Generator().manual_seed(4)
+    kw = dict(lr=1e-2, density=0.2, max_grad_norm=0.5, nonfinite="skip", stochastic_rounding=True,
+              sr_seed=2**32 - 1, master_weights=True, **SMALL)
+    a = torch.randn(120, generator=gen).bfloat16().requires_grad_()
+    opt = MicroAdam([a], **kw)
+    grads = [torch.randn(120, generator=gen).bfloat16() for _ in range(5)]
+    for g in grads[:2]:
+        a.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    group = saved["param_groups"][0]
+    assert group["sr_seed"] == 2**32 - 1 and isinstance(group["sr_seed"], int)
+    assert (group["max_grad_norm"], group["nonfinite"], group["master_weights"]) == (0.5, "skip", True)
+    b = a.detach().clone().requires_grad_()
+    resumed = MicroAdam([b], lr=1e-2, density=0.2, **SMALL)  # the options come from the checkpoint
+    resumed.load_state_dict(copy.deepcopy(saved))
+    for g in grads[2:]:
+        a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    _assert_same([a], _state(opt, [a]), [b], _state(resumed, [b]), "resumed")
+
+
+def test_an_older_checkpoint_without_the_step_keys_loads_with_the_defaults():
+    p = torch.randn(40).requires_grad_()
+    opt = MicroAdam([p], density=0.5, **SMALL)
+    p.grad = torch.randn(40)
+    opt.step()
+    saved = opt.state_dict()
+    for key in ("max_grad_norm", "nonfinite", "stochastic_rounding", "sr_seed", "master_weights"):
+        del saved["param_groups"][0][key]
+    fresh = MicroAdam([p.detach().clone().requires_grad_()], density=0.5, **SMALL)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["nonfinite"] == "propagate"
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["nonfinite"] = "sometimes"
+    with pytest.raises(ValueError, match="nonfinite='sometimes'"):
+        fresh.load_state_dict(bad)
+    assert fresh.param_groups[0]["nonfinite"] == "propagate"  # nothing changed
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------
+
+def test_compiled_step_with_every_option_is_one_graph_without_recompiles():
+    """bf16 model, clipping, the skip check, stochastic rounding and master weights: opt.step()
+    compiled with fullgraph=True (aot_eager) compiles on the first two steps only, and the trajectory
+    is the eager fused one bit for bit."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    device = _device("triton")
+    x = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
+    y = torch.randn(16, 1, device=device, dtype=torch.bfloat16)
+    counter = CompileCounterWithBackend("aot_eager")
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        model = model.to(device=device, dtype=torch.bfloat16)
+        opt = MicroAdam(model.parameters(), lr=0.01, density=0.1, backend="triton", max_grad_norm=0.1,
+                        nonfinite="skip", stochastic_rounding=True, sr_seed=5, master_weights=True, **SMALL)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+        def update():
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(update, backend=counter, fullgraph=True) if compiled else update
+        for k in range(12):
+            if k == 2:
+                warm = counter.frame_count
+            with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                if k == 5:
+                    model[0].weight.grad[0, 0] = float("nan")  # a skipped step
+                step()
+                sched.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert int(opt.state[model[0].weight]["step"]) == 11
+    assert 0 < counter.frame_count == warm
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
