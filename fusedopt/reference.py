@@ -267,6 +267,14 @@ def _value(env: dict, slot):
     return env[slot] if isinstance(slot, str) else slot
 
 
+def writable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a 0-d tensor a one-element view of it, to write a step's result into. A compiled
+    step that writes a 0-d float64 CPU tensor in place loses the write (seen with torch 2.13 under
+    aot_eager and inductor: a float64 scalar parameter, or a per-tensor state of float64
+    parameters); through a view it lands."""
+    return t.view(1) if t.dim() == 0 else t
+
+
 def evaluate(exprs, env: dict) -> list:
     """The values of sympy expressions over the names in ``env``, walked node by node as a program's
     updates are (for interpreters of other rule forms, such as fusedopt.window_reference)."""
@@ -385,7 +393,7 @@ def step(
         values = [env[s].clone() if isinstance(s, str) and not s.startswith("%") else _value(env, s)
                   for _, s in compiled.outputs]
         for (target, _), value in zip(compiled.outputs, values):
-            dest = p if target == ir.PARAM else states[target][i]
+            dest = writable(p if target == ir.PARAM else states[target][i])
             spec = quantized.get(target)
             if spec is not None:  # blockwise: codes and absmax from the new float32 value
                 dense = value if isinstance(value, torch.Tensor) else torch.tensor(value)

@@ -121,11 +121,11 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
         if target == ir.PARAM:
             if program.stochastic_rounding and param.dtype == torch.bfloat16:
                 new = rounding.to_bf16_stochastic(new, int(env[ir.SR_SEED]), t)
-            param.copy_(new.view_as(param))
+            reference.writable(param).copy_(new.view_as(reference.writable(param)))
             continue
         spec = next(s for s in program.states if s.name == target)
         if spec.dtype in ir.MINMAX_BITS:
             for name, part in zip(spec.storage, sparse.ef_encode(new, spec.block, ir.MINMAX_BITS[spec.dtype])):
                 state[name].copy_(part)
         else:
-            state[target].copy_(new.view_as(state[target]))
+            reference.writable(state[target]).copy_(new.view_as(reference.writable(state[target])))

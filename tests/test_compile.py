@@ -268,3 +268,35 @@ def test_factors_written_inside_a_compiled_step_reach_the_update(backend):
     for a, b in zip(runs[0], runs[1]):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert any((a - c).abs().max() > 1e-4 for a, c in zip(runs[0], runs[2]))
+
+
+def test_float64_scalars_are_written_inside_a_compiled_step():
+    """A 0-d float64 parameter and a per-tensor state of float64 parameters: the compiled step writes
+    them as the eager one does (a direct in-place write of a 0-d float64 CPU tensor is lost by
+    aot_eager; the reference backend writes through a one-element view)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fusedopt.dsl import mean, rule, sqrt, state
+
+    @rule("per_tensor_rms")
+    def per_tensor_rms(p, g, t, lr=0.1, beta=0.9):
+        s = state("s", layout="tensor")
+        s.set(beta * s + (1 - beta) * mean(g * g))
+        p.set(p - lr * g / (sqrt(s) + 1e-8))
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn((), dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+        opt = fusedopt.FusedOptimizer(params, per_tensor_rms, backend="reference")
+        step = torch.compile(opt.step, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True) \
+            if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+            step()
+        runs.append([p.detach().clone() for p in params] + [opt.state[p]["s"].clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
