@@ -22,7 +22,7 @@ for part in ${parts//,/ }; do
     layouts) for shapes in gpt2 llama1b; do  # per-row/column/block rules (fp32) and MicroAdam (bf16, as the paper)
                timeout 420 python3 -m benchmarks.bench_step --shapes $shapes --rules adafactor,adam-mini \
                  --out "$out" > "$out/bench_layouts_$shapes.txt" 2>> "$out/bench_layouts.err"
-               timeout 420 python3 -m benchmarks.bench_step --shapes $shapes --rules microadam,adamw --dtype bf16 \
+               timeout 420 python3 -m benchmarks.bench_step --shapes $shapes --rules microadam,microadam-sr,adamw --dtype bf16 \
                  --impls fusedopt-triton,torch-fused --out "$out" > "$out/bench_microadam_$shapes.txt" \
                  2>> "$out/bench_layouts.err"
              done; tail -5 "$out/bench_layouts.err" ;;

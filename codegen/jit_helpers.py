@@ -46,7 +46,8 @@ def mix32(h):
 @triton.jit
 def to_bf16_sr(x, seed, step, n, offs):
     """``x`` rounded up with probability equal to its distance past the bf16 below it: 16 random bits
-    from (seed, step, n: the tensor's element count, offs: the flat index), as fusedopt.rounding."""
+    from (seed, step, n: the tensor's element count, offs: the flat index), as fusedopt.rounding,
+    added below the 16 kept bits before truncating."""
     key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
     noise = mix32(offs.to(tl.uint32) ^ key) & 0xFFFF
     bits = x.to(tl.uint32, bitcast=True)

@@ -449,8 +449,6 @@ def _load_inputs(out: "_Lines", spec: KernelSpec, indent: int, used: set[str], l
             out.add(indent, f"v_{r.name} = {_load_small(spec, r.name, mask)}")
 
 
-# Stochastic rounding to bfloat16: the bits of fusedopt.rounding (murmur3's finalizer over the seed,
-# the step, the tensor size and the element index), added below the 16 kept bits before truncating.
 class _Lines:
     def __init__(self) -> None:
         self.lines: list[str] = []

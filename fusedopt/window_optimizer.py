@@ -9,7 +9,8 @@ rest; both give the same selections, window rows and quantized states, bit for b
 
 Every parameter counts its own steps (state ``"step"``, int64); its other states are the program's
 storage tensors (``Program.storage_names``): for MicroAdam ``error`` (packed 4-bit codes),
-``error_min``, ``error_max``, ``window_index`` and ``window_value``.
+``error_min``, ``error_max``, ``window_index`` and ``window_value``, and with ``master_weights=True``
+``master_param``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from . import dsl, grad_factors, groups, ir, sparse, window_reference
 from .dsl import CLIP_SCALE, SKIP_FLAG
+from .dtypes import storage_dtype
 from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
 from .window_passes import lower_window
 
@@ -83,8 +85,8 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._programs: dict[tuple, ir.Program] = {}
         self._kernel_keys: dict[ir.Program, str] = {}
-        # id(group) -> (group, {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}): 0-d float64
-        # tensors written before each step's launches and read by the kernels as hyperparameters
+        # id(group) -> (group, {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}): float64
+        # tensors (grad_factors.new_factors) written before each step's launches, read by the kernels
         self._factors: dict[int, tuple[dict, dict[torch.device, dict[str, torch.Tensor]]]] = {}
         self._opt_called = True  # step() is never wrapped by LR schedulers (see the end of the module)
         super().__init__(params, defaults)
@@ -122,7 +124,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         self._groups = list(self.param_groups)
         factors = {}
         for group in self._groups:
-            kept = self._factors.get(id(group))
+            kept = getattr(self, "_factors", {}).get(id(group))
             if kept is None or kept[0] is not group:
                 kept = (group, grad_factors.new_factors(p.device for p in group["params"]))
             factors[id(group)] = kept
@@ -201,7 +203,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.int64, device=p.device if fused else "cpu")
         elif ir.MASTER in program.storage_names and ir.MASTER not in state:
             # master weights turned on, or a checkpoint without them: the copy starts from the parameter
-            state[ir.MASTER] = window_reference.init_state(program, p)[ir.MASTER]
+            state[ir.MASTER] = p.detach().to(dtype=storage_dtype("fp32", p.dtype), copy=True)
         for name, (shape, dtype) in _storage_shapes(program, p.numel(), p.shape, p.dtype).items():
             value = state.get(name)
             if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
