@@ -1,7 +1,7 @@
 """What a step needs to know about a group's gradients before its launches, computed on the device
 without a host sync: the global-norm clipping factor and the flag that a gradient holds a NaN or an
-infinity. The front ends write these into 0-d float64 tensors that their kernels read as
-hyperparameters (``clip_scale``, ``nonfinite_flag``; see :meth:`fusedopt.dsl.Rule.program`).
+infinity. The front ends write these into float64 tensors (:func:`new_factors`) that their kernels
+read as hyperparameters (``clip_scale``, ``nonfinite_flag``; see :meth:`fusedopt.dsl.Rule.program`).
 """
 
 from __future__ import annotations

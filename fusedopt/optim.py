@@ -411,6 +411,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _state_for(self, program: ir.Program, p: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.state[p]
+        if ir.MASTER in st and ir.MASTER not in program.storage_names:
+            del st[ir.MASTER]  # master weights turned off: a copy kept now would be stale when turned on
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         view = self._block_view(p) if program.uses_blocks else None

@@ -4,8 +4,9 @@ A value is rounded up (away from zero) with probability equal to the fraction of
 lies past the bf16 value below it, so the rounding is unbiased: E[round(x)] = x. The random 16 bits
 come from a counter-based integer hash (murmur3's 32-bit finalizer) of the seed, the step, the
 tensor's element count and the element's flat index, so a step is deterministic under a seed, no
-generator state is kept, and the Triton kernel (codegen/template.py) computes the same bits as this
-torch version. NaN stays NaN; a value within a step of the largest bf16 may round to infinity.
+generator state is kept, and the Triton kernels (``codegen.jit_helpers.to_bf16_sr``) compute the same
+bits as this torch version. NaN stays NaN; a value within a step of the largest bf16 may round to
+infinity.
 """
 
 from __future__ import annotations

@@ -197,6 +197,8 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     def _state_of(self, program: ir.Program, p: torch.Tensor, fused: bool) -> dict:
         state = self.state[p]
+        if ir.MASTER in state and ir.MASTER not in program.storage_names:
+            del state[ir.MASTER]  # master weights turned off: a copy kept now would be stale when turned on
         if not state:
             state.update(window_reference.init_state(program, p))
             # the fused kernel reads and advances the counter on the device; the eager code on the host
@@ -244,17 +246,25 @@ class WindowOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base
         class casts floating-point states to the parameter's dtype) and is copied, so stepping never
-        writes into the loaded dictionary; hyperparameters go back into device tensors. Keys a
-        checkpoint lacks (one saved before they existed) take this optimizer's defaults; the step keys
-        (clipping, non-finite policy, stochastic rounding, master weights) are checked before
-        anything changes."""
-        saved_groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
+        writes into the loaded dictionary; hyperparameters go back into device tensors. As in
+        FusedOptimizer, ``master_weights`` stays this optimizer's choice (a checkpoint without the
+        float32 copy starts it from the parameter) and keys a checkpoint lacks (one saved before they
+        existed) keep the group's current values; the step keys (clipping, non-finite policy,
+        stochastic rounding) are checked before anything changes."""
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups) if isinstance(saved_groups, list) else 'no list of'} "
+                             f"param groups, this optimizer has {len(self.param_groups)}")
+        merged_groups = []
         for saved, mine in zip(saved_groups, self.param_groups):
-            seed = saved[ir.SR_SEED]
+            merged = {**{k: v for k, v in mine.items() if k != "params"},
+                      **{k: v for k, v in saved.items() if k != MASTER_WEIGHTS}}
+            seed = merged[ir.SR_SEED]
             if isinstance(seed, float) and seed.is_integer():
-                saved[ir.SR_SEED] = int(seed)
-            groups.check_step_keys(type(self).__name__, {**saved, "params": mine["params"]})
-        super().load_state_dict({**state_dict, "param_groups": saved_groups})
+                merged[ir.SR_SEED] = int(seed)
+            groups.check_step_keys(type(self).__name__, {**merged, "params": mine["params"]})
+            merged_groups.append(merged)
+        super().load_state_dict({**state_dict, "param_groups": merged_groups})
         keys = (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM)
         self.param_groups[:] = [groups.held_in_tensors(g, keys) for g in self.param_groups]
         self._refresh_groups()

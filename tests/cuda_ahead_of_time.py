@@ -99,8 +99,10 @@ def main() -> None:
                         "block_index": "*i32", "block_count": "*i32", "done": "*i32", "scratch": "*fp32",
                         "BLOCK": "constexpr", "KMAX": "constexpr", "ALIGNED": "constexpr"}
     variants = []
-    for window_dtype in ("fp32", "bf16"):
-        program = dsl.configure_states(microadam.program(), {"window": {"dtype": window_dtype}})
+    # every step option: clipping factor, non-finite flag, stochastic rounding, master weights
+    with_options = microadam.program(clip="scale", skip_nonfinite="flag", stochastic_rounding=True, master_weights=True)
+    for window_dtype, base in (("fp32", microadam.program()), ("bf16", microadam.program()), ("bf16-options", with_options)):
+        program = dsl.configure_states(base, {"window": {"dtype": window_dtype.split("-")[0]}})
         module = cache.load(window_ops.source(window_template.WindowKernelSpec(program, "cuda")), torch.device("cpu"))
         for aligned in (True, False):
             triton.compile(triton.compiler.ASTSource(fn=module.window_step, signature=window_signature,

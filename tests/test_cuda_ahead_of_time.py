@@ -104,7 +104,9 @@ def test_without_the_hints_no_access_is_vectorised(ptx_widths):
 
 
 def test_the_fused_microadam_step_compiles_for_sm90(compiled):
-    """The kernel generated from the MicroAdam rule, with float32 and bfloat16 window values, with and
-    without alignment hints."""
+    """The kernel generated from the MicroAdam rule, with float32 and bfloat16 window values, and with
+    every step option (clipping factor, non-finite flag, stochastic rounding, master weights), with
+    and without alignment hints."""
     assert compiled["microadam_variants_compiled"] == [
-        "window-fp32-aligned1", "window-fp32-aligned0", "window-bf16-aligned1", "window-bf16-aligned0"]
+        "window-fp32-aligned1", "window-fp32-aligned0", "window-bf16-aligned1", "window-bf16-aligned0",
+        "window-bf16-options-aligned1", "window-bf16-options-aligned0"]

@@ -18,12 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusedopt import grad_factors
+import fusedopt
+from fusedopt import grad_factors, rounding
 from fusedopt.microadam import MicroAdam
 from kernel_check import any_kernel_device
 from window_check import _bits, compare
 
 SMALL = dict(block=64, quant_block=32, m=3)
+_SR_BITS = rounding.to_bf16_stochastic  # the expected bits, whatever a test patches into the module
 BACKENDS = ["reference", "triton"]
 
 
@@ -51,6 +53,9 @@ def _assert_same(a_params, a_states, b_params, b_states, what):
        seed=st.integers(0, 2**31 - 1), clip=st.sampled_from([None, 0.5, 100.0]),
        rounding=st.booleans(), master=st.booleans())
 def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, rounding, master):
+    """With the skip check on and finite gradients (it then changes nothing; skipped steps are tested
+    below). Parameters are compared within a bf16 step, which a wrong rounding stream would pass:
+    the stream's bits are checked by test_every_written_bf16_parameter_is_the_stochastic_rounding_..."""
     dtypes = [torch.bfloat16 if b else torch.float32 for b, _ in zip(bf16, sizes)]
     compare(sizes, dtypes, steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
             nonfinite="skip", stochastic_rounding=rounding, sr_seed=seed % 1000, master_weights=master, **SMALL)
@@ -197,6 +202,33 @@ def test_the_kernel_rounds_to_the_interpreter_s_bits_and_the_seed_decides_them()
     assert not torch.equal(fused, _quarter_step("triton", True, seed=8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_written_bf16_parameter_is_the_stochastic_rounding_of_its_master_copy(backend):
+    """Several tensors (blocks and a tail), several steps: each bf16 parameter holds exactly
+    fusedopt.rounding's bits for its float32 master value, this step and this seed."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(n, generator=gen).bfloat16().to(device).requires_grad_() for n in (33, 130, 200)]
+    opt = MicroAdam(params, lr=1e-2, density=0.2, stochastic_rounding=True, sr_seed=12345, master_weights=True,
+                    backend=backend, **SMALL)
+    for t in range(1, 5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
+        opt.step()
+        for i, p in enumerate(params):
+            expected = _SR_BITS(opt.state[p]["master_param"].cpu(), 12345, t)
+            assert torch.equal(_bits(p.detach().cpu()), _bits(expected)), f"step {t}, tensor {i}"
+            assert not torch.equal(p.detach().cpu(), opt.state[p]["master_param"].cpu().bfloat16()), \
+                "rounded to nearest everywhere"
+
+
+def test_a_stochastic_rounding_with_another_stream_is_caught(monkeypatch):
+    """The bit check can fail: an interpreter whose stream is off by one seed writes other bits."""
+    monkeypatch.setattr(rounding, "to_bf16_stochastic", lambda x, seed, step: _SR_BITS(x, seed + 1, step))
+    with pytest.raises(AssertionError, match="step 1, tensor 0"):
+        test_every_written_bf16_parameter_is_the_stochastic_rounding_of_its_master_copy("reference")
+
+
 def test_float16_parameters_with_stochastic_rounding_are_refused():
     p = torch.zeros(4, dtype=torch.float16, requires_grad=True)
     with pytest.raises(ValueError, match="stochastic_rounding rounds bfloat16.*Fix: .*master_weights=True"):
@@ -235,6 +267,8 @@ def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backen
 
 
 def test_a_checkpoint_without_master_weights_starts_them_from_the_parameter():
+    """master_weights is the loading optimizer's choice (as FusedOptimizer's): its copy starts from
+    the parameter and follows the float32 run that starts there."""
     gen = torch.Generator().manual_seed(2)
     p = torch.randn(90, generator=gen).bfloat16().requires_grad_()
     opt = MicroAdam([p], lr=1e-2, density=0.2, **SMALL)
@@ -244,18 +278,36 @@ def test_a_checkpoint_without_master_weights_starts_them_from_the_parameter():
     q = p.detach().clone().requires_grad_()
     resumed = MicroAdam([q], lr=1e-2, density=0.2, master_weights=True, **SMALL)
     resumed.load_state_dict(saved)
-    assert resumed.param_groups[0]["master_weights"] is False  # the checkpoint's choice
-    resumed.param_groups[0]["master_weights"] = True  # turned on by hand: the copy starts from q
-    q.grad = torch.randn(90, generator=gen).bfloat16()
-    before = q.detach().float().clone()
-    resumed.step()
-    assert int(resumed.state[q]["step"]) == 2
-    expected = MicroAdam([before.clone().requires_grad_()], lr=1e-2, density=0.2, **SMALL)
+    assert resumed.param_groups[0]["master_weights"] is True
+    x = q.detach().float().clone().requires_grad_()
+    expected = MicroAdam([x], lr=1e-2, density=0.2, **SMALL)
     expected.load_state_dict(saved)
-    x = expected.param_groups[0]["params"][0]
-    x.grad = q.grad.float()
+    g = torch.randn(90, generator=gen).bfloat16()
+    q.grad, x.grad = g, g.float()
+    resumed.step()
     expected.step()
+    assert int(resumed.state[q]["step"]) == 2
     assert torch.equal(resumed.state[q]["master_param"], x.detach())
+    assert torch.equal(q.detach(), x.detach().bfloat16())
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: MicroAdam(ps, lr=0.1, density=1.0, master_weights=True, **SMALL),
+    lambda ps: fusedopt.AdamW(ps, lr=0.1, master_weights=True),
+], ids=["microadam", "adamw"])
+def test_master_weights_turned_off_and_on_restart_from_the_parameter(make):
+    p = torch.full((64,), 0.5, dtype=torch.bfloat16, requires_grad=True)
+    opt = make([p])
+    for on in (True, False, False, True):
+        opt.param_groups[0]["master_weights"] = on
+        before = p.detach().float().clone()
+        p.grad = torch.ones(64, dtype=torch.bfloat16)
+        opt.step()
+        if on:  # the copy moved from where p was, not from where it was left
+            step = before - opt.state[p]["master_param"]
+            assert bool((step > 0).all()) and float(step.max()) < 0.11
+        else:
+            assert "master_param" not in opt.state[p]
 
 
 def test_checkpoints_keep_the_step_options_and_resume_bit_for_bit():
@@ -273,8 +325,11 @@ def test_checkpoints_keep_the_step_options_and_resume_bit_for_bit():
     assert group["sr_seed"] == 2**32 - 1 and isinstance(group["sr_seed"], int)
     assert (group["max_grad_norm"], group["nonfinite"], group["master_weights"]) == (0.5, "skip", True)
     b = a.detach().clone().requires_grad_()
-    resumed = MicroAdam([b], lr=1e-2, density=0.2, **SMALL)  # the options come from the checkpoint
+    # the other options come from the checkpoint; master weights are the loading optimizer's choice
+    resumed = MicroAdam([b], lr=1e-2, density=0.2, master_weights=True, **SMALL)
     resumed.load_state_dict(copy.deepcopy(saved))
+    group = resumed.param_groups[0]
+    assert (float(group["max_grad_norm"]), group["nonfinite"], group["stochastic_rounding"]) == (0.5, "skip", True)
     for g in grads[2:]:
         a.grad, b.grad = g.clone(), g.clone()
         opt.step()
@@ -282,7 +337,7 @@ def test_checkpoints_keep_the_step_options_and_resume_bit_for_bit():
     _assert_same([a], _state(opt, [a]), [b], _state(resumed, [b]), "resumed")
 
 
-def test_an_older_checkpoint_without_the_step_keys_loads_with_the_defaults():
+def test_an_older_checkpoint_without_the_step_keys_keeps_the_groups_values():
     p = torch.randn(40).requires_grad_()
     opt = MicroAdam([p], density=0.5, **SMALL)
     p.grad = torch.randn(40)
@@ -290,14 +345,16 @@ def test_an_older_checkpoint_without_the_step_keys_loads_with_the_defaults():
     saved = opt.state_dict()
     for key in ("max_grad_norm", "nonfinite", "stochastic_rounding", "sr_seed", "master_weights"):
         del saved["param_groups"][0][key]
-    fresh = MicroAdam([p.detach().clone().requires_grad_()], density=0.5, **SMALL)
+    fresh = MicroAdam([p.detach().clone().requires_grad_()], density=0.5, nonfinite="skip", max_grad_norm=2.0,
+                      **SMALL)
     fresh.load_state_dict(saved)
-    assert fresh.param_groups[0]["nonfinite"] == "propagate"
+    group = fresh.param_groups[0]
+    assert group["nonfinite"] == "skip" and float(group["max_grad_norm"]) == 2.0
     bad = copy.deepcopy(opt.state_dict())
     bad["param_groups"][0]["nonfinite"] = "sometimes"
     with pytest.raises(ValueError, match="nonfinite='sometimes'"):
         fresh.load_state_dict(bad)
-    assert fresh.param_groups[0]["nonfinite"] == "propagate"  # nothing changed
+    assert fresh.param_groups[0]["nonfinite"] == "skip"  # nothing changed
 
 
 # ---- torch.compile -------------------------------------------------------------------------------------
