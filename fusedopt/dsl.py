@@ -534,8 +534,8 @@ class Rule:
         clipping: the rule sees ``g * min(1, max_grad_norm / (||g||_group + 1e-6))``, as after
         ``torch.nn.utils.clip_grad_norm_`` over the group, and gains the hyperparameter
         ``max_grad_norm``; ``clip="scale"`` reads that factor, computed by the caller, as the
-        hyperparameter ``clip_scale`` instead. ``state_dtype`` ("fp32", "bf16" or "q8") stores every full-size state
-        that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
+        hyperparameter ``clip_scale`` instead. ``state_dtype`` ("fp32", "bf16", "q8" or "q4") stores
+        every full-size state that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
         bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
         ``sr_seed``. ``master_weights=True`` keeps a float32 copy of each parameter as the state
         ``master_param``: the rule reads and updates it in place of ``p``, and ``p`` receives its new

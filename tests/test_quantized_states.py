@@ -1,5 +1,6 @@
-"""8-bit blockwise states (state_dtype="q8"): fused kernel against the reference, trajectories against
-float32 AdamW, state bytes, checkpoints in compact and dense form, and the non-finite policy."""
+"""8-bit and 4-bit blockwise states (state_dtype="q8", "q4"): the fused kernel against the reference
+(the same bits), trajectories against float32 AdamW, state bytes, checkpoints in compact and dense
+form, and the non-finite policy."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from benchmarks import shapes as bench_shapes
 from codegen import launch, ops, template
 from fusedopt import quant, reference
 from fusedopt.dsl import absolute, rule, state
-from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device, tolerance
+from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device
 
 RULES = {
     "adamw": (fusedopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -26,19 +27,23 @@ RULES = {
 }
 
 
-def assert_same_storage(sa: dict, sb: dict, what: str, max_flips: float = 1e-3) -> None:
-    """Kernel and reference states agree: absmax to float32 rounding, and codes exactly, except that
-    a value the two backends computed a rounding apart may sit on either side of a midpoint between
-    two codes (an off-by-one code), which must stay rare."""
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else \
+        t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def assert_same_storage(sa: dict, sb: dict, what: str) -> None:
+    """Kernel and reference states are the same bits: codes, scales, float states and step counters.
+    The float32 reference does the kernels' operations in their order (grouped per-tensor factors,
+    IEEE division and square root, the same quantizer), so for these elementwise rules any
+    difference is a bug."""
     for key in sa:
         a, b = sa[key], sb[key]
         if a.dtype == torch.uint8:
-            diff = (a.int() - b.int()).abs()
-            assert int(diff.max()) <= 1, f"{what} {key}: codes differ by {int(diff.max())}"
-            flips = int((diff > 0).sum())
-            assert flips <= max(1, max_flips * a.numel()), f"{what} {key}: {flips} of {a.numel()} codes differ"
+            flips = int((a != b).sum())
+            assert flips == 0, f"{what} {key}: {flips} of {a.numel()} codes differ (by up to {int((a.int() - b.int()).abs().max())})"
         else:
-            torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-30, equal_nan=True, msg=f"{what} {key}")
+            assert torch.equal(_bits(a), _bits(b)), f"{what} {key}: {a[a != b][:3].tolist()} vs {b[a != b][:3].tolist()}"
 
 
 def run_pair(name, shapes, steps, device, seed=0, threshold=0, fmt="q8"):
@@ -53,21 +58,13 @@ def run_pair(name, shapes, steps, device, seed=0, threshold=0, fmt="q8"):
         for x, y in zip(a, b):
             g = torch.randn(x.shape, generator=gen) * 10.0 ** float(torch.randint(-3, 3, (), generator=gen))
             x.grad, y.grad = g.to(device), g.clone()
-        old = [y.detach().clone() for y in b]
         oa.step()
         ob.step()
-        for x, y, before in zip(a, b, old):
-            # float32 rounding relative to the magnitudes that enter the update (kernel_check's rule),
-            # 32 units: 8-bit moments make updates of order lr from tiny parameters and gradients,
-            # where Adam's ratio m / sqrt(v) carries ~10 units of rounding (seen: 11)
-            allowed = tolerance(y.detach(), before, y.grad, torch.float32, 32 * 2.0**-24)
-            bad = (x.detach().cpu() - y.detach()).abs() > allowed
+        for x, y in zip(a, b):
+            bad = _bits(x.detach().cpu()) != _bits(y.detach())
             assert not bool(bad.any()), (f"{name} step {step}: params {x.detach().cpu()[bad][:3].tolist()} vs "
-                                         f"{y.detach()[bad][:3].tolist()} (before {before[bad][:3].tolist()})")
+                                         f"{y.detach()[bad][:3].tolist()}")
             assert_same_storage({k: v.cpu() for k, v in oa.state[x].items()}, ob.state[y], f"{name} step {step}")
-            # the next step starts from identical storage, so one off-by-one code cannot grow
-            for key, value in oa.state[x].items():
-                ob.state[y][key].copy_(value.cpu())
     return a, b, oa, ob
 
 
@@ -79,6 +76,8 @@ SIZES = st.sampled_from([1, 7, 127, 128, 129, 255, 256, 257, 511, 600, 1024, 150
 @given(name=st.sampled_from(sorted(RULES)), sizes=st.lists(SIZES, min_size=1, max_size=3),
        matrix=st.booleans(), steps=st.integers(1, 4), seed=st.integers(0, 2**16), fmt=st.sampled_from(["q8", "q4"]))
 def test_fused_quantized_step_matches_the_reference(device, name, sizes, matrix, steps, seed, fmt):
+    """AdamW, Adam with amsgrad, Lion and SGD with 8-bit or 4-bit states on float32 parameters: the
+    kernel and the reference write the same parameters, codes and scales, bit for bit, every step."""
     require_kernel_device(device)
     shapes = [(n,) if not matrix or n < 4 else (n // 4, 4) if n % 4 == 0 else (n,) for n in sizes]
     run_pair(name, shapes, steps, device, seed=seed, fmt=fmt)
@@ -535,14 +534,12 @@ def test_checkpoints_move_between_compact_dense_and_torch_forms():
     oe = fusedopt.AdamW8bit(e, lr=1e-2)
     oe.load_state_dict(copy.deepcopy(oc.state_dict()))
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        # re-encoding decoded values is exact for the unsigned map; the signed map has no -1, so a
-        # block whose largest magnitude is negative gets a smaller absmax and codes move by a step
+        # re-encoding decoded values is not always exact: a block's largest decoded value can lie below
+        # its scale (the bf16 scale is the absmax rounded up, and the signed map has no -1), so the
+        # block gets a smaller scale and some codes move by a step
         again = quant.decode_state(oe.state[e[0]][key], oe.state[e[0]][key + "_absmax"], "q8", signed)
         first = dense["state"][0][key]
-        if signed:
-            torch.testing.assert_close(again, first, rtol=0.05, atol=1e-3 * float(first.abs().max()))
-        else:
-            assert torch.equal(again, first)
+        torch.testing.assert_close(again, first, rtol=0.05, atol=1e-3 * float(first.abs().max()))
 
     for opt, params in ((oa, a), (ob, b), (oc, c), (od, d), (oe, e)):
         train(opt, params, grads[3:])
