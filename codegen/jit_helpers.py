@@ -46,11 +46,11 @@ def mix32(h):
 @triton.jit
 def to_bf16_sr(x, seed, step, n, offs):
     """``x`` rounded up with probability equal to its distance past the bf16 below it: 16 random bits
-    from (seed, step, n: the tensor's element count, offs: the flat index), as fusedopt.rounding,
-    added below the 16 kept bits before truncating."""
+    from (seed, step, n: the tensor's element count, offs: the flat index, x's own bits), as
+    fusedopt.rounding, added below the 16 kept bits before truncating."""
     key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
-    noise = mix32(offs.to(tl.uint32) ^ key) & 0xFFFF
     bits = x.to(tl.uint32, bitcast=True)
+    noise = mix32(offs.to(tl.uint32) ^ key ^ bits) & 0xFFFF
     rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 

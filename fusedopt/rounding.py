@@ -3,7 +3,10 @@
 A value is rounded up (away from zero) with probability equal to the fraction of a bf16 step that it
 lies past the bf16 value below it, so the rounding is unbiased: E[round(x)] = x. The random 16 bits
 come from a counter-based integer hash (murmur3's 32-bit finalizer) of the seed, the step, the
-tensor's element count and the element's flat index, so a step is deterministic under a seed, no
+tensor's element count, the element's flat index and the float32 bits being rounded (without them,
+same-sized tensors, such as the layers of a transformer, would share one noise pattern per step and
+round in step with each other; for a given value the bits still vary with the seed and the step, so
+the rounding stays unbiased), so a step is deterministic under a seed, no
 generator state is kept, and the Triton kernels (``codegen.jit_helpers.to_bf16_sr``) compute the same
 bits as this torch version. NaN stays NaN; a value within a step of the largest bf16 may round to
 infinity.
@@ -35,14 +38,22 @@ def stream_key(seed: int, step: int, numel: int) -> int:
     return mix32((seed & _MASK) ^ mix32((_mul32(step & _MASK, 0x9E3779B9) + (numel & _MASK)) & _MASK))
 
 
-def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    """``x`` (float32) rounded stochastically to bfloat16, with the bits the fused kernels use."""
+def noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """The 16 random bits (int64) added below the kept bits of each element of ``x`` (float32): a
+    hash of the stream key, the flat index and the value's own bits, so that tensors of the same size
+    draw different bits at the same step."""
     flat = x.detach().reshape(-1).to(torch.float32)
     key = stream_key(seed, step, flat.numel())
     index = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) & _MASK
-    noise = mix32(index ^ key) & 0xFFFF
     bits = flat.view(torch.int32).to(torch.int64) & _MASK
-    rounded = ((bits + noise) >> 16) & 0xFFFF
+    return mix32(index ^ key ^ bits) & 0xFFFF
+
+
+def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """``x`` (float32) rounded stochastically to bfloat16, with the bits the fused kernels use."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    bits = flat.view(torch.int32).to(torch.int64) & _MASK
+    rounded = ((bits + noise(flat, seed, step)) >> 16) & 0xFFFF
     rounded = torch.where(flat.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
     as_int16 = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
     return as_int16.view(torch.bfloat16).reshape(x.shape)

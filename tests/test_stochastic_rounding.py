@@ -38,12 +38,23 @@ def test_a_biased_rounding_is_caught():
     """The check above can fail: 15 random bits instead of 16 round up half as often as they should."""
     def biased(v, k):
         bits = v.view(torch.int32).long()
-        key = rounding.stream_key(7, k + 1, v.numel())
-        noise = rounding.mix32(torch.arange(v.numel()) ^ key) & 0x7FFF
+        noise = rounding.noise(v, 7, k + 1) & 0x7FFF
         return ((bits + noise) >> 16 << 16).to(torch.int32).view(torch.float32)
 
     x = 1.0 + torch.tensor([0.25, 0.5, 0.75]) * BF16_STEP_AT_1
     assert mean_error_in_sigmas(biased, x, 4000) > 20.0
+
+
+def test_same_sized_tensors_draw_independent_noise():
+    """Two tensors of one size (two layers of a model) do not share a noise pattern at a step: their
+    16-bit draws are uncorrelated, where a hash of the index alone would make them equal."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, generator=gen), torch.randn(4096, generator=gen)
+    na, nb = rounding.noise(a, 3, 5).double(), rounding.noise(b, 3, 5).double()
+    assert not torch.equal(na, nb)
+    corr = float(torch.corrcoef(torch.stack([na, nb]))[0, 1])
+    assert abs(corr) < 5 / math.sqrt(4096)
+    assert float(na.mean()) == pytest.approx(2**15, rel=0.05)  # uniform on [0, 2**16)
 
 
 def test_rounding_is_deterministic_under_a_seed_and_exact_on_representable_values():
