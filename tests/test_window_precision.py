@@ -51,14 +51,14 @@ def _assert_same(a_params, a_states, b_params, b_states, what):
 @given(sizes=st.lists(st.sampled_from([1, 7, 33, 64, 97, 130]), min_size=1, max_size=3),
        bf16=st.lists(st.booleans(), min_size=3, max_size=3), steps=st.integers(1, 6),
        seed=st.integers(0, 2**31 - 1), clip=st.sampled_from([None, 0.5, 100.0]),
-       rounding=st.booleans(), master=st.booleans())
-def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, rounding, master):
+       sr=st.booleans(), master=st.booleans())
+def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, sr, master):
     """With the skip check on and finite gradients (it then changes nothing; skipped steps are tested
     below). Parameters are compared within a bf16 step, which a wrong rounding stream would pass:
     the stream's bits are checked by test_every_written_bf16_parameter_is_the_stochastic_rounding_..."""
     dtypes = [torch.bfloat16 if b else torch.float32 for b, _ in zip(bf16, sizes)]
     compare(sizes, dtypes, steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
-            nonfinite="skip", stochastic_rounding=rounding, sr_seed=seed % 1000, master_weights=master, **SMALL)
+            nonfinite="skip", stochastic_rounding=sr, sr_seed=seed % 1000, master_weights=master, **SMALL)
 
 
 # ---- max_grad_norm ---------------------------------------------------------------------------------
@@ -66,8 +66,8 @@ def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps,
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clipping_is_the_step_on_gradients_clipped_over_every_clipping_group(backend):
     """Two clipping groups share one norm (as clip_grad_norm_ over all their parameters); a third group
-    does not clip. The result equals unclipped MicroAdam fed g * float32(factor), bit for bit, and the
-    factor is torch's clip_grad_norm_ coefficient."""
+    does not clip. The result equals unclipped MicroAdam fed g * float32(factor), bit for bit (the
+    factor itself is checked against clip_grad_norm_ below)."""
     device = _device(backend)
     gen = torch.Generator().manual_seed(3)
     shapes = [(70,), (5, 13), (40,)]
@@ -174,13 +174,13 @@ def test_a_detector_that_misses_infinities_is_caught(monkeypatch):
 
 # ---- stochastic rounding -----------------------------------------------------------------------------
 
-def _quarter_step(backend, rounding, seed=0, n=4096):
+def _quarter_step(backend, sr, seed=0, n=4096):
     """bf16 parameters at 1.0 and a first step of exactly 2**-10 (a quarter of the bf16 spacing just
     below 1.0): at density 1 MicroAdam's first update is lr * a / |a| with a = g = 1."""
     device = _device(backend)
     p = torch.ones(n, dtype=torch.bfloat16, device=device, requires_grad=True)
     opt = MicroAdam([p], lr=2.0**-10, density=1.0, eps=0.0, block=1024, quant_block=512, m=2, backend=backend,
-                    stochastic_rounding=rounding, sr_seed=seed)
+                    stochastic_rounding=sr, sr_seed=seed)
     p.grad = torch.ones(n, dtype=torch.bfloat16, device=device)
     opt.step()
     return p.detach().float().cpu()
@@ -229,7 +229,7 @@ def test_a_stochastic_rounding_with_another_stream_is_caught(monkeypatch):
         test_every_written_bf16_parameter_is_the_stochastic_rounding_of_its_master_copy("reference")
 
 
-def test_float16_parameters_with_stochastic_rounding_are_refused():
+def test_bad_step_options_are_refused_at_construction():
     p = torch.zeros(4, dtype=torch.float16, requires_grad=True)
     with pytest.raises(ValueError, match="stochastic_rounding rounds bfloat16.*Fix: .*master_weights=True"):
         MicroAdam([p], stochastic_rounding=True)
