@@ -69,7 +69,7 @@ RULES = {
     "adafactor": RuleSpec(fusedopt.Adafactor, torch.optim.Adafactor, "adafactor", lr=1e-2),
     # MicroAdam: sparse window and 4-bit error feedback (about 0.9 B/param); run with --dtype bf16 as the paper
     "microadam": RuleSpec(fusedopt.MicroAdam, None, "adamw", lr=1e-4),
-    # the same writing bf16 parameters with stochastic rounding (the kernel's hash per element)
+    # the same writing bf16 (or fp16) parameters with stochastic rounding (the kernel's hash per element)
     "microadam-sr": RuleSpec(fusedopt.MicroAdam, None, "adamw", lr=1e-4, stochastic_rounding=True),
     "adam-mini": RuleSpec(fusedopt.AdamMini, None, "adamw", named=True, lr=1e-3, weight_decay=1e-2),
     # 8-bit and bf16 moments: torch has neither, so ratios are against its float32 AdamW

@@ -5,6 +5,8 @@ printed math calls one).
   CPU interpreter's own conversion truncates);
 * :func:`to_bf16_sr`: float32 -> bfloat16 rounded stochastically with the bits of
   :func:`fusedopt.rounding.to_bf16_stochastic` (a hash of seed, step, element count and flat index);
+* :func:`to_fp16_sr`: float32 -> float16 rounded stochastically with the bits of
+  :func:`fusedopt.rounding.to_fp16_stochastic`;
 * :func:`power`: ``base ** n`` in float64 by binary exponentiation (within a few float64 ulps of the
   host's ``base ** n``), for an int64 ``n >= 0`` known only at run time;
 * :func:`real_power`: ``base ** exponent`` for any real exponent known only at run time, with
@@ -53,6 +55,28 @@ def to_bf16_sr(x, seed, step, n, offs):
     noise = mix32(offs.to(tl.uint32) ^ key ^ bits) & 0xFFFF
     rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_fp16_sr(x, seed, step, n, offs):
+    """``x`` rounded stochastically to float16 with the bits of fusedopt.rounding.to_fp16_stochastic:
+    |x| rounded toward zero (``lo``), then up by one float16 step when the fraction past ``lo``,
+    scaled exactly to 16 bits, reaches 2**16 minus the noise."""
+    key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
+    bits = x.to(tl.uint32, bitcast=True)
+    noise = (mix32(offs.to(tl.uint32) ^ key ^ bits) & 0xFFFF).to(tl.float32)
+    a = tl.abs(x)
+    near = a.to(tl.float16)
+    nb = near.to(tl.int16, bitcast=True).to(tl.int32)
+    lo_bits = tl.where(near.to(tl.float32) > a, nb - 1, nb)
+    lo = lo_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    exponent = tl.maximum(lo_bits >> 10, 1)
+    scale = ((168 - exponent) << 23).to(tl.float32, bitcast=True)
+    up = (a - lo) * scale >= 65536.0 - noise
+    out = lo_bits + up.to(tl.int32)
+    out = tl.where((bits >> 31) != 0, out | 0x8000, out)
+    out = tl.where(x != x, 0x7E00, out)
+    return out.to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit

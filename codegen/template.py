@@ -288,8 +288,12 @@ def _even_grid_values(code_map) -> tuple[float, float] | None:
     return (first, step) if torch.equal(closed.view(torch.int32), code_map.view(torch.int32)) else None
 
 
+# the jit helper that writes a parameter of this dtype with stochastic rounding
+SR_HELPERS = {"bf16": "to_bf16_sr", "fp16": "to_fp16_sr"}
+
+
 def _rounds_stochastically(spec: KernelSpec) -> bool:
-    return spec.lowered.program.stochastic_rounding and spec.param_dtype == "bf16"
+    return spec.lowered.program.stochastic_rounding and spec.param_dtype in SR_HELPERS
 
 
 # Per element offset ``offs``: the index of its value in a tensor of each layout, and whether it is
@@ -502,7 +506,7 @@ def render(spec: KernelSpec) -> str:
         for phase in range(low.n_phases):
             _kernel(out, spec, scalar, element, phase)
     _kernel(out, spec, scalar, element, None)
-    helpers = scalar.helpers | element.helpers | ({"to_bf16_sr"} if _rounds_stochastically(spec) else set())
+    helpers = scalar.helpers | element.helpers | ({SR_HELPERS[spec.param_dtype]} if _rounds_stochastically(spec) else set())
     if helpers:
         out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
@@ -558,7 +562,7 @@ def _body(out: _Lines, spec: KernelSpec, element: TritonPrinter, masked: bool) -
             out.add(3, f"tl.store(ptr_{target} + {LAYOUT_INDEX[_layout(spec, target)]}, {written}, mask={where})")
             continue
         if target == ir.PARAM and _rounds_stochastically(spec):
-            value = f"to_bf16_sr({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
+            value = f"{SR_HELPERS[spec.param_dtype]}({value}, s_{ir.SR_SEED}, s_{ir.STEP}, n, offs)"
         elif spec.dtype_of(target) == "bf16":
             value = f"_to_bf16_rne({value})"
         else:

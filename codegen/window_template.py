@@ -17,7 +17,7 @@ registers, in the order the rule's semantics fix (:mod:`fusedopt.window_passes`)
    per row gather, add ``beta ** age * value ** power`` and scatter back; a row's indices within a
    block are distinct, and a barrier separates rows;
 4. compute the rest and store the parameter (rounded once to its dtype: to nearest, or for bf16
-   parameters of a program with stochastic rounding as :func:`fusedopt.rounding.to_bf16_stochastic`)
+   and fp16 parameters of a program with stochastic rounding as :func:`fusedopt.rounding.to_stochastic`)
    and the states (q4minmax: min/max and clamped codes); the last program to finish a tensor
    advances its int64 step counter.
 
@@ -48,7 +48,7 @@ from fusedopt.window_passes import KEPT, PUSH, SCORE, WindowLowered, lower_windo
 
 from .jit_helpers import DTYPE_CODES
 from .printer import TritonPrinter, is_boolean
-from .template import _Lines, module_header
+from .template import SR_HELPERS, _Lines, module_header
 
 N_STATIC = 6  # per-tensor columns after the pointers: numel, full blocks, tail k, row length, p and g dtypes
 _POINTEE = {"fp32": "tl.float32", "bf16": "tl.bfloat16", "fp16": "tl.float16"}
@@ -211,11 +211,12 @@ def render(spec: WindowKernelSpec) -> str:
         out.add(2, f"v_{name} = {element(expr)}")
     for target, expr in low.outputs():
         value_text = f"tl.broadcast_to({element(expr)}, [BLOCK])"
-        if target == ir.PARAM and prog.stochastic_rounding:  # bf16 parameters only; others round to nearest
+        if target == ir.PARAM and prog.stochastic_rounding:  # bf16 and fp16 parameters; fp32 ones as they are
             out.add(2, f"v_new_p = {value_text}")
-            out.add(2, f"if p_dtype == {DTYPE_CODES['bf16']}:")
-            out.add(3, f"tl.store(ptr_p.to(tl.pointer_type(tl.bfloat16)) + offs, "
-                       f"to_bf16_sr(v_new_p, s_{ir.SR_SEED}, t, numel, offs), mask=valid)")
+            for i, (dtype, helper) in enumerate(SR_HELPERS.items()):
+                out.add(2, f"{'if' if i == 0 else 'elif'} p_dtype == {DTYPE_CODES[dtype]}:")
+                out.add(3, f"tl.store(ptr_p.to(tl.pointer_type({_POINTEE[dtype]})) + offs, "
+                           f"{helper}(v_new_p, s_{ir.SR_SEED}, t, numel, offs), mask=valid)")
             out.add(2, "else:")
             out.add(3, "store_float(ptr_p, offs, v_new_p, valid, p_dtype)")
             continue
@@ -234,7 +235,7 @@ def render(spec: WindowKernelSpec) -> str:
     out.add(3, f"tl.store(ptr_{ir.STEP}, t)")
     out.add(3, "tl.store(done + tid, 0)")
     helpers = {"decode_minmax", "encode_minmax", "load_float", "power", "store_float", "to_bf16_rne",
-               *(("to_bf16_sr",) if prog.stochastic_rounding else ()), *scalar.helpers, *element.helpers}
+               *(SR_HELPERS.values() if prog.stochastic_rounding else ()), *scalar.helpers, *element.helpers}
     out.lines.insert(imports_at, f"from codegen.jit_helpers import {', '.join(sorted(helpers))}")
     return out.text()
 

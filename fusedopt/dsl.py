@@ -536,7 +536,7 @@ class Rule:
         ``max_grad_norm``; ``clip="scale"`` reads that factor, computed by the caller, as the
         hyperparameter ``clip_scale`` instead. ``state_dtype`` ("fp32", "bf16", "q8" or "q4") stores
         every full-size state that the rule declares as fp32 in that dtype instead. ``stochastic_rounding=True`` writes
-        bf16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
+        bf16 and fp16 parameters rounded stochastically (see fusedopt.rounding) and adds the hyperparameter
         ``sr_seed``. ``master_weights=True`` keeps a float32 copy of each parameter as the state
         ``master_param``: the rule reads and updates it in place of ``p``, and ``p`` receives its new
         value rounded to the parameter's dtype (for bf16/fp16 training). ``skip_nonfinite`` ("group" or

@@ -17,7 +17,7 @@ import torch
 from .ir import SR_SEED  # the seed of stochastic rounding, a group key too
 
 # group keys of every front end (FusedOptimizer, WindowOptimizer)
-STOCHASTIC_ROUNDING = "stochastic_rounding"  # bf16 parameters written with stochastic rounding
+STOCHASTIC_ROUNDING = "stochastic_rounding"  # bf16/fp16 parameters written with stochastic rounding
 MASTER_WEIGHTS = "master_weights"  # a float32 copy of each parameter, updated in its place
 NONFINITE = "nonfinite"  # what a step does when a gradient holds NaN or Inf
 NONFINITE_POLICIES = ("propagate", "skip")
@@ -26,7 +26,7 @@ MAX_GRAD_NORM = "max_grad_norm"  # None, or a global gradient norm to clip to
 
 def check_step_keys(cls: str, group: dict) -> None:
     """Raise for a bad value of the keys every front end shares (``cls`` names the optimizer):
-    max_grad_norm, master_weights, stochastic_rounding (bf16 parameters only), nonfinite, sr_seed."""
+    max_grad_norm, master_weights, stochastic_rounding, nonfinite, sr_seed."""
     clip = group.get(MAX_GRAD_NORM)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float, torch.Tensor))
                              or not float(clip) > 0):
@@ -35,12 +35,6 @@ def check_step_keys(cls: str, group: dict) -> None:
         raise TypeError(f"{cls}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
     if not isinstance(group[STOCHASTIC_ROUNDING], bool):
         raise TypeError(f"{cls}: stochastic_rounding must be a bool, got {group[STOCHASTIC_ROUNDING]!r}")
-    if group[STOCHASTIC_ROUNDING] and any(isinstance(p, torch.Tensor) and p.dtype == torch.float16
-                                          for p in group["params"]):
-        fix = "with master_weights=True, drop stochastic_rounding (float16 parameters then receive the float32 " \
-              "value rounded to nearest)" if group[MASTER_WEIGHTS] else "use master_weights=True instead"
-        raise ValueError(f"{cls}: stochastic_rounding rounds bfloat16 parameters; this group has float16 ones. "
-                         f"Fix: train in bfloat16, or {fix}")
     if group[NONFINITE] not in NONFINITE_POLICIES:
         raise ValueError(f"{cls}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
                          "flow into the parameters and states) or 'skip' (the group's step is skipped)")

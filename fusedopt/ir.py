@@ -107,7 +107,7 @@ class Program:
     options: tuple[tuple[str, bool], ...]
     states: tuple[StateSpec, ...]
     updates: tuple[tuple[str, sympy.Expr], ...]  # target ("p" or a state name) -> new value
-    # bf16 parameters are written with stochastic rounding (hyperparameter SR_SEED seeds the stream)
+    # bf16/fp16 parameters are written with stochastic rounding (hyperparameter SR_SEED seeds the stream)
     stochastic_rounding: bool = False
     # a scalar that is nonzero when the step must leave everything as it was (a non-finite gradient
     # in the group): every update already keeps its old value then (in a rule with a window, whose

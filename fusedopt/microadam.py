@@ -156,7 +156,7 @@ class MicroAdam(WindowOptimizer):
             computed on the device; the selection and the error feedback see the clipped gradient).
         nonfinite: "propagate" (as the official code) or "skip": a NaN or Inf anywhere in a group's
             gradients leaves its parameters, error feedback, window and step counters as they were.
-        stochastic_rounding, sr_seed: write bf16 parameters rounded stochastically (unbiased; the
+        stochastic_rounding, sr_seed: write bf16 and fp16 parameters rounded stochastically (unbiased; the
             bits are a function of the seed, the step and the element), so that updates below half a
             bf16 step survive on average.
         master_weights: keep a float32 copy of each parameter (state ``master_param``, 4 B/param)

@@ -154,7 +154,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults[CLIP_HPARAM] = None  # every rule: None, or a global gradient norm to clip to
         defaults[STATE_DTYPE] = "fp32"  # storage of full-size states: "fp32", "bf16", "q8" or "q4"
         defaults[QUANT_THRESHOLD] = 4096  # tensors with fewer elements keep fp32 states under q8/q4
-        defaults[STOCHASTIC_ROUNDING] = False  # bf16 parameters written with stochastic rounding
+        defaults[STOCHASTIC_ROUNDING] = False  # bf16/fp16 parameters written with stochastic rounding
         defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
         defaults[MASTER_WEIGHTS] = False  # a float32 copy of each parameter, updated in its place
         defaults[NONFINITE] = "propagate"  # or "skip": a NaN/Inf gradient leaves the group's step undone

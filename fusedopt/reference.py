@@ -406,10 +406,11 @@ def step(
                 dest.copy_(codes.reshape(dest.shape))
                 states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
                 continue
-            if target == ir.PARAM and compiled.program.stochastic_rounding and dest.dtype == torch.bfloat16:
+            if target == ir.PARAM and compiled.program.stochastic_rounding and dest.dtype in (torch.bfloat16,
+                                                                                               torch.float16):
                 dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device).expand(dest.shape)
-                dest.copy_(rounding.to_bf16_stochastic(dense.reshape(dest.shape), int(env[ir.SR_SEED]),
-                                                       int(steps[i])))
+                dest.copy_(rounding.to_stochastic(dense.reshape(dest.shape), dest.dtype, int(env[ir.SR_SEED]),
+                                                  int(steps[i])))
                 continue
             if isinstance(value, torch.Tensor):
                 if value.dim() and value.shape != dest.shape and value.numel() == dest.numel():

@@ -1,14 +1,17 @@
-"""Stochastic rounding of float32 values to bfloat16, reproducible bit for bit on every backend.
+"""Stochastic rounding of float32 values to bfloat16 and float16, reproducible bit for bit on every
+backend.
 
-A value is rounded up (away from zero) with probability equal to the fraction of a bf16 step that it
-lies past the bf16 value below it, so the rounding is unbiased: E[round(x)] = x. The random 16 bits
+A value is rounded up (away from zero) with probability equal to the fraction of a step of the target
+dtype that it lies past the representable value below it, so the rounding is unbiased:
+E[round(x)] = x (float16 subnormals: within 2**-16 of a step, see :func:`to_fp16_stochastic`). The
+random 16 bits
 come from a counter-based integer hash (murmur3's 32-bit finalizer) of the seed, the step, the
 tensor's element count, the element's flat index and the float32 bits being rounded (without them,
 same-sized tensors, such as the layers of a transformer, would share one noise pattern per step and
 round in step with each other; for a given value the bits still vary with the seed and the step, so
-the rounding stays unbiased), so a step is deterministic under a seed, no
-generator state is kept, and the Triton kernels (``codegen.jit_helpers.to_bf16_sr``) compute the same
-bits as this torch version. NaN stays NaN; a value within a step of the largest bf16 may round to
+the rounding stays unbiased), so a step is deterministic under a seed, no generator state is kept,
+and the Triton kernels (``codegen.jit_helpers.to_bf16_sr`` and ``to_fp16_sr``) compute the same bits
+as this torch version. NaN stays NaN; a value within a step of the largest finite value may round to
 infinity.
 """
 
@@ -57,3 +60,38 @@ def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     rounded = torch.where(flat.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
     as_int16 = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
     return as_int16.view(torch.bfloat16).reshape(x.shape)
+
+
+def to_fp16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """``x`` (float32) rounded stochastically to float16, with the bits the fused kernels use.
+
+    ``lo`` is ``|x|`` rounded toward zero to float16 and ``s`` the float16 spacing above it (2**-24
+    for subnormals; 32 above the largest finite value, so values within a step of it may round to
+    infinity, as to nearest they do from 65520). ``|x|`` rounds up when ``(|x| - lo) * 2**16 / s``
+    (exact: a difference within a factor of two and a power-of-two scale) reaches ``2**16 - noise``:
+    with probability ``(|x| - lo) / s``, exactly for normal float16 values and within ``2**-16`` of a
+    step for subnormal ones (the fraction is truncated to 16 bits, as for bfloat16)."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    a = flat.abs()
+    near = a.to(torch.float16)
+    nb = near.view(torch.int16).to(torch.int32)
+    lo_bits = torch.where(near.float() > a, nb - 1, nb)  # toward zero (near > a >= 0 means nb >= 1)
+    lo = lo_bits.to(torch.int16).view(torch.float16).float()
+    exponent = torch.clamp(lo_bits >> 10, min=1)  # float16's biased exponent; subnormals space like 1
+    scale = ((168 - exponent) << 23).view(torch.float32)  # 2**16 / spacing = 2**(41 - exponent)
+    up = (a - lo) * scale >= 65536.0 - noise(flat, seed, step).to(torch.float32)
+    out = lo_bits + up.to(torch.int32)
+    out = torch.where(flat.view(torch.int32) < 0, out | 0x8000, out)
+    out = torch.where(flat.isnan(), torch.full_like(out, 0x7E00), out)
+    as_int16 = torch.where(out >= 0x8000, out - 0x10000, out).to(torch.int16)
+    return as_int16.view(torch.float16).reshape(x.shape)
+
+
+def to_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, step: int) -> torch.Tensor:
+    """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16 or float16)."""
+    if dtype == torch.bfloat16:
+        return to_bf16_stochastic(x, seed, step)
+    if dtype == torch.float16:
+        return to_fp16_stochastic(x, seed, step)
+    raise ValueError(f"stochastic rounding writes bfloat16 or float16, not {dtype}")
+

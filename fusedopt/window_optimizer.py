@@ -55,7 +55,7 @@ class WindowOptimizer(torch.optim.Optimizer):
     * ``nonfinite``: "propagate" (as torch.optim) or "skip": a NaN or Inf in any gradient of the
       group leaves its parameters, states, window and step counters as they were (a flag computed
       on the device before the launches; the kernel then steps no block);
-    * ``stochastic_rounding`` (and its ``sr_seed``): bf16 parameters are written rounded
+    * ``stochastic_rounding`` (and its ``sr_seed``): bf16 and fp16 parameters are written rounded
       stochastically (:mod:`fusedopt.rounding`), reproducibly under the seed;
     * ``master_weights``: a float32 copy of each parameter (state ``master_param``) that the rule
       reads and updates in place of ``p``; the parameter receives its new value rounded (a bf16 one

@@ -7,8 +7,8 @@ computed from the old states (per-tensor scalar subexpressions, such as bias cor
 in float64, as :func:`fusedopt.passes.lower` hoists them for the kernel); :func:`fusedopt.sparse.block_topk` selects each block's top-k of
 ``|score|`` (ties to the lower index); the pushed values go to ring row ``(t - 1) mod m``; the window
 sums are rebuilt from every written row (:func:`fusedopt.sparse.window_sum`, ``beta ** age`` on the host
-in float64); then the parameter (bf16 ones of a program with stochastic rounding rounded as
-:func:`fusedopt.rounding.to_bf16_stochastic`) and the other states get their new values. A program
+in float64); then the parameter (bf16 and fp16 ones of a program with stochastic rounding rounded as
+:func:`fusedopt.rounding.to_stochastic`) and the other states get their new values. A program
 that skips non-finite steps returns before any of this when its flag is nonzero. q4minmax states decode and
 encode with :func:`fusedopt.sparse.ef_decode` and :func:`fusedopt.sparse.ef_encode`.
 """
@@ -119,8 +119,8 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     for target, new in zip(targets, values):
         new = _flat(new, d, cd, param.device)
         if target == ir.PARAM:
-            if program.stochastic_rounding and param.dtype == torch.bfloat16:
-                new = rounding.to_bf16_stochastic(new, int(env[ir.SR_SEED]), t)
+            if program.stochastic_rounding and param.dtype in (torch.bfloat16, torch.float16):
+                new = rounding.to_stochastic(new, param.dtype, int(env[ir.SR_SEED]), t)
             reference.writable(param).copy_(new.view_as(reference.writable(param)))
             continue
         spec = next(s for s in program.states if s.name == target)

@@ -66,11 +66,13 @@ def main() -> None:
     # ... the q8 requantization and stochastic rounding helpers, and per-row (column, block) values
     others = {"lamb_clip": lamb.program(clip=True), "max_scaled": max_scaled.program(),
               "adamw_q8_sr": adamw.program(state_dtype="q8", stochastic_rounding=True),
+              "adamw_sr_fp16": adamw.program(stochastic_rounding=True),
               "adafactor_factored": adafactor.program(matrix=True), "adam_mini": adam_mini.program(),
               "adafactor_hf_bf16_rows": adafactor.program(matrix=True, hf=True, state_dtype="bf16"),
               "adamw_q8_skip_nonfinite": adamw.program(state_dtype="q8", skip_nonfinite="group")}
     for name, program in others.items():
-        dtype = torch.bfloat16 if program.stochastic_rounding else torch.float32
+        dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16 if program.stochastic_rounding \
+            else torch.float32
         module = cache.load(fusedopt.kernel_source(program, dtype, target="cuda"), torch.device("cpu"))
         names = [n for n in dir(module) if n.startswith("reduce_phase_")] + ["fused_step"]
         for n in names:

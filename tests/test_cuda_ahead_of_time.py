@@ -68,6 +68,7 @@ def test_reduction_phase_kernels_compile_for_sm90(compiled):
     assert compiled["lamb_clip_kernels_compiled"] == ["fused_step", "reduce_phase_0", "reduce_phase_1"]
     assert compiled["max_scaled_kernels_compiled"] == ["fused_step", "reduce_phase_0"]  # float64 atomic max
     assert compiled["adamw_q8_sr_kernels_compiled"] == ["fused_step"]
+    assert compiled["adamw_sr_fp16_kernels_compiled"] == ["fused_step"]  # float16 stochastic rounding
     assert compiled["adamw_q8_skip_nonfinite_kernels_compiled"] == ["fused_step", "reduce_phase_0"]
 
 

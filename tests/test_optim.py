@@ -422,10 +422,10 @@ def test_a_loaded_checkpoint_is_checked_like_a_new_group():
     opt = fusedopt.AdamW([p], master_weights=True, backend="reference")
     saved = opt.state_dict()
     assert isinstance(saved["param_groups"][0]["sr_seed"], int)
-    saved["param_groups"][0]["stochastic_rounding"] = True  # float16 parameters cannot round stochastically
-    with pytest.raises(ValueError, match="float16 ones.*drop stochastic_rounding"):
+    saved["param_groups"][0]["nonfinite"] = "sometimes"
+    with pytest.raises(ValueError, match="nonfinite='sometimes'"):
         opt.load_state_dict(saved)
-    saved["param_groups"][0].update(stochastic_rounding=False, sr_seed=-1)
+    saved["param_groups"][0].update(nonfinite="propagate", sr_seed=-1)
     with pytest.raises(ValueError, match="sr_seed=-1"):
         opt.load_state_dict(saved)
     saved["param_groups"][0]["sr_seed"] = 7.0  # older checkpoints saved the seed as a float

@@ -73,18 +73,61 @@ def test_rounding_is_deterministic_under_a_seed_and_exact_on_representable_value
     assert down.dtype == torch.float32
 
 
+# float16: normal values (a step of 2**-10 at 1), subnormal ones (2**-24 everywhere below 2**-14),
+# values under the smallest subnormal, and the largest finite value (65504, a step of 32 above it)
+FP16_CASES = [(1.0, 2.0**-10), (1000.0, 0.5), (2.0**-20, 2.0**-24), (0.0, 2.0**-24), (65504.0, 32.0)]
+
+
+@pytest.mark.parametrize("base, spacing", FP16_CASES)
+def test_float16_rounding_is_unbiased(base, spacing):
+    x = base + torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9]) * spacing
+    total = torch.zeros(5, dtype=torch.float64)
+    draws = 4000
+    for k in range(draws):
+        total += rounding.to_fp16_stochastic(x, 5, k + 1).double().clamp(max=65536.0)  # inf counts as 65536
+    frac = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    sigma = spacing * torch.sqrt(frac * (1 - frac) / draws)
+    err = float(((total / draws - x.double()).abs() / sigma).max())
+    assert err < 5.0, err
+
+
+def test_a_biased_float16_rounding_is_caught(monkeypatch):
+    """The check above can fail: 15 random bits instead of 16 round up half as often as they should."""
+    full = rounding.noise
+    monkeypatch.setattr(rounding, "noise", lambda v, seed, step: full(v, seed, step) & 0x7FFF)
+    with pytest.raises(AssertionError):
+        test_float16_rounding_is_unbiased(1.0, 2.0**-10)
+
+
+def test_float16_rounding_is_exact_on_representable_values_and_keeps_specials():
+    x = torch.randn(10000).half()
+    assert torch.equal(rounding.to_fp16_stochastic(x.float(), 3, 5), x)
+    sub = torch.arange(-1023, 1024) * 2.0**-24
+    assert torch.equal(rounding.to_fp16_stochastic(sub, 3, 5).float(), sub)
+    y = torch.randn(10000) * 100
+    a = rounding.to_fp16_stochastic(y, 3, 5)
+    assert torch.equal(a, rounding.to_fp16_stochastic(y, 3, 5)) and not torch.equal(a, rounding.to_fp16_stochastic(y, 4, 5))
+    lo = torch.where(y.half().float().abs() > y.abs(), torch.nextafter(y.half(), torch.zeros_like(y).half()), y.half())
+    assert bool(((a == lo) | (a.float().abs() > lo.float().abs())).all())  # the value below or the one above
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e6, -1e6])
+    out = rounding.to_fp16_stochastic(special, 1, 1)
+    assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf") and out[5] == float("inf")
+    assert out[6] == -float("inf") and out[3].view(torch.int16) == 0 and out[4].view(torch.int16) == -32768
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_kernel_and_reference_round_to_the_same_bits(device):
+def test_kernel_and_reference_round_to_the_same_bits(device, dtype):
     require_kernel_device(device)
     gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in [(1000,), (33, 7), (5,)]]
+    base = [torch.randn(s, generator=gen).to(dtype) for s in [(1000,), (33, 7), (5,)]]
     a = [p.clone().to(device).requires_grad_() for p in base]
     b = [p.clone().requires_grad_() for p in base]
     kw = dict(lr=1e-3, momentum=0.9, stochastic_rounding=True, sr_seed=1234)
     oa, ob = fusedopt.SGD(a, backend="triton", **kw), fusedopt.SGD(b, backend="reference", **kw)
     for _ in range(4):
         for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen).to(torch.bfloat16)
+            g = torch.randn(x.shape, generator=gen).to(dtype)
             x.grad, y.grad = g.to(device), g.clone()
         oa.step()
         ob.step()
@@ -92,12 +135,14 @@ def test_kernel_and_reference_round_to_the_same_bits(device):
             assert torch.equal(x.detach().cpu(), y.detach())
 
 
-def test_updates_below_half_a_step_survive_only_with_stochastic_rounding():
-    """1000 steps of -1e-4 on bf16 ones (a step there is 2**-7 = 7.8e-3): round-to-nearest never
-    moves them; stochastic rounding brings their mean to 0.9 (within a statistical bound)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_updates_below_half_a_step_survive_only_with_stochastic_rounding(dtype):
+    """1000 steps of -1e-4 on ones (a step below 1 is 2**-8 in bf16, 2**-11 = 4.9e-4 in fp16):
+    round-to-nearest never moves them; stochastic rounding brings their mean to 0.9 (within a
+    statistical bound)."""
     results = {}
     for sr in (False, True):
-        p = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+        p = torch.ones(4096, dtype=dtype, requires_grad=True)
         opt = fusedopt.SGD([p], lr=1e-4, stochastic_rounding=sr, sr_seed=11, backend="reference")
         for _ in range(1000):
             p.grad = torch.ones_like(p)
@@ -123,5 +168,4 @@ def test_float32_parameters_ignore_the_flag_and_bad_settings_are_refused():
         fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding=True, sr_seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding"):
         fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding="yes")
-    with pytest.raises(ValueError, match="float16"):
-        fusedopt.AdamW([torch.zeros(2, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)
+    fusedopt.AdamW([torch.zeros(2, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)  # taken

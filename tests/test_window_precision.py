@@ -25,7 +25,7 @@ from kernel_check import any_kernel_device
 from window_check import _bits, compare
 
 SMALL = dict(block=64, quant_block=32, m=3)
-_SR_BITS = rounding.to_bf16_stochastic  # the expected bits, whatever a test patches into the module
+_SR_BITS = rounding.to_stochastic  # the expected bits, whatever a test patches into the module
 BACKENDS = ["reference", "triton"]
 
 
@@ -55,7 +55,7 @@ def _assert_same(a_params, a_states, b_params, b_states, what):
 def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, sr, master):
     """With the skip check on and finite gradients (it then changes nothing; skipped steps are tested
     below). Parameters are compared within a bf16 step, which a wrong rounding stream would pass:
-    the stream's bits are checked by test_every_written_bf16_parameter_is_the_stochastic_rounding_..."""
+    the stream's bits are checked by test_every_written_parameter_is_the_stochastic_rounding_..."""
     dtypes = [torch.bfloat16 if b else torch.float32 for b, _ in zip(bf16, sizes)]
     compare(sizes, dtypes, steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
             nonfinite="skip", stochastic_rounding=sr, sr_seed=seed % 1000, master_weights=master, **SMALL)
@@ -202,37 +202,37 @@ def test_the_kernel_rounds_to_the_interpreter_s_bits_and_the_seed_decides_them()
     assert not torch.equal(fused, _quarter_step("triton", True, seed=8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_written_bf16_parameter_is_the_stochastic_rounding_of_its_master_copy(backend):
-    """Several tensors (blocks and a tail), several steps: each bf16 parameter holds exactly
+def test_every_written_parameter_is_the_stochastic_rounding_of_its_master_copy(backend, dtype):
+    """Several tensors (blocks and a tail), several steps: each bf16 or fp16 parameter holds exactly
     fusedopt.rounding's bits for its float32 master value, this step and this seed."""
     device = _device(backend)
     gen = torch.Generator().manual_seed(9)
-    params = [torch.randn(n, generator=gen).bfloat16().to(device).requires_grad_() for n in (33, 130, 200)]
+    params = [torch.randn(n, generator=gen).to(dtype).to(device).requires_grad_() for n in (33, 130, 200)]
     opt = MicroAdam(params, lr=1e-2, density=0.2, stochastic_rounding=True, sr_seed=12345, master_weights=True,
                     backend=backend, **SMALL)
     for t in range(1, 5):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(device)
         opt.step()
         for i, p in enumerate(params):
-            expected = _SR_BITS(opt.state[p]["master_param"].cpu(), 12345, t)
+            expected = _SR_BITS(opt.state[p]["master_param"].cpu(), dtype, 12345, t)
             assert torch.equal(_bits(p.detach().cpu()), _bits(expected)), f"step {t}, tensor {i}"
-            assert not torch.equal(p.detach().cpu(), opt.state[p]["master_param"].cpu().bfloat16()), \
+            assert not torch.equal(p.detach().cpu(), opt.state[p]["master_param"].cpu().to(dtype)), \
                 "rounded to nearest everywhere"
 
 
 def test_a_stochastic_rounding_with_another_stream_is_caught(monkeypatch):
     """The bit check can fail: an interpreter whose stream is off by one seed writes other bits."""
-    monkeypatch.setattr(rounding, "to_bf16_stochastic", lambda x, seed, step: _SR_BITS(x, seed + 1, step))
+    monkeypatch.setattr(rounding, "to_stochastic", lambda x, dtype, seed, step: _SR_BITS(x, dtype, seed + 1, step))
     with pytest.raises(AssertionError, match="step 1, tensor 0"):
-        test_every_written_bf16_parameter_is_the_stochastic_rounding_of_its_master_copy("reference")
+        test_every_written_parameter_is_the_stochastic_rounding_of_its_master_copy("reference", torch.float16)
 
 
 def test_bad_step_options_are_refused_at_construction():
-    p = torch.zeros(4, dtype=torch.float16, requires_grad=True)
-    with pytest.raises(ValueError, match="stochastic_rounding rounds bfloat16.*Fix: .*master_weights=True"):
-        MicroAdam([p], stochastic_rounding=True)
+    with pytest.raises(TypeError, match="stochastic_rounding must be a bool"):
+        MicroAdam([torch.zeros(4, requires_grad=True)], stochastic_rounding="yes")
     with pytest.raises(ValueError, match=r"sr_seed=-1"):
         MicroAdam([torch.zeros(4, requires_grad=True)], sr_seed=-1)
     with pytest.raises(ValueError, match=r"max_grad_norm 0"):
