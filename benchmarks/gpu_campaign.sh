@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: environment, the GPU tests, then benchmarks. Usage (repository root):
-#   bash benchmarks/gpu_campaign.sh tests,gpt2,llama1b,layouts,peers,tune [OUTDIR]
+#   bash benchmarks/gpu_campaign.sh tests,bits,gpt2,llama1b,layouts,peers,tune [OUTDIR]
 # peers: bitsandbytes and torchao beside fusedopt, installed from the wheels in .whl/ (`make
 # peer-wheels` where the package index is reachable; carry .whl to the GPU machine).
 # Logs and result files go to OUTDIR (default $OUT, else benchmarks/out); the summary is printed last.
@@ -17,6 +17,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FUSEDOPT_CACHE_DIR=${FUSEDOPT_CACHE_DI
 for part in ${parts//,/ }; do
   case $part in
     tests) timeout 300 python3 -m pytest -m gpu -q --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+    bits) # kernel against reference, bit for bit, on CUDA: quantized states, stochastic rounding (bf16
+          # and fp16), and MicroAdam with every step option (these tests pick CUDA when it is there)
+          timeout 300 python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_quantized_states.py \
+            tests/test_stochastic_rounding.py tests/test_window_precision.py 2>&1 | tee "$out/cuda_bits.log" | tail -25 ;;
     gpt2|llama1b) timeout 420 python3 -m benchmarks.bench_step --shapes "$part" ${BENCH_ARGS:-} --out "$out" \
                     > "$out/bench_$part.txt" 2> "$out/bench_$part.err"; echo "bench $part rc=$?"; tail -5 "$out/bench_$part.err" ;;
     layouts) for shapes in gpt2 llama1b; do  # per-row/column/block rules (fp32) and MicroAdam (bf16, as the paper)
