@@ -1,5 +1,5 @@
-"""fp32 master weights for bf16 parameters (master_weights=True): the rule runs on a float32 copy,
-the bf16 parameter receives its value rounded; trajectories equal float32 training."""
+"""fp32 master weights for bf16 and fp16 parameters (master_weights=True): the rule runs on a float32
+copy, the parameter receives its value rounded; trajectories equal float32 training."""
 
 from __future__ import annotations
 
@@ -11,31 +11,32 @@ from fusedopt import ir
 from kernel_check import any_kernel_device
 
 
-def _pair(device, backend, seed=0, steps=5, **kw):
+def _pair(device, backend, seed=0, steps=5, dtype=torch.bfloat16, **kw):
     gen = torch.Generator().manual_seed(seed)
     base = [torch.randn(s, generator=gen) for s in [(300,), (17, 9)]]
-    half = [p.to(torch.bfloat16).to(device).requires_grad_() for p in base]
-    full = [p.to(torch.bfloat16).float().requires_grad_() for p in base]  # the same starting values
+    half = [p.to(dtype).to(device).requires_grad_() for p in base]
+    full = [p.to(dtype).float().requires_grad_() for p in base]  # the same starting values
     oh = fusedopt.AdamW(half, lr=1e-2, weight_decay=0.1, master_weights=True, backend=backend, **kw)
     of = fusedopt.AdamW(full, lr=1e-2, weight_decay=0.1, backend="reference")
     for _ in range(steps):
         for h, f in zip(half, full):
-            g = torch.randn(h.shape, generator=gen).to(torch.bfloat16)
+            g = torch.randn(h.shape, generator=gen).to(dtype)
             h.grad, f.grad = g.to(device), g.float()
         oh.step()
         of.step()
     return half, full, oh
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backend):
+def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backend, dtype):
     device = any_kernel_device() if backend == "triton" else "cpu"
-    half, full, opt = _pair(device, backend)
+    half, full, opt = _pair(device, backend, dtype=dtype)
     for h, f in zip(half, full):
         master = opt.state[h][ir.MASTER].cpu()
         assert master.dtype == torch.float32
-        torch.testing.assert_close(master, f.detach(), rtol=2e-6, atol=1e-7)
-        assert torch.equal(h.detach().cpu(), master.to(torch.bfloat16))  # round to nearest even
+        assert torch.equal(master, f.detach())  # the float32 run's bits
+        assert torch.equal(h.detach().cpu(), master.to(dtype))  # round to nearest even
 
 
 def test_without_master_weights_small_updates_are_lost():

@@ -23,6 +23,7 @@ BACKENDS = ["reference", "triton"]
 CASES = {
     "adamw": (lambda ps, **kw: fusedopt.AdamW(ps, lr=0.01, **kw), [(700,), (5, 300)]),
     "adamw8bit-split": (lambda ps, **kw: fusedopt.AdamW8bit(ps, lr=0.01, **kw), [(10,), (5000,)]),
+    "adamw4bit-one-program": (lambda ps, **kw: fusedopt.AdamW4bit(ps, lr=0.01, **kw), [(4100,), (70, 64)]),
     "adafactor": (lambda ps, **kw: fusedopt.Adafactor(ps, lr=0.01, **kw), [(7,), (6, 50)]),
     "lamb-clipped": (lambda ps, **kw: fusedopt.LAMB(ps, lr=0.01, **kw), [(300,), (4, 5)]),
 }
