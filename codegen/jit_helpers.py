@@ -52,7 +52,7 @@ def to_bf16_sr(x, seed, step, n, offs):
     fusedopt.rounding, added below the 16 kept bits before truncating."""
     key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
     bits = x.to(tl.uint32, bitcast=True)
-    noise = mix32(offs.to(tl.uint32) ^ key ^ bits) & 0xFFFF
+    noise = mix32(bits ^ mix32(offs.to(tl.uint32) ^ key)) & 0xFFFF
     rounded = tl.where(x != x, 0x7FC0, (bits + noise) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
@@ -64,7 +64,7 @@ def to_fp16_sr(x, seed, step, n, offs):
     scaled exactly to 16 bits, reaches 2**16 minus the noise."""
     key = mix32(seed.to(tl.uint32) ^ mix32(step.to(tl.uint32) * 0x9E3779B9 + n.to(tl.uint32)))
     bits = x.to(tl.uint32, bitcast=True)
-    noise = (mix32(offs.to(tl.uint32) ^ key ^ bits) & 0xFFFF).to(tl.float32)
+    noise = (mix32(bits ^ mix32(offs.to(tl.uint32) ^ key)) & 0xFFFF).to(tl.float32)
     a = tl.abs(x)
     near = a.to(tl.float16)
     nb = near.to(tl.int16, bitcast=True).to(tl.int32)

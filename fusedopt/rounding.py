@@ -49,7 +49,7 @@ def noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     key = stream_key(seed, step, flat.numel())
     index = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) & _MASK
     bits = flat.view(torch.int32).to(torch.int64) & _MASK
-    return mix32(index ^ key ^ bits) & 0xFFFF
+    return mix32(bits ^ mix32(index ^ key)) & 0xFFFF  # hashed apart: index ^ bits alone repeats on ramps
 
 
 def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
@@ -69,8 +69,9 @@ def to_fp16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     for subnormals; 32 above the largest finite value, so values within a step of it may round to
     infinity, as to nearest they do from 65520). ``|x|`` rounds up when ``(|x| - lo) * 2**16 / s``
     (exact: a difference within a factor of two and a power-of-two scale) reaches ``2**16 - noise``:
-    with probability ``(|x| - lo) / s``, exactly for normal float16 values and within ``2**-16`` of a
-    step for subnormal ones (the fraction is truncated to 16 bits, as for bfloat16)."""
+    with probability ``(|x| - lo) / s``, exactly for normal float16 values and for subnormal ones
+    from ``2**-17`` up; below that the fraction is truncated to 16 bits, which biases the rounding
+    toward zero by less than ``2**-16`` of a step (values under ``2**-40`` always round to zero)."""
     flat = x.detach().reshape(-1).to(torch.float32)
     a = flat.abs()
     near = a.to(torch.float16)

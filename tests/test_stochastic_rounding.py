@@ -55,6 +55,9 @@ def test_same_sized_tensors_draw_independent_noise():
     corr = float(torch.corrcoef(torch.stack([na, nb]))[0, 1])
     assert abs(corr) < 5 / math.sqrt(4096)
     assert float(na.mean()) == pytest.approx(2**15, rel=0.05)  # uniform on [0, 2**16)
+    ramp = (0x3F800000 + torch.arange(4096, dtype=torch.int32)).view(torch.float32)  # consecutive floats from 1
+    # 4096 uniform 16-bit draws hold about 3970 distinct values; were index and value bits to cancel: 1
+    assert rounding.noise(ramp, 3, 5).unique().numel() > 3800
 
 
 def test_rounding_is_deterministic_under_a_seed_and_exact_on_representable_values():

@@ -49,15 +49,15 @@ def _assert_same(a_params, a_states, b_params, b_states, what):
 
 @settings(max_examples=6, deadline=None)
 @given(sizes=st.lists(st.sampled_from([1, 7, 33, 64, 97, 130]), min_size=1, max_size=3),
-       bf16=st.lists(st.booleans(), min_size=3, max_size=3), steps=st.integers(1, 6),
+       dtypes=st.lists(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), min_size=3, max_size=3),
+       steps=st.integers(1, 6),
        seed=st.integers(0, 2**31 - 1), clip=st.sampled_from([None, 0.5, 100.0]),
        sr=st.booleans(), master=st.booleans())
-def test_fused_matches_the_interpreter_with_the_step_options(sizes, bf16, steps, seed, clip, sr, master):
+def test_fused_matches_the_interpreter_with_the_step_options(sizes, dtypes, steps, seed, clip, sr, master):
     """With the skip check on and finite gradients (it then changes nothing; skipped steps are tested
     below). Parameters are compared within a bf16 step, which a wrong rounding stream would pass:
     the stream's bits are checked by test_every_written_parameter_is_the_stochastic_rounding_..."""
-    dtypes = [torch.bfloat16 if b else torch.float32 for b, _ in zip(bf16, sizes)]
-    compare(sizes, dtypes, steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
+    compare(sizes, dtypes[:len(sizes)], steps, seed, lr=1e-2, weight_decay=0.1, density=0.1, max_grad_norm=clip,
             nonfinite="skip", stochastic_rounding=sr, sr_seed=seed % 1000, master_weights=master, **SMALL)
 
 
