@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from .dsl import CLIP_SCALE, SKIP_FLAG
+from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG
 
 
 def new_factors(devices: Iterable[torch.device]) -> dict[torch.device, dict[str, torch.Tensor]]:
@@ -46,3 +46,18 @@ def any_nonfinite(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     a tensor is NaN or Inf exactly when one of its elements is)."""
     peaks = torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))])
     return (~torch.isfinite(peaks)).any()
+
+
+def write_clip_factors(groups: list, copies_of) -> None:
+    """One norm over the gradients of every group in ``groups`` (as clip_grad_norm_ over all their
+    parameters) and each group's factor for its own ``max_grad_norm`` (a tensor, or a number set by
+    hand), written into every per-device copy ``copies_of(group)`` yields. No host sync."""
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    total = total_norm(grads, grads[0].device)
+    for group in groups:
+        factor = clip_factor(group[CLIP_HPARAM], total)
+        for copy in copies_of(group):
+            copy[CLIP_SCALE].copy_(factor, non_blocking=True)
+

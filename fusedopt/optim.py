@@ -351,15 +351,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         clipping = [g for g in self._groups if g.get(CLIP_HPARAM) is not None]
         for group in clipping:
             self._make_factors(group)
-        grads = [p.grad for g in clipping for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        total = grad_factors.total_norm(grads, grads[0].device)
-        for group in clipping:
-            # the limit: a tensor, or a number set by hand where it was None
-            factor = grad_factors.clip_factor(group[CLIP_HPARAM], total)
-            for copy in self._factors[id(group)].values():
-                copy[CLIP_SCALE].copy_(factor, non_blocking=True)
+        grad_factors.write_clip_factors(clipping, lambda group: self._factors[id(group)].values())
 
     def _update_group_factors(self, group: Mapping[str, Any], grads: list) -> None:
         """Over every gradient of the group, without a host sync: the clipping factor

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import dsl, grad_factors, groups, ir, sparse, window_reference
-from .dsl import CLIP_SCALE, SKIP_FLAG
+from .dsl import SKIP_FLAG
 from .dtypes import storage_dtype
 from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
 from .window_passes import lower_window
@@ -318,14 +318,8 @@ class WindowOptimizer(torch.optim.Optimizer):
         """Before any launch, on the device: one gradient norm over every group that clips (as
         clip_grad_norm_ over all their parameters) and each such group's factor; each skipping group's
         non-finite flag."""
-        clipping = [g for g in self._groups if g[MAX_GRAD_NORM] is not None]
-        grads = [p.grad for g in clipping for p in g["params"] if p.grad is not None]
-        if grads:
-            total = grad_factors.total_norm(grads, grads[0].device)
-            for group in clipping:
-                factor = grad_factors.clip_factor(group[MAX_GRAD_NORM], total)
-                for copy in self._factors[id(group)][1].values():
-                    copy[CLIP_SCALE].copy_(factor, non_blocking=True)
+        grad_factors.write_clip_factors([g for g in self._groups if g[MAX_GRAD_NORM] is not None],
+                                        lambda group: self._factors[id(group)][1].values())
         for group in self._groups:
             if group[NONFINITE] != "skip":
                 continue

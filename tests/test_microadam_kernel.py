@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from codegen import cache, ops, window_ops, window_template
 from fusedopt import window_reference
 from fusedopt.microadam import MicroAdam
-from window_check import DEVICE, _bits, compare, make_grads, param_tolerance
+from window_check import DEVICE, _bits, compare, compiled_against_eager, make_grads, param_tolerance
 
 SMALL = dict(block=64, quant_block=32)
 EXACT_STATES = ("window_index", "window_value", "error", "error_min", "error_max")
@@ -322,35 +322,13 @@ def test_compiled_step_is_one_graph_without_recompiles(lr):
     fusedopt::window_step: the first two steps compile (the first creates the state), then 20 steps
     with a cosine schedule compile nothing, whether lr was given as a float (the group keeps it in a
     tensor) or as a tensor; the trajectory is the eager fused one, bit for bit."""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     def setup():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).to(DEVICE)
         rate = 0.01 if lr == "float" else torch.tensor(0.01, dtype=torch.float64, device=DEVICE)
-        opt = MicroAdam(model.parameters(), lr=rate, m=3, density=0.1, backend="triton", **SMALL)
-        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+        return model, MicroAdam(model.parameters(), lr=rate, m=3, density=0.1, backend="triton", **SMALL)
 
     x, y = torch.randn(32, 8, device=DEVICE), torch.randn(32, 1, device=DEVICE)
-    counter = CompileCounterWithBackend("aot_eager")  # functionalized: mutates_args and the fake impl count
-    runs = []
-    for compiled in (False, True):
-        model, opt, sched = setup()
-
-        def update():
-            opt.step()
-            opt.zero_grad()
-
-        step = torch.compile(update, backend=counter, fullgraph=True) if compiled else update
-        for k in range(22):
-            if k == 2:
-                warm = counter.frame_count
-            with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                step()
-                sched.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
-    assert 0 < counter.frame_count == warm
-    for a, b in zip(*runs):
+    (eager, _), (compiled, _) = compiled_against_eager(setup, x, y, steps=22)
+    for a, b in zip(eager, compiled):
         assert torch.equal(a, b)

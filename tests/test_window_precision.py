@@ -22,7 +22,7 @@ import fusedopt
 from fusedopt import grad_factors, rounding
 from fusedopt.microadam import MicroAdam
 from kernel_check import any_kernel_device
-from window_check import _bits, compare
+from window_check import _bits, compare, compiled_against_eager
 
 SMALL = dict(block=64, quant_block=32, m=3)
 _SR_BITS = rounding.to_stochastic  # the expected bits, whatever a test patches into the module
@@ -361,40 +361,22 @@ def test_an_older_checkpoint_without_the_step_keys_keeps_the_groups_values():
 
 def test_compiled_step_with_every_option_is_one_graph_without_recompiles():
     """bf16 model, clipping, the skip check, stochastic rounding and master weights: opt.step()
-    compiled with fullgraph=True (aot_eager) compiles on the first two steps only, and the trajectory
-    is the eager fused one bit for bit."""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
-
+    compiled with fullgraph=True (aot_eager) compiles on the first two steps only, and the trajectory,
+    a skipped step included, is the eager fused one bit for bit."""
     device = _device("triton")
-    x = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
-    y = torch.randn(16, 1, device=device, dtype=torch.bfloat16)
-    counter = CompileCounterWithBackend("aot_eager")
-    runs = []
-    for compiled in (False, True):
+
+    def setup():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
         model = model.to(device=device, dtype=torch.bfloat16)
-        opt = MicroAdam(model.parameters(), lr=0.01, density=0.1, backend="triton", max_grad_norm=0.1,
-                        nonfinite="skip", stochastic_rounding=True, sr_seed=5, master_weights=True, **SMALL)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+        return model, MicroAdam(model.parameters(), lr=0.01, density=0.1, backend="triton", max_grad_norm=0.1,
+                                nonfinite="skip", stochastic_rounding=True, sr_seed=5, master_weights=True, **SMALL)
 
-        def update():
-            opt.step()
-            opt.zero_grad()
-
-        step = torch.compile(update, backend=counter, fullgraph=True) if compiled else update
-        for k in range(12):
-            if k == 2:
-                warm = counter.frame_count
-            with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                if k == 5:
-                    model[0].weight.grad[0, 0] = float("nan")  # a skipped step
-                step()
-                sched.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
-        assert int(opt.state[model[0].weight]["step"]) == 11
-    assert 0 < counter.frame_count == warm
-    for a, b in zip(*runs):
+    x = torch.randn(16, 8, device=device, dtype=torch.bfloat16)
+    y = torch.randn(16, 1, device=device, dtype=torch.bfloat16)
+    runs = compiled_against_eager(setup, x, y, steps=12, poison_step=5)
+    for _, opt in runs:
+        weight = opt.param_groups[0]["params"][0]
+        assert int(opt.state[weight]["step"]) == 11  # the poisoned step was skipped
+    for a, b in zip(runs[0][0], runs[1][0]):
         assert torch.equal(a, b)

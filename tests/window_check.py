@@ -89,3 +89,38 @@ def compare(sizes, dtypes, steps, seed, ties=False, make=MicroAdam, **kw):
             with torch.no_grad():
                 pr.copy_(pf)  # the next step starts from the same parameters
     return worst
+
+
+def compiled_against_eager(setup, x, y, steps, poison_step=None):
+    """Train ``setup()``'s (model, optimizer) on (x, y) for ``steps`` steps twice: eagerly, then with
+    opt.step() and opt.zero_grad() compiled together (fullgraph=True, aot_eager: functionalized, so
+    ``mutates_args`` and the fake impl count) under a cosine schedule. The compiled run may compile on
+    its first two steps only (the first creates the state); later steps raise on a recompile. At
+    ``poison_step`` one gradient element is NaN. Returns the two runs' (parameters, optimizer)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    runs = []
+    for compiled in (False, True):
+        model, opt = setup()
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+        def update():
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(update, backend=counter, fullgraph=True) if compiled else update
+        for k in range(steps):
+            if k == 2:
+                warm = counter.frame_count
+            with torch._dynamo.config.patch(error_on_recompile=compiled and k >= 2):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                if k == poison_step:
+                    next(model.parameters()).grad.view(-1)[0] = float("nan")
+                step()
+                sched.step()
+        runs.append(([p.detach().clone() for p in model.parameters()], opt))
+    assert 0 < counter.frame_count == warm
+    return runs
+
