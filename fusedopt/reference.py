@@ -406,8 +406,8 @@ def step(
                 dest.copy_(codes.reshape(dest.shape))
                 states[target + ir.ABSMAX_SUFFIX][i].copy_(absmax)
                 continue
-            if target == ir.PARAM and compiled.program.stochastic_rounding and dest.dtype in (torch.bfloat16,
-                                                                                               torch.float16):
+            rounds = compiled.program.stochastic_rounding and dest.dtype in rounding.STOCHASTIC_DTYPES
+            if target == ir.PARAM and rounds:
                 dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device).expand(dest.shape)
                 dest.copy_(rounding.to_stochastic(dense.reshape(dest.shape), dest.dtype, int(env[ir.SR_SEED]),
                                                   int(steps[i])))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 _MASK = 0xFFFFFFFF
+STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)  # the parameter dtypes to_stochastic writes
 
 
 def _mul32(h: torch.Tensor | int, c: int):

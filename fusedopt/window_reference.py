@@ -119,13 +119,15 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
     for target, new in zip(targets, values):
         new = _flat(new, d, cd, param.device)
         if target == ir.PARAM:
-            if program.stochastic_rounding and param.dtype in (torch.bfloat16, torch.float16):
+            if program.stochastic_rounding and param.dtype in rounding.STOCHASTIC_DTYPES:
                 new = rounding.to_stochastic(new, param.dtype, int(env[ir.SR_SEED]), t)
-            reference.writable(param).copy_(new.view_as(reference.writable(param)))
+            dest = reference.writable(param)
+            dest.copy_(new.view_as(dest))
             continue
         spec = next(s for s in program.states if s.name == target)
         if spec.dtype in ir.MINMAX_BITS:
             for name, part in zip(spec.storage, sparse.ef_encode(new, spec.block, ir.MINMAX_BITS[spec.dtype])):
                 state[name].copy_(part)
         else:
-            reference.writable(state[target]).copy_(new.view_as(reference.writable(state[target])))
+            dest = reference.writable(state[target])
+            dest.copy_(new.view_as(dest))
