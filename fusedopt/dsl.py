@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
+import pickle
 import sys
 from typing import Any, Callable
 
@@ -575,6 +577,30 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, hparams={self.hparams}, options={self.options})"
+
+    # A rule is its function: copies share it, and pickles name it (as functions pickle).
+    def __copy__(self) -> "Rule":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Rule":
+        return self
+
+    def __reduce__(self):
+        module, qualname = self.fn.__module__, self.fn.__qualname__
+        if _rule_at(module, qualname) is not self:
+            raise pickle.PicklingError(
+                f"rule '{self.name}' cannot be pickled: {module}.{qualname} does not name it (a rule defined "
+                "inside a function, or stored under another name). Fix: define the rule at module level "
+                "with @rule, or save opt.state_dict() instead of the optimizer object")
+        return _rule_at, (module, qualname)
+
+
+def _rule_at(module: str, qualname: str) -> Any:
+    """The object ``module.qualname`` names (how a pickled rule is found again), or None."""
+    obj: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _check_window_options(name: str, clip, state_dtype: str | None, skip_nonfinite: str | None) -> None:

@@ -15,12 +15,13 @@ import functools
 import math
 import numbers
 import operator
+import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from . import grad_factors, groups, ir, quant, reference
+from . import grad_factors, groups, ir, quant, reference, rounding
 from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
 from .groups import ParamGroup
 from .dtypes import PARAM_DTYPES, storage_dtype
@@ -380,7 +381,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         storage (quantized storage only for tensors of at least quant_threshold elements)."""
         matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
         storage = group[STATE_DTYPE]
-        if storage in ir.QUANTIZED and p.numel() < group[QUANT_THRESHOLD]:
+        # one element never quantizes: its codes would not tell q8 from q4 (one byte either way)
+        if storage in ir.QUANTIZED and p.numel() < max(group[QUANT_THRESHOLD], 2):
             storage = "fp32"
         return matrix, storage
 
@@ -492,7 +494,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             from codegen import launch, ops
 
             full = [s.name for s in program.states if s.dtype != "q4" and s.layout == "full"]
-            fused = [launch.eligible(p, g, [st[name] for name in full], program.has_small_layouts)
+            # quantized codes and scales follow the elements' row-major order, as do per-row values:
+            # the kernel's flat (memory-order) index finds them only in a contiguous tensor
+            row_major = program.has_small_layouts or any(s.quantized for s in program.states)
+            fused = [launch.eligible(p, g, [st[name] for name in full], row_major)
                      for p, g, st in zip(params, grads, per_param)]
             if prepared.group_wide and not all(fused):
                 fused = [False] * len(fused)  # a group-wide reduction must see every tensor in one call
@@ -540,10 +545,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch.optim's layout; hyperparameter tensors are saved as Python floats.
 
         Quantized states are saved compact (uint8 codes under the state's name, bfloat16 scales under
-        "<name>_absmax"; float32 scales load too). ``dense=True`` decodes them to float32 states of
-        the parameter's shape: the form torch.optim (and every other library) keeps, so ``torch.optim.AdamW.load_state_dict``
-        takes it. Either form loads back into any fusedopt optimizer of the same rule, whatever its
-        ``state_dtype``."""
+        "<name>_absmax"; float32 scales load too). ``dense=True`` gives the form torch.optim (and
+        every other library) keeps, so ``torch.optim.AdamW.load_state_dict`` takes it: quantized
+        and bf16 states decoded to float32 states of the parameter's shape (as they are stored now,
+        before a changed ``state_dtype`` converts them at the next step), and no ``master_param``
+        (torch.optim keeps none; loading the dense form starts the copy from the parameter). Either
+        form loads back into any fusedopt optimizer of the same rule, whatever its ``state_dtype``."""
         sd = super().state_dict()
         if dense:
             params = [p for group in self._groups for p in group["params"]]
@@ -551,13 +558,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             for index, values in list(sd["state"].items()):
                 p = params[index]
                 program = self._prepared(group_of[p], *self._kind_of(group_of[p], p)).program
-                sd["state"][index] = _dense_state(program, values, tuple(p.shape))
+                sd["state"][index] = _dense_state(program, values, tuple(p.shape), group_of[p][STATE_DTYPE])
         for group in sd["param_groups"]:
             groups.saved_numbers(group, ints=(ir.SR_SEED,))
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change."""
+        """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change.
+        Hooks registered with ``register_load_state_dict_pre_hook``/``_post_hook`` run as in torch.optim."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        temporary: list[dict] = []  # the merged groups the checks see, whose ids key cached answers
+        try:
+            self._load_state(state_dict, temporary)
+        finally:  # a later group could reuse one of their ids
+            gone = {id(g) for g in temporary}
+            self._multi = {k: v for k, v in self._multi.items() if k[0] not in gone}
+            for key in gone:
+                self._factors.pop(key, None)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state(self, state_dict: Mapping[str, Any], temporary: list[dict]) -> None:
         saved_groups = state_dict.get("param_groups")
         saved_state = state_dict.get("state")
         if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
@@ -579,6 +603,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                       **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD,
                                                                          MASTER_WEIGHTS)}}
             merged["params"] = mine["params"]
+            temporary.append(merged)
             seed = merged.get(ir.SR_SEED)
             if isinstance(seed, float) and seed.is_integer():  # saved as a float before it was saved as an int
                 merged[ir.SR_SEED] = int(seed)
@@ -587,13 +612,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group(merged)
             new_groups.append((mine, merged))
             for key_id, p in zip(saved["params"], mine["params"]):
-                index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program)
+                index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program, saved.get(STATE_DTYPE))
         new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key_id, values in saved_state.items():
             if key_id not in index:
                 raise ValueError(f"state_dict has state for parameter id {key_id!r}, which no group lists")
-            p, program = index[key_id]
-            new_state[p] = self._convert_state(program, p, values)
+            p, program, saved_storage = index[key_id]
+            new_state[p] = self._convert_state(program, p, values, saved_storage)
         for mine, merged in new_groups:
             for key, value in merged.items():
                 if key != "params":
@@ -602,11 +627,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state.update(new_state)
         self._fast.clear()
 
-    def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any]) -> dict:
+    def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any],
+                       saved_storage: Any = None) -> dict:
         """One parameter's saved state in this optimizer's storage. A state may come compact (q8
         codes plus "<name>_absmax") or dense (float, as torch.optim keeps it): either is converted
-        to what this program stores, so checkpoints move between storages and libraries."""
-        if ir.MASTER in program.state_names and ir.MASTER not in values:  # e.g. a torch.optim checkpoint
+        to what this program stores, so checkpoints move between storages and libraries.
+        ``saved_storage`` is the checkpoint group's state_dtype, where it has one."""
+        if ir.MASTER not in program.state_names:  # master weights are the loading optimizer's choice
+            values = {k: v for k, v in values.items() if k != ir.MASTER}
+        elif ir.MASTER not in values:  # e.g. a torch.optim checkpoint
+            values = {**values, ir.MASTER: p.detach().to(torch.float32)}
+        elif not rounding.rounds_to(values[ir.MASTER], p):
+            warnings.warn(f"the saved master_param of a parameter of shape {tuple(p.shape)} does not round to "
+                          f"the parameter, which has changed since the copy was saved (trained elsewhere from "
+                          f"the dense form?); the copy starts again from the parameter", stacklevel=3)
             values = {**values, ir.MASTER: p.detach().to(torch.float32)}
         expected = set(program.state_names)
         absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
@@ -620,7 +654,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         view = self._block_view(p) if program.uses_blocks else None
         out = {}
         for spec in program.states:
-            out.update(self._convert_one(spec, p, values, view))
+            out.update(self._convert_one(spec, p, values, view, saved_storage))
         for name in kept:
             out[name] = values[name].detach().to(p.device, copy=True)
         step = values.get("step")
@@ -630,12 +664,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return out
 
     @staticmethod
-    def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view) -> dict:
-        """One state, saved compact (codes plus "<name>_absmax") or dense, in ``spec``'s storage."""
+    def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view,
+                     saved_storage: Any = None) -> dict:
+        """One state, saved compact (codes plus "<name>_absmax") or dense, in ``spec``'s storage.
+        Where the codes alone do not tell q8 from q4 (one element), the saved storage decides, else
+        ``spec``'s."""
         value = values[spec.name]
         expected = reference.state_shape(spec, p.shape, view)
         saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
-        saved_format = _saved_format(value, saved_absmax, expected, spec.dtype) if saved_absmax is not None else None
+        preferred = saved_storage if saved_storage in ir.QUANTIZED else spec.dtype
+        saved_format = _saved_format(value, saved_absmax, expected, preferred) if saved_absmax is not None else None
         if not isinstance(value, torch.Tensor) or (saved_format is None and tuple(value.shape) != expected):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"state '{spec.name}' has shape {shape}; for the parameter of shape "
@@ -659,8 +697,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             return {spec.name: codes.contiguous(), spec.name + ir.ABSMAX_SUFFIX: scale}
         return {spec.name: value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)}
 
+    # ---- copies and pickles ---------------------------------------------------------------------
+    # torch.optim pickles (and deep-copies) defaults, state and param_groups only; the rule, the
+    # backend and a subclass's settings come along too. Caches of built programs and recorded
+    # launches do not: they hold addresses and are rebuilt at the next step. Hooks are dropped, as
+    # torch.optim drops them.
+
+    _DERIVED = ("_prepared_by_options", "_fast", "_multi", "_wide", "_factors", "_groups")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.endswith("_hooks")}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._prepared_by_options = {}
         self._groups = list(self.param_groups)
         self._fast = {}
         self._multi = {}
@@ -668,13 +718,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._factors = {}
 
 
-def _dense_state(program: ir.Program, values: Mapping[str, Any], shape) -> dict[str, Any]:
-    out = dict(values)
+def _dense_state(program: ir.Program, values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:
+    """One parameter's saved state in torch.optim's form: every state of ``program`` that is stored
+    with scales (whatever ``storage``, the group's state_dtype, now asks for) decoded to float32, bf16
+    and fp16 states widened to float32, and no master copy."""
+    out = {k: v for k, v in values.items() if k != ir.MASTER}
     for spec in program.states:
-        if spec.quantized and spec.name + ir.ABSMAX_SUFFIX in out:
-            absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX)
-            out[spec.name] = quant.decode_state(out[spec.name], absmax, spec.dtype, signed=not spec.nonnegative,
-                                                shape=shape)
+        absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX, None)
+        if absmax is not None:
+            fmt = _saved_format(out[spec.name], absmax, shape, storage)
+            out[spec.name] = quant.decode_state(out[spec.name], absmax, fmt, signed=not spec.nonnegative, shape=shape)
+        elif isinstance(out.get(spec.name), torch.Tensor) and out[spec.name].dtype in (torch.bfloat16, torch.float16):
+            out[spec.name] = out[spec.name].to(torch.float32)
     return out
 
 

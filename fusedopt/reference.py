@@ -364,6 +364,8 @@ def step(
         view = views[i] if views is not None else None
 
         def load(x: torch.Tensor, is_full: bool = True) -> torch.Tensor:
+            if is_full and x.dim() == 0:  # a 0-d float32 value beside the 0-d float64 hyperparameters
+                x = x.reshape(1)          # would be promoted to float64; a 1-d one stays float32
             return (x.reshape(view) if view is not None and is_full else x).to(compute_dtype)
 
         env: dict[str, object] = dict(hparams)
@@ -408,8 +410,9 @@ def step(
                 continue
             rounds = compiled.program.stochastic_rounding and dest.dtype in rounding.STOCHASTIC_DTYPES
             if target == ir.PARAM and rounds:
-                dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device).expand(dest.shape)
-                dest.copy_(rounding.to_stochastic(dense.reshape(dest.shape), dest.dtype, int(env[ir.SR_SEED]),
+                dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device)
+                dense = dense.reshape(dest.shape) if dense.numel() == dest.numel() else dense.expand(dest.shape)
+                dest.copy_(rounding.to_stochastic(dense, dest.dtype, int(env[ir.SR_SEED]),
                                                   int(steps[i])))
                 continue
             if isinstance(value, torch.Tensor):

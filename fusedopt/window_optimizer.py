@@ -217,8 +217,18 @@ class WindowOptimizer(torch.optim.Optimizer):
                                  "start a new optimizer")
         return state
 
+    # Pickles and copies keep the rule, the backend and the settings beside torch.optim's defaults,
+    # state and param groups; built programs, kernel keys and factors are rebuilt; hooks are dropped
+    # (as torch.optim drops them).
+    _DERIVED = ("_programs", "_kernel_keys", "_factors", "_groups")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.endswith("_hooks")}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._programs = {}
+        self._kernel_keys = {}
         self._refresh_groups()
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:

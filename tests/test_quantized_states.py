@@ -86,6 +86,44 @@ def test_fused_quantized_step_matches_the_reference(device, name, sizes, matrix,
 # A state that is set to the gradient itself: no arithmetic before quantizing, so codes and
 # absmax must be bit-identical to fusedopt.quant on every backend. The non-negative state holds g * g,
 # or |g| (``magnitude``: no rounding at all, so test values land exactly where they are put).
+def _odd_layouts(gen: torch.Generator) -> list[torch.Tensor]:
+    """Dense but not contiguous (a transpose, channels_last) and 0-d tensors."""
+    return [torch.randn(90, 70, generator=gen).t(),
+            torch.randn(4, 8, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last),
+            torch.randn((), generator=gen), torch.randn((), generator=gen)]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("fmt", ["q8", "q4", "fp32"])
+def test_non_contiguous_and_0d_parameters_step_as_contiguous_ones(device, fmt):
+    """Codes and scales follow the elements' row-major order, whatever the parameter's strides: the
+    fused step (which takes only contiguous quantized tensors), the reference on the same layouts and
+    the reference on contiguous copies write the same bits, and the dense forms agree. (A kernel that
+    indexed 4-bit codes by memory offset put a transposed tensor's moments on the wrong elements; the
+    reference computed 0-d parameters in float64.)"""
+    require_kernel_device(device)
+    gen = torch.Generator().manual_seed(5)
+    base = _odd_layouts(gen)
+    runs = {"triton": [p.clone().to(device).requires_grad_() for p in base],
+            "reference": [p.clone().requires_grad_() for p in base],
+            "contiguous": [p.contiguous().reshape(p.shape or (1,)).requires_grad_() for p in base]}
+    opts = {k: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype=fmt, quant_threshold=0,
+                              backend="triton" if k == "triton" else "reference") for k, ps in runs.items()}
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in base]
+        for k, ps in runs.items():
+            for p, g in zip(ps, grads):
+                p.grad = torch.empty_like(p).copy_(g.reshape(p.shape)) if k != "contiguous" else g.reshape(p.shape)
+            opts[k].step()
+    for k in ("triton", "reference"):
+        for p, q in zip(runs[k], runs["contiguous"]):
+            assert torch.equal(_bits(p.detach().cpu().reshape(q.shape)), _bits(q.detach())), (k, tuple(p.shape))
+        dense, expected = (opts[x].state_dict(dense=True)["state"] for x in (k, "contiguous"))
+        for i in expected:
+            for name in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(dense[i][name].cpu().reshape(-1), expected[i][name].reshape(-1)), (k, i, name)
+
+
 def _hold_gradient_rule(fmt: str, magnitude: bool = False):
     @rule(f"hold_{'magnitude' if magnitude else 'gradient'}_{fmt}")
     def hold_gradient(p, g, t, lr=0.1):
@@ -609,21 +647,38 @@ def test_a_storage_changed_between_steps_converts_the_states(backend):
     assert all(torch.isfinite(h).all() for h in history) and float((history[-1] - history[0]).abs().max()) < 0.1
 
 
-def test_a_one_element_compact_state_loads_into_its_own_storage():
-    """q8 and q4 codes of one element have the same shapes: the loading optimizer's storage decides."""
+def test_one_element_tensors_keep_float32_states_even_with_no_threshold():
+    """q8 and q4 codes of one element would have the same shapes, so one element never quantizes."""
+    for cls in (fusedopt.AdamW4bit, fusedopt.AdamW8bit):
+        p, big = torch.randn(1).requires_grad_(), torch.randn(2).requires_grad_()
+        opt = cls([p, big], quant_threshold=0)
+        p.grad, big.grad = torch.randn(1), torch.randn(2)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in opt.state[p]
+        assert opt.state[big]["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in opt.state[big]
+
+
+def test_a_one_element_compact_state_decodes_as_its_checkpoint_group_says():
+    """A compact one-element state (saved before one element stopped quantizing) is read as the
+    saved group's state_dtype names, whatever the loader keeps; with no state_dtype saved, a loader
+    that does not quantize cannot tell the format and says so."""
+    value = {"exp_avg": torch.tensor([0.2236]), "exp_avg_sq": torch.tensor([0.003])}
     for fmt, cls in (("q4", fusedopt.AdamW4bit), ("q8", fusedopt.AdamW8bit)):
-        p = torch.randn(1).requires_grad_()
-        opt = cls([p], quant_threshold=0)
-        for _ in range(3):
-            p.grad = torch.randn(1)
-            opt.step()
-        q = p.detach().clone().requires_grad_()
-        again = cls([q], quant_threshold=0)
-        again.load_state_dict(opt.state_dict())
-        for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
-            assert torch.equal(again.state[q][name], opt.state[p][name]), (fmt, name)
+        state = {"step": torch.tensor(3.0)}
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            state[name], state[name + "_absmax"] = quant.encode_state(value[name], fmt, signed)
+        saved = cls([torch.zeros(1, requires_grad=True)], quant_threshold=0).state_dict()
+        saved["state"] = {0: state}
+        for loader in (fusedopt.AdamW, fusedopt.AdamW8bit, fusedopt.AdamW4bit):
+            q = torch.zeros(1, requires_grad=True)
+            opt = loader([q], quant_threshold=0)
+            opt.load_state_dict(copy.deepcopy(saved))
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                expected = quant.decode_state(state[name], state[name + "_absmax"], fmt, signed, shape=(1,))
+                assert torch.equal(opt.state[q][name], expected), (fmt, loader.__name__, name)
+        del saved["param_groups"][0]["state_dtype"]
         with pytest.raises(ValueError, match="could be q8 or q4"):
-            fusedopt.AdamW([q.detach().clone().requires_grad_()]).load_state_dict(opt.state_dict())
+            fusedopt.AdamW([torch.zeros(1, requires_grad=True)]).load_state_dict(saved)
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
