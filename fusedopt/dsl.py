@@ -587,7 +587,11 @@ class Rule:
 
     def __reduce__(self):
         module, qualname = self.fn.__module__, self.fn.__qualname__
-        if _rule_at(module, qualname) is not self:
+        try:
+            found = _rule_at(module, qualname)
+        except (ImportError, AttributeError):
+            found = None
+        if found is not self:
             raise pickle.PicklingError(
                 f"rule '{self.name}' cannot be pickled: {module}.{qualname} does not name it (a rule defined "
                 "inside a function, or stored under another name). Fix: define the rule at module level "
@@ -596,10 +600,11 @@ class Rule:
 
 
 def _rule_at(module: str, qualname: str) -> Any:
-    """The object ``module.qualname`` names (how a pickled rule is found again), or None."""
+    """The object ``module.qualname`` names: how a pickled rule is found again (an AttributeError
+    where it is gone, as for a pickled function)."""
     obj: Any = sys.modules.get(module) or importlib.import_module(module)
     for part in qualname.split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part)
     return obj
 
 

@@ -121,3 +121,21 @@ def zero_grad(param_groups: Iterable[dict], set_to_none: bool = True) -> None:
                 else:
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
+
+
+def pickled_state(opt: torch.optim.Optimizer, derived: Iterable[str]) -> dict:
+    """What a front end pickles and deep-copies: its whole ``__dict__`` (torch.optim keeps only
+    defaults, state and param groups; the rule, the backend and a subclass's settings must come
+    along) less the ``derived`` caches, rebuilt after loading, and the hooks, which torch.optim
+    drops too."""
+    skip = set(derived)
+    return {k: v for k, v in opt.__dict__.items() if k not in skip and not k.endswith("_hooks")}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """torch.optim's ``__setstate__`` (empty hooks), without the ``differentiable`` default it adds,
+    which this optimizer's groups never had."""
+    had = "differentiable" in state.get("defaults", {})
+    torch.optim.Optimizer.__setstate__(opt, state)
+    if not had:
+        opt.defaults.pop("differentiable", None)

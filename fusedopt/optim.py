@@ -15,13 +15,12 @@ import functools
 import math
 import numbers
 import operator
-import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from . import grad_factors, groups, ir, quant, reference, rounding
+from . import grad_factors, groups, ir, quant, reference
 from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
 from .groups import ParamGroup
 from .dtypes import PARAM_DTYPES, storage_dtype
@@ -45,8 +44,8 @@ class _FastGroup:
 
     A step over ~150 tensors otherwise spends milliseconds of Python per call regrouping tensors,
     checking eligibility and rebuilding pointer lists. The replay checks, per step: the same
-    parameter objects with the same addresses and shapes, the same state (``opt.state[p]`` the same
-    dict holding the same tensor objects), the same static options, and gradients that are either
+    parameter objects with the same addresses, shapes and strides, the same state (``opt.state[p]``
+    the same dict holding the same tensor objects), the same static options, and gradients that are either
     the same objects or new ones with the same dtype, shape, strides and device (new addresses are
     patched into the device tables). Anything else (a missing gradient, a replaced parameter, a
     cleared or replaced state, a loaded checkpoint) takes the full path, which records the group again.
@@ -56,7 +55,7 @@ class _FastGroup:
                  before: Callable | None = None):
         self.params_list = group["params"]
         self.params = list(self.params_list)
-        self.param_layouts = [(p.data_ptr(), p.shape) for p in self.params]
+        self.param_layouts = [(p.data_ptr(), p.shape, p.stride()) for p in self.params]
         self.states = [opt.state.get(p) for p in self.params]
         self.state_sizes = tuple(map(len, self.states))
         self.state_values = tuple(chain.from_iterable(map(dict.values, self.states)))
@@ -80,7 +79,8 @@ class _FastGroup:
                         or g.device != device or g.is_sparse:
                     return False
             self.new_grads = grads
-        return [(p.data_ptr(), p.shape) for p in params] == self.param_layouts and self._same_state(opt.state)
+        return ([(p.data_ptr(), p.shape, p.stride()) for p in params] == self.param_layouts
+                and self._same_state(opt.state))
 
     def _same_state(self, state: Mapping) -> bool:
         return (all(map(operator.is_, map(state.get, self.params), self.states))
@@ -565,7 +565,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change.
-        Hooks registered with ``register_load_state_dict_pre_hook``/``_post_hook`` run as in torch.optim."""
+        Hooks registered with ``register_load_state_dict_pre_hook``/``_post_hook`` run as in torch.optim
+        (pre-hooks get a shallow copy of ``state_dict``)."""
+        state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -635,14 +637,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``saved_storage`` is the checkpoint group's state_dtype, where it has one."""
         if ir.MASTER not in program.state_names:  # master weights are the loading optimizer's choice
             values = {k: v for k, v in values.items() if k != ir.MASTER}
-        elif ir.MASTER not in values:  # e.g. a torch.optim checkpoint
-            values = {**values, ir.MASTER: p.detach().to(torch.float32)}
-        elif not rounding.rounds_to(values[ir.MASTER], p):
-            warnings.warn(f"the saved master_param of a parameter of shape {tuple(p.shape)} does not round to "
-                          f"the parameter, which has changed since the copy was saved (trained elsewhere from "
-                          f"the dense form?); the copy starts again from the parameter", stacklevel=3)
-            values = {**values, ir.MASTER: p.detach().to(torch.float32)}
-        expected = set(program.state_names)
+        # without a saved copy (the dense form, a torch.optim checkpoint) the next step starts it from
+        # the parameter as it is then: the model's weights may be loaded after the optimizer
+        expected = set(program.state_names) - ({ir.MASTER} - set(values))
         absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
         kept = {n for n in self.unused_states if n in values and n not in expected}
         unknown = set(values) - expected - absmax - kept - {"step"}
@@ -654,7 +651,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         view = self._block_view(p) if program.uses_blocks else None
         out = {}
         for spec in program.states:
-            out.update(self._convert_one(spec, p, values, view, saved_storage))
+            if spec.name in values:
+                out.update(self._convert_one(spec, p, values, view, saved_storage))
         for name in kept:
             out[name] = values[name].detach().to(p.device, copy=True)
         step = values.get("step")
@@ -697,19 +695,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return {spec.name: codes.contiguous(), spec.name + ir.ABSMAX_SUFFIX: scale}
         return {spec.name: value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)}
 
-    # ---- copies and pickles ---------------------------------------------------------------------
-    # torch.optim pickles (and deep-copies) defaults, state and param_groups only; the rule, the
-    # backend and a subclass's settings come along too. Caches of built programs and recorded
-    # launches do not: they hold addresses and are rebuilt at the next step. Hooks are dropped, as
-    # torch.optim drops them.
+    # ---- copies and pickles (see groups.pickled_state): caches of built programs and recorded
+    # launches hold addresses and are rebuilt at the next step
 
     _DERIVED = ("_prepared_by_options", "_fast", "_multi", "_wide", "_factors", "_groups")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.endswith("_hooks")}
+        return groups.pickled_state(self, self._DERIVED)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        groups.restore_optimizer(self, state)
         self._prepared_by_options = {}
         self._groups = list(self.param_groups)
         self._fast = {}

@@ -98,22 +98,3 @@ def to_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, step: int) -> 
     raise ValueError(f"stochastic rounding writes bfloat16 or float16, not {dtype}")
 
 
-
-def rounds_to(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether ``y`` could be ``x`` written to ``y.dtype``: rounded to nearest or stochastically, so
-    every element of ``y`` equals ``x`` rounded to nearest or lies within one step of ``y.dtype``
-    of it (at the larger magnitude of the two). Used to check that a saved float32 master copy
-    still belongs to its parameter."""
-    if not isinstance(x, torch.Tensor) or x.numel() != y.numel():
-        return False
-    x = x.detach().to(device=y.device).reshape(-1)
-    near = x.to(y.dtype).reshape(-1)
-    yy = y.detach().reshape(-1)
-    same = (near == yy) | (near.isnan() & yy.isnan())
-    if bool(same.all()):
-        return True
-    a, b = x.to(torch.float64), yy.to(torch.float64)
-    info = torch.finfo(y.dtype)
-    _, exponent = torch.frexp(torch.maximum(a.abs(), b.abs()))  # |v| = m * 2**exponent, m in [0.5, 1)
-    step = torch.ldexp(torch.full_like(a, info.eps), exponent - 1).clamp_min(info.tiny * info.eps)
-    return bool((same | ((a - b).abs() <= step)).all())

@@ -217,16 +217,14 @@ class WindowOptimizer(torch.optim.Optimizer):
                                  "start a new optimizer")
         return state
 
-    # Pickles and copies keep the rule, the backend and the settings beside torch.optim's defaults,
-    # state and param groups; built programs, kernel keys and factors are rebuilt; hooks are dropped
-    # (as torch.optim drops them).
+    # Pickles and copies (see groups.pickled_state): built programs, kernel keys and factors are rebuilt
     _DERIVED = ("_programs", "_kernel_keys", "_factors", "_groups")
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED and not k.endswith("_hooks")}
+        return groups.pickled_state(self, self._DERIVED)
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
+        groups.restore_optimizer(self, state)
         self._programs = {}
         self._kernel_keys = {}
         self._refresh_groups()
@@ -286,6 +284,8 @@ class WindowOptimizer(torch.optim.Optimizer):
             if saved is None:
                 continue
             shapes = window_reference.storage_shapes(self.program(group), p.numel(), p.shape, p.dtype)
+            for key in [k for k in self.state[p] if k not in shapes and k != "step"]:
+                del self.state[p][key]  # a master copy this optimizer does not keep
             for key, (_, dtype) in shapes.items():
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)

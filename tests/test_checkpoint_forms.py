@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -75,28 +74,38 @@ def test_a_checkpoint_with_master_copies_loads_into_an_optimizer_without_them():
     assert ir.MASTER not in without.state[q]
 
 
-def test_the_dense_form_has_no_master_copy_and_a_stale_one_is_not_loaded():
-    """The dense form is torch.optim's, without master_param. A master copy that no longer rounds to
-    its parameter (the parameter was trained elsewhere after the copy was saved) is replaced by the
-    parameter, with a warning; one that does (a compact round trip) is kept bit for bit."""
+def test_master_copies_do_not_depend_on_whether_the_model_or_the_optimizer_loads_first():
+    """A saved copy is loaded as it is (the model's weights may be loaded after the optimizer, as
+    torch.optim allows); the dense form carries none, and the copy then starts from the parameter at
+    the next step, so from the weights loaded last."""
     p = _param(dtype=torch.bfloat16)
     opt = fusedopt.AdamW([p], lr=1e-2, master_weights=True, stochastic_rounding=True)
     _trained(opt, [p])
     assert ir.MASTER not in opt.state_dict(dense=True)["state"][0]
-    compact = opt.state_dict()
-    q = p.detach().clone().requires_grad_()
-    same = fusedopt.AdamW([q], lr=1e-2, master_weights=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        same.load_state_dict(compact)
-    assert torch.equal(same.state[q][ir.MASTER], opt.state[p][ir.MASTER])
+    for form in ("compact", "dense"):
+        q = _param(dtype=torch.bfloat16, seed=9)  # a fresh model's weights
+        resumed = fusedopt.AdamW([q], master_weights=True)
+        resumed.load_state_dict(opt.state_dict(dense=form == "dense"))
+        resumed.param_groups[0]["lr"] = 0.0  # (the checkpoint's lr was loaded)
+        with torch.no_grad():
+            q.copy_(p)  # the model loads second
+        q.grad = torch.zeros_like(q)
+        resumed.step()  # lr 0: the copy and the parameter keep their values
+        want = opt.state[p][ir.MASTER] if form == "compact" else p.detach().float()
+        assert torch.equal(resumed.state[q][ir.MASTER], want), form
+        if form == "dense":  # (the compact form's step rounds its copy stochastically again)
+            assert torch.equal(q, p)
 
-    with torch.no_grad():  # the parameter moves on without the optimizer (another library trained it)
-        q.add_(0.25)
-    moved = fusedopt.AdamW([q], lr=1e-2, master_weights=True)
-    with pytest.warns(UserWarning, match="does not round to the parameter"):
-        moved.load_state_dict(compact)
-    assert torch.equal(moved.state[q][ir.MASTER], q.detach().float())
+
+def test_window_optimizers_drop_a_master_copy_they_do_not_keep():
+    p = _param(dtype=torch.bfloat16)
+    opt = fusedopt.MicroAdam([p], lr=1e-3, density=0.1, block=256, quant_block=128, master_weights=True)
+    _trained(opt, [p])
+    q = p.detach().clone().requires_grad_()
+    without = fusedopt.MicroAdam([q], lr=1e-3, density=0.1, block=256, quant_block=128)
+    without.load_state_dict(opt.state_dict())
+    assert ir.MASTER not in without.state[q] and ir.MASTER not in without.state_dict()["state"][0]
+    assert torch.equal(without.state[q]["window_value"], opt.state[p]["window_value"])
 
 
 def test_load_hooks_run_as_in_torch_optim():
@@ -113,10 +122,16 @@ def test_load_hooks_run_as_in_torch_optim():
         state_dict["param_groups"][0]["lr"] = 0.5  # a pre-hook may return a new state dict
         return state_dict
 
+    def replace_groups(optimizer, state_dict):  # changes the dict it is given: a shallow copy
+        state_dict["param_groups"] = copy.deepcopy(state_dict["param_groups"])
+
+    other.register_load_state_dict_pre_hook(replace_groups)
     other.register_load_state_dict_pre_hook(pre)
     other.register_load_state_dict_post_hook(lambda optimizer: calls.append(("post", float(optimizer.param_groups[0]["lr"]))))
+    groups_before = sd["param_groups"]
     other.load_state_dict(sd)
     assert calls == [("pre", True), ("post", 0.5)]
+    assert sd["param_groups"] is groups_before and sd["param_groups"][0]["lr"] == 0.01
     assert torch.equal(other.state[q]["exp_avg"], opt.state[p]["exp_avg"])
 
 
@@ -194,6 +209,13 @@ def test_a_rule_pickles_by_name_and_a_local_rule_says_how_to_fix_it():
         p.set(p - lr * g)
 
     opt = fusedopt.FusedOptimizer([_param((5,))], inner)
-    assert copy.deepcopy(opt).rule is inner
+    assert copy.deepcopy(opt).rule is inner and "differentiable" not in copy.deepcopy(opt).defaults
     with pytest.raises(pickle.PicklingError, match="define the rule at module level"):
         pickle.dumps(opt)
+    pickled = pickle.dumps(fusedopt.FusedOptimizer([_param((5,))], local_sgd_momentum))
+    rule_object = globals().pop("local_sgd_momentum")  # the rule is gone where the pickle names it
+    try:
+        with pytest.raises(AttributeError, match="local_sgd_momentum"):
+            pickle.loads(pickled)
+    finally:
+        globals()["local_sgd_momentum"] = rule_object

@@ -62,6 +62,12 @@ def test_a_checkpoint_without_the_master_copy_starts_it_from_the_parameter():
     torch_opt.step()
     opt = fusedopt.AdamW([p], lr=1e-2, master_weights=True)
     opt.load_state_dict(torch_opt.state_dict())
+    with torch.no_grad():
+        p.copy_(torch_opt.param_groups[0]["params"][0])  # the model's weights, loaded after the optimizer
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.zeros_like(p)
+    opt.step()
     assert torch.equal(opt.state[p][ir.MASTER], p.detach().float())
+    assert torch.equal(p, torch_opt.param_groups[0]["params"][0])
     with pytest.raises(TypeError, match="master_weights"):
         fusedopt.AdamW([p], master_weights=1)

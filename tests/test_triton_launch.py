@@ -198,6 +198,22 @@ def test_replayed_steps_see_a_replaced_parameter_storage(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_replayed_steps_see_a_parameter_relaid_in_its_own_storage(device):
+    """``p.data = p.data.t()`` keeps the address and (square) shape; only the strides change, and the
+    recorded call, which indexes memory in the old order, must not be replayed."""
+    require_kernel_device(device)
+    a, b, oa, ob = _replay_pair(device, shapes=((6, 6), (40,)))
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        if step == 2:
+            a[0].data, b[0].data = a[0].data.t(), b[0].data.t()
+        set_grads(a, b, gen)
+        oa.step()
+        ob.step()
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_replayed_steps_follow_missing_and_relaid_gradients(device):
     require_kernel_device(device)
     a, b, oa, ob = _replay_pair(device)
