@@ -193,10 +193,12 @@ class _Handle:
 
 def state(name: str, init: str = "zeros", dtype: str = "fp32", layout: str = "full",
           nonnegative: bool = False, quant_block: int | None = None) -> _Handle:
-    """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16" or "q8" (8-bit
-    blockwise, see fusedopt.quant; ``Rule.program(state_dtype=...)`` switches every full-size fp32
-    state of a rule at once); ``nonnegative``: the state is never negative (a second moment), so a
-    quantized storage uses the unsigned map (values below 0 would be stored as 0); ``layout``: "full"
+    """Declare a state. ``init``: "zeros", "p" or "g"; ``dtype``: "fp32", "bf16", "q8" (8-bit
+    blockwise) or "q4" (4-bit blockwise), see fusedopt.quant (``Rule.program(state_dtype=...)``
+    switches every full-size fp32 state of a rule at once); ``nonnegative``: a promise that the
+    state is never negative (a second moment), so a quantized storage uses the unsigned map. It is
+    not checked: under q8 a negative value is stored as 0, under q4 (whose unsigned map has no zero)
+    as 1/16 of its block's scale, a positive value; fp32 and bf16 store it as it is. ``layout``: "full"
     (the shape of p), "rows" (one value per row: shape[:-1] + (1,)) or "cols" (one per column:
     shape[:-2] + (1, shape[-1])), as torch.optim.Adafactor keeps its factors, or "blocks" (one value
     per block of the optimizer's partition, shape (n_blocks, 1)) or "tensor" (one value per tensor,
@@ -464,7 +466,18 @@ def where(cond, a, b):
     if isinstance(cond, (sympy.And, sympy.Or, sympy.Not)):
         raise _misuse(f"where() got the combined condition {cond} (`&`, `|` or `~`), which the backends do not run",
                       "nest where() instead: where(x > 0, where(y > 0, a, b), b) for (x > 0) & (y > 0)")
-    return sympy.Piecewise((_expr(a), cond), (_expr(b), True))
+    return _select(cond, _expr(a), _expr(b))
+
+
+def _select(cond, a, b):
+    """Piecewise((a, cond), (b, True)) with no where() inside a condition: a comparison of a value
+    that is itself a where() (sympy would make it an ITE, which no backend runs) is split by cases,
+    where(c, u, v) > 0  ->  where(c, u > 0, v > 0), as nested selections."""
+    inner = next((x for x in sympy.preorder_traversal(cond) if isinstance(x, sympy.Piecewise)), None)
+    if inner is None:
+        return sympy.Piecewise((a, cond), (b, True))
+    (u, c), (v, _) = inner.args
+    return _select(c, _select(cond.xreplace({inner: u}), a, b), _select(cond.xreplace({inner: v}), a, b))
 
 
 CLIP_HPARAM = "max_grad_norm"
@@ -552,7 +565,11 @@ class Rule:
                         f"use one of {list(ir.STORAGE_DTYPES)}")
         for k, v in options.items():
             if k not in self.options:
-                raise _fail(self.name, f"unknown option '{k}'", f"options are {sorted(self.options)}")
+                hint = {"nonfinite": "skip_nonfinite='group'", "max_grad_norm": "clip=True",
+                        "master_param": "master_weights=True"}.get(k, "")
+                raise _fail(self.name, f"unknown option '{k}'",
+                            f"the rule's options are {sorted(self.options)}; the program also takes "
+                            f"{sorted(PROGRAM_ARGUMENTS)}" + (f" (here: {hint})" if hint else ""))
             if not isinstance(v, bool):
                 raise _fail(self.name, f"option '{k}' must be a bool, got {v!r}", f"pass {k}=True or False")
         if clip is True:

@@ -27,6 +27,7 @@ from .dtypes import PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameter dtypes a master copy serves
 from .groups import MASTER_WEIGHTS, NONFINITE, NONFINITE_POLICIES, STOCHASTIC_ROUNDING  # noqa: E402,F401
 
 BACKENDS = ("reference", "triton")
@@ -193,7 +194,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._groups = list(self.param_groups)
             for matrix in self._matrix_choices():
                 for storage in {converted[STATE_DTYPE], "fp32"}:
-                    self._prepared(converted, matrix, storage)
+                    for master in {bool(converted[MASTER_WEIGHTS]), False}:
+                        self._prepared(converted, matrix, storage, master)
             self._check_group_runs(converted)
             rule_options = tuple(converted[k] for k in self._group_options())
             for matrix in {None, *self._matrix_choices()}:
@@ -244,7 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A rule reducing over the whole group in its own update needs the group in one fused call:
         refused here, before any step, when the group's tensors need several programs."""
         kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
-        if len(kinds) > 1 and any(self._prepared(group, matrix, storage).group_wide for _, matrix, storage in kinds):
+        if len(kinds) > 1 and any(self._prepared(group, *kind).group_wide for _, *kind in kinds):
             raise ValueError(f"{type(self).__name__}: rule '{self.rule.name}' reduces over the whole group in its own "
                              "update, which one fused call must see whole, but this group's parameters need "
                              f"{len(kinds)} programs (devices, tensor kinds or state storages: {sorted(map(str, kinds))}). "
@@ -257,9 +259,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Rules with a `matrix` option get one program for tensors of >= 2 dims and one for the rest."""
         return (False, True) if ir.MATRIX_OPTION in self.rule.options else (None,)
 
-    def _prepared(self, group: Mapping[str, Any], matrix: bool | None = None, storage: str = "fp32") -> "_Prepared":
+    def _prepared(self, group: Mapping[str, Any], matrix: bool | None = None, storage: str = "fp32",
+                  master: bool | None = None) -> "_Prepared":
         """The group's program in every form a step needs; built eagerly, looked up in step()."""
-        options = self._options_of(group, matrix, storage)
+        options = self._options_of(group, matrix, storage, master)
         prepared = self._prepared_by_options.get(options)
         if prepared is None:
             chosen = dict(zip(self._group_options(), options))
@@ -281,10 +284,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 prepared.kernel_keys[device] = ops.register(prepared.program)
         return prepared
 
-    def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str) -> tuple:
+    def _options_of(self, group: Mapping[str, Any], matrix: bool | None, storage: str,
+                    master: bool | None = None) -> tuple:
         """The static choices: the rule's options, the tensor kind, how gradients are clipped, the
-        state storage, whether bf16 parameters are rounded stochastically, master weights, and how a
-        non-finite gradient skips the step."""
+        state storage, whether bf16 parameters are rounded stochastically, master weights (``None``:
+        the group's choice), and how a non-finite gradient skips the step."""
         rule_options = tuple(group[k] for k in self._group_options())
         multi = self._runs_as_several_programs(group)
         clip = None
@@ -296,7 +300,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if by_factor:
                 self._make_factors(group)
         skip = None if group[NONFINITE] == "propagate" else ("flag" if multi else "group")
-        return (*rule_options, matrix, clip, storage, group[STOCHASTIC_ROUNDING], group[MASTER_WEIGHTS], skip)
+        master = group[MASTER_WEIGHTS] if master is None else master
+        return (*rule_options, matrix, clip, storage, group[STOCHASTIC_ROUNDING], master, skip)
 
     def _reduces_over_group(self, rule_options: tuple, matrix: bool | None) -> bool:
         """Whether the rule's own update reduces over the group (for matrix None: in any of its
@@ -319,7 +324,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         and float32 states, several devices). Then a group-wide clipping factor and non-finite flag
         cannot be reductions of one fused step: they are computed on the device before the launches
         (see _update_group_factors) and every program reads them as hyperparameters."""
-        key = (id(group), group[STATE_DTYPE], group[QUANT_THRESHOLD])  # storages may be changed by hand
+        key = (id(group), group[STATE_DTYPE], group[QUANT_THRESHOLD], group[MASTER_WEIGHTS])  # changed by hand?
         multi = self._multi.get(key)
         if multi is None:
             kinds = {(p.device, *self._kind_of(group, p)) for p in group["params"]}
@@ -376,15 +381,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Everything static about a group, whatever its tensors."""
         return self._options_of(group, None, group[STATE_DTYPE]) + (group[QUANT_THRESHOLD],)
 
-    def _kind_of(self, group: Mapping[str, Any], p: torch.Tensor) -> tuple[bool | None, str]:
-        """The per-tensor static choices: matrix or not (rules with a matrix option), and the state
-        storage (quantized storage only for tensors of at least quant_threshold elements)."""
+    def _kind_of(self, group: Mapping[str, Any], p: torch.Tensor) -> tuple[bool | None, str, bool]:
+        """The per-tensor static choices: matrix or not (rules with a matrix option), the state
+        storage (quantized storage only for tensors of at least quant_threshold elements), and a
+        master copy (only of bf16 and fp16 parameters: a float32 one would equal its parameter)."""
         matrix = None if self._matrix_choices() == (None,) else p.dim() >= 2
         storage = group[STATE_DTYPE]
         # one element never quantizes: its codes would not tell q8 from q4 (one byte either way)
         if storage in ir.QUANTIZED and p.numel() < max(group[QUANT_THRESHOLD], 2):
             storage = "fp32"
-        return matrix, storage
+        return matrix, storage, bool(group[MASTER_WEIGHTS]) and p.dtype in LOW_PRECISION
 
     def _hparams(self, group: Mapping[str, Any], device: torch.device, program: ir.Program) -> dict:
         out = {}
@@ -467,10 +473,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, *self._kind_of(group, p)), []).append(i)
         calls = []
-        for (device, matrix, storage), idx in by_kind.items():
-            prepared = self._prepared_by_options.get(self._options_of(group, matrix, storage))
+        for (device, *kind), idx in by_kind.items():
+            prepared = self._prepared_by_options.get(self._options_of(group, *kind))
             if prepared is None:  # an option was changed by hand (group["amsgrad"] = True)
-                prepared = self._prepared(group, matrix, storage)
+                prepared = self._prepared(group, *kind)
             if len(by_kind) > 1 and prepared.group_wide:
                 raise RuntimeError(f"{type(self).__name__}: rule '{self.rule.name}' reduces over the whole group "
                                    "in its own update, which one fused call must see whole, but this group's "
@@ -665,12 +671,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view,
                      saved_storage: Any = None) -> dict:
         """One state, saved compact (codes plus "<name>_absmax") or dense, in ``spec``'s storage.
-        Where the codes alone do not tell q8 from q4 (one element), the saved storage decides, else
-        ``spec``'s."""
+        Where the codes alone do not tell q8 from q4 (one element), a storage the rule declares decides,
+        else the saved group's state_dtype, else ``spec``'s."""
         value = values[spec.name]
         expected = reference.state_shape(spec, p.shape, view)
         saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
-        preferred = saved_storage if saved_storage in ir.QUANTIZED else spec.dtype
+        # a quantized spec of one element is one the rule declares (state_dtype leaves one element alone)
+        preferred = saved_storage if saved_storage in ir.QUANTIZED and not spec.quantized else spec.dtype
         saved_format = _saved_format(value, saved_absmax, expected, preferred) if saved_absmax is not None else None
         if not isinstance(value, torch.Tensor) or (saved_format is None and tuple(value.shape) != expected):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -716,12 +723,13 @@ class FusedOptimizer(torch.optim.Optimizer):
 def _dense_state(program: ir.Program, values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:
     """One parameter's saved state in torch.optim's form: every state of ``program`` that is stored
     with scales (whatever ``storage``, the group's state_dtype, now asks for) decoded to float32, bf16
-    and fp16 states widened to float32, and no master copy."""
+    and fp16 states widened to float32, and no master copy. One element's codes are read as the
+    storage the rule declares for the state, else as ``storage``."""
     out = {k: v for k, v in values.items() if k != ir.MASTER}
     for spec in program.states:
         absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX, None)
         if absmax is not None:
-            fmt = _saved_format(out[spec.name], absmax, shape, storage)
+            fmt = _saved_format(out[spec.name], absmax, shape, spec.dtype if spec.quantized else storage)
             out[spec.name] = quant.decode_state(out[spec.name], absmax, fmt, signed=not spec.nonnegative, shape=shape)
         elif isinstance(out.get(spec.name), torch.Tensor) and out[spec.name].dtype in (torch.bfloat16, torch.float16):
             out[spec.name] = out[spec.name].to(torch.float32)
@@ -762,6 +770,15 @@ def _saved_format(codes: Any, absmax: Any, shape: tuple[int, ...], preferred: st
 FusedOptimizer.step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
 
+def _first_param(obj: Any) -> torch.Tensor | None:
+    """The first parameter of an optimizer's first group (None for anything else)."""
+    from .window_optimizer import WindowOptimizer
+
+    if isinstance(obj, (FusedOptimizer, WindowOptimizer)) and obj.param_groups[0]["params"]:
+        return obj.param_groups[0]["params"][0]
+    return None
+
+
 def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
     from .window_optimizer import WindowOptimizer
 
@@ -773,6 +790,9 @@ def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
         if options:
             raise TypeError("options come from the optimizer's param group; pass a rule to choose them")
         group = obj.param_groups[0]
+        first = _first_param(obj)
+        if first is not None:  # what that tensor runs: its kind and its storage (quant_threshold)
+            return obj._prepared(group, *obj._kind_of(group, first)).program
         return obj._prepared(group, obj._matrix_choices()[-1], group[STATE_DTYPE]).program
     if isinstance(obj, Rule):
         return obj.program(**options)
@@ -781,17 +801,27 @@ def _program_of(obj: Any, what: str, options: Mapping[str, bool]) -> ir.Program:
     raise TypeError(f"{what} takes a FusedOptimizer, a WindowOptimizer, a Rule or a Program, got {type(obj).__name__}")
 
 
-def kernel_source(obj: Any, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
+def kernel_source(obj: Any, param_dtype: torch.dtype | None = None, grad_dtype: torch.dtype | None = None,
                   target: str = "cuda", **options: bool) -> str:
-    """The exact text of the fused kernel module for a rule, a program or an optimizer's first group.
+    """The exact text of the fused kernel module for a rule, a program, or the first parameter of an
+    optimizer's first group (its kind, storage and, unless ``param_dtype`` is given, dtype).
 
-    Needs no GPU. ``target``: "cuda" (what runs on NVIDIA GPUs) or "interpreter" (what runs on CPU
-    tensors under TRITON_INTERPRET=1). ``options`` select a rule's static options (e.g. amsgrad=True).
-    A rule with a window has one kernel for all parameter dtypes (``param_dtype`` is ignored).
+    Needs no GPU. ``param_dtype``: float32 (the default for a rule), bfloat16 or float16;
+    ``grad_dtype``: the parameter's by default. ``target``: "cuda" (what runs on NVIDIA GPUs) or
+    "interpreter" (what runs on CPU tensors under TRITON_INTERPRET=1). ``options`` select a rule's
+    static options (e.g. amsgrad=True). A rule with a window has one kernel for all parameter dtypes
+    (``param_dtype`` is ignored).
     """
-    from codegen import ops
+    from codegen import launch, ops
 
     program = _program_of(obj, "kernel_source", options)
+    first = _first_param(obj)
+    if param_dtype is None:
+        param_dtype = first.dtype if first is not None and first.dtype in launch.KERNEL_DTYPES else torch.float32
+    for name, dtype in (("param_dtype", param_dtype), ("grad_dtype", grad_dtype)):
+        if dtype is not None and dtype not in launch.KERNEL_DTYPES:
+            raise ValueError(f"kernel_source: {name}={dtype!r} has no fused kernel; pass one of "
+                             f"{list(launch.KERNEL_DTYPES)} (float64 parameters run on the reference backend)")
     if program.window is not None:  # one kernel for every parameter dtype: it reads them at run time
         from codegen import window_ops, window_template
 

@@ -300,7 +300,8 @@ def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple
     Unlike :func:`quantize_blockwise` this never raises: a block holding a NaN or an infinity gets
     scale NaN and the codes of 0, so the whole block decodes to NaN. Non-finite values propagate,
     as they would through a float32 state, and never turn into finite garbage. A negative value
-    under an unsigned map takes the code nearest 0.
+    under an unsigned map takes the code nearest 0 (0 under q8; 1/16 of the scale under q4, whose
+    unsigned map has no zero).
     """
     fmt = format_for(fmt)
     flat = x.detach().reshape(-1).to(torch.float32)

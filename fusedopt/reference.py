@@ -399,7 +399,8 @@ def step(
             spec = quantized.get(target)
             if spec is not None:  # blockwise: codes and absmax from the new float32 value
                 dense = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                dense = dense.to(torch.float32).expand(p.shape) if dense.numel() == 1 else dense
+                dense = dense.to(torch.float32)
+                dense = dense.reshape(p.shape) if dense.numel() == p.numel() else dense.expand(p.shape)
                 codes, absmax = quant.encode_state(dense.reshape(p.shape), spec.dtype, not spec.nonnegative)
                 if compiled.skip is not None:  # a skipped step keeps the codes (re-encoding may move them)
                     skip = torch.as_tensor(_value(env, compiled.skip) != 0, device=dest.device)

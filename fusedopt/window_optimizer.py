@@ -65,6 +65,11 @@ class WindowOptimizer(torch.optim.Optimizer):
     def __init__(self, params, rule: dsl.Rule, backend: str | None = None,
                  states: dict[str, dict[str, Any]] | None = None, max_grad_norm=None, nonfinite: str = "propagate",
                  stochastic_rounding: bool = False, sr_seed: int = 0, master_weights: bool = False, **hparams):
+        storage_keys = sorted({"state_dtype", "quant_threshold"} & set(hparams))
+        if storage_keys:
+            raise ValueError(f"{type(self).__name__} takes no {storage_keys}: the storage of a state beside a window "
+                             "is the rule's (state(..., dtype='q4minmax')), or is chosen per state with "
+                             "states={'error': {'dtype': 'q8minmax'}} (fp32, bf16, q4minmax or q8minmax)")
         unknown = sorted(set(hparams) - set(getattr(rule, "hparams", {})))
         if unknown:
             raise ValueError(f"rule '{rule.name}' has no hyperparameter(s) {unknown}; it has {sorted(rule.hparams)}")

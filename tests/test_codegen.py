@@ -87,6 +87,21 @@ def test_kernel_source_accepts_optimizer_rule_and_program_alike():
         fusedopt.kernel_source("adam")
 
 
+def test_kernel_source_of_an_optimizer_is_what_its_first_parameter_runs():
+    """The parameter's dtype and its storage after quant_threshold, not float32 and the group's
+    state_dtype."""
+    half = fusedopt.AdamW([torch.zeros(64, 80, dtype=torch.bfloat16, requires_grad=True)], state_dtype="q4",
+                          stochastic_rounding=True)
+    program = adamw.program(state_dtype="q4", stochastic_rounding=True)
+    assert fusedopt.kernel_source(half) == fusedopt.kernel_source(program, torch.bfloat16) \
+        != fusedopt.kernel_source(program, torch.float32)
+    small = fusedopt.AdamW8bit([torch.zeros(100, requires_grad=True)])  # under quant_threshold: float32 states
+    assert fusedopt.kernel_source(small) == fusedopt.kernel_source(adamw.program())
+    for bad in ("bf16", torch.float64):
+        with pytest.raises(ValueError, match="has no fused kernel; pass one of"):
+            fusedopt.kernel_source(adamw, bad)
+
+
 def test_kernel_text_is_identical_across_processes():
     code = ("import fusedopt, torch; from fusedopt.optimizers import adamw;"
             "print(fusedopt.kernel_source(adamw, torch.bfloat16, amsgrad=True))")

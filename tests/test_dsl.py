@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import sympy
+import torch
 
 import fusedopt
 from fusedopt import ir
@@ -227,6 +228,41 @@ def test_where_with_a_python_bool_is_an_error():
         def f(p, g, t, lr=0.1):
             p.set(p - lr * where(t == 1, g, 2 * g))  # t == 1 would compare symbols: False
     _assert_rule_error(excinfo, "python_bool", "`==`", "where(eq(t, 1), a, b)")
+
+
+@rule("where_of_where")
+def where_of_where(p, g, t, lr=0.1, beta=0.5):
+    m = state("m")
+    m.set(where(eq(t, 1), g, where(g > 0, m, beta * m + g)))  # read below: a where() in a condition
+    p.set(p - lr * where(eq(m, 0), 1, where(m > p, m, -m)))
+
+
+def test_a_condition_on_a_where_value_runs_on_both_backends_as_written():
+    """Comparing a value made by where() is split by cases (sympy alone would build an ITE, which
+    no backend runs); both backends follow the rule as a plain torch loop does."""
+    from kernel_check import any_kernel_device
+
+    device = any_kernel_device()
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(300, generator=gen)
+    grads = [torch.where(torch.rand(300, generator=gen) < 0.2, 0.0, torch.randn(300, generator=gen))
+             for _ in range(4)]
+    p, m = start.double().clone(), torch.zeros(300, dtype=torch.float64)
+    for k, g in enumerate(grads, start=1):
+        g = g.double()
+        m = g if k == 1 else torch.where(g > 0, m, 0.5 * m + g)
+        p = p - 0.1 * torch.where(m == 0, torch.ones_like(m), torch.where(m > p, m, -m))
+    finals = []
+    for backend, where_ in (("reference", "cpu"), ("triton", device)):
+        q = start.clone().to(where_).requires_grad_()
+        opt = fusedopt.FusedOptimizer([q], where_of_where, backend=backend)
+        for g in grads:
+            q.grad = g.to(where_)
+            opt.step()
+        finals.append(q.detach().cpu())
+    assert torch.equal(finals[0], finals[1])
+    torch.testing.assert_close(finals[0].double(), p, rtol=1e-6, atol=1e-6)
+    assert not where_of_where.program().pretty().count("ITE")
 
 
 def _python_branch(p, g, t, lr, wd):

@@ -71,3 +71,25 @@ def test_a_checkpoint_without_the_master_copy_starts_it_from_the_parameter():
     assert torch.equal(p, torch_opt.param_groups[0]["params"][0])
     with pytest.raises(TypeError, match="master_weights"):
         fusedopt.AdamW([p], master_weights=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_only_bf16_and_fp16_parameters_get_a_master_copy(backend):
+    """A float32 copy of a float32 parameter would equal it: such parameters keep none (and step as
+    without master weights) while the group's bf16 ones keep theirs."""
+    device = any_kernel_device() if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    full, half = torch.randn(40, 30, generator=gen), torch.randn(300, generator=gen)
+    mixed = [full.clone().to(device).requires_grad_(), half.to(torch.bfloat16).to(device).requires_grad_()]
+    plain = [full.clone().requires_grad_()]
+    om = fusedopt.AdamW(mixed, lr=1e-2, master_weights=True, max_grad_norm=1e6, backend=backend)  # two programs
+    op = fusedopt.AdamW(plain, lr=1e-2, backend="reference")
+    for _ in range(3):
+        g = torch.randn(40, 30, generator=gen)
+        mixed[0].grad, plain[0].grad = g.to(device), g.clone()
+        mixed[1].grad = torch.randn(300, generator=gen).to(torch.bfloat16).to(device)
+        om.step()
+        op.step()
+    assert ir.MASTER not in om.state[mixed[0]] and om.state[mixed[1]][ir.MASTER].dtype == torch.float32
+    torch.testing.assert_close(mixed[0].detach().cpu(), plain[0].detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(mixed[1].detach(), om.state[mixed[1]][ir.MASTER].to(torch.bfloat16))

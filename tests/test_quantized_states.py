@@ -124,6 +124,43 @@ def test_non_contiguous_and_0d_parameters_step_as_contiguous_ones(device, fmt):
                 assert torch.equal(dense[i][name].cpu().reshape(-1), expected[i][name].reshape(-1)), (k, i, name)
 
 
+@rule("declared_q8_q4")
+def declared_q8_q4(p, g, t, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8):
+    m = state("m", dtype="q8")
+    v = state("v", dtype="q4", nonnegative=True)
+    m.set(m + (1 - beta1) * (g - m))
+    v.set(v + (1 - beta2) * (g * g - v))
+    p.set(p - lr * m / ((v) ** 0.5 + eps))
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-d", "one-element"])
+def test_states_a_rule_declares_quantized_work_on_one_element(shape):
+    """A rule's own q8/q4 states quantize whatever the tensor's size; one element's codes (the same
+    shape in both formats) are decoded, in the dense form and on load, as the rule declares them."""
+    device = any_kernel_device()
+    runs = {}
+    for backend in ("reference", "triton"):
+        p = torch.full(shape, 0.5).to(device if backend == "triton" else "cpu").requires_grad_()
+        opt = fusedopt.FusedOptimizer([p], declared_q8_q4, backend=backend)
+        for k in range(3):
+            p.grad = torch.full(shape, (-1.0) ** k * (k + 1)).to(p.device)
+            opt.step()
+        runs[backend] = (p, opt)
+    (p, opt), (q, fused) = runs["reference"], runs["triton"]
+    assert torch.equal(_bits(q.detach().cpu()), _bits(p.detach()))
+    st = opt.state[p]
+    dense = opt.state_dict(dense=True)["state"][0]
+    for name, fmt, signed in (("m", "q8", True), ("v", "q4", False)):
+        assert st[name].dtype == torch.uint8
+        want = quant.decode_state(st[name], st[name + "_absmax"], fmt, signed, shape=p.shape)
+        assert torch.equal(dense[name], want), name
+    again = fusedopt.FusedOptimizer([r := p.detach().clone().requires_grad_()], declared_q8_q4)
+    again.load_state_dict(opt.state_dict())
+    assert all(torch.equal(again.state[r][k], v) for k, v in st.items())
+    again.load_state_dict(opt.state_dict(dense=True))  # re-encoded (a one-element scale rounds up to bf16)
+    torch.testing.assert_close(again.state_dict(dense=True)["state"][0]["m"], dense["m"], rtol=2.0**-7, atol=0)
+
+
 def _hold_gradient_rule(fmt: str, magnitude: bool = False):
     @rule(f"hold_{'magnitude' if magnitude else 'gradient'}_{fmt}")
     def hold_gradient(p, g, t, lr=0.1):

@@ -141,6 +141,8 @@ def test_a_window_rule_needs_the_window_front_end():
         WindowOptimizer([torch.nn.Parameter(torch.zeros(3))], fusedopt.optimizers.adamw)
     with pytest.raises(ValueError, match="no hyperparameter"):
         WindowOptimizer([torch.nn.Parameter(torch.zeros(3))], microadam, beta3=0.5)
+    with pytest.raises(ValueError, match=r"takes no \['state_dtype'\].*states=\{'error'"):
+        WindowOptimizer([torch.nn.Parameter(torch.zeros(3))], microadam, state_dtype="q8")
 
 
 # ---- definition-time errors ----------------------------------------------------------------------
