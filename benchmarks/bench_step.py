@@ -103,12 +103,13 @@ class Peer:
 
     def __init__(self, package: str, modules: tuple[str, ...],
                  classes: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]],
-                 writes_grad: bool = False, compiles: bool = False):
+                 writes_grad: bool = False, compiles: bool = False, ring_states: tuple[str, ...] = ()):
         self.package = package  # the distribution's name, for the notes
         self.modules = modules  # where the classes live, tried in order (older layouts last)
         self.classes = classes
         self.writes_grad = writes_grad  # its step overwrites p.grad: it gets a fresh clone every step
         self.compiles = compiles  # its step runs torch.compile'd code: Dynamo is reset after its row
+        self.ring_states = ring_states  # states of m rows (the "m" hyperparameter), one written per step
 
 
 PEERS = {
@@ -127,11 +128,12 @@ PEERS = {
         "adamw8bit": ("AdamW8bit", lambda hp: {**_take(hp, *_ADAM_KEYS), "block_size": 256}),
         "adamw4bit": ("AdamW4bit", lambda hp: {**_take(hp, *_ADAM_KEYS), "block_size": 128}),
     }, compiles=True),
-    # the authors' CUDA implementation; it writes the update into p.grad
+    # the authors' CUDA implementation; it writes the update into p.grad; its window is the states
+    # I (indices) and V (values), m rows each, of which a step writes one (as fusedopt's window)
     "peer-official": Peer("ista-daslab-optimizers", ("ista_daslab_optimizers",), {
         "microadam": ("MicroAdam", lambda hp: _take(hp, *_ADAM_KEYS, "m", k_init="density",
                                                     quant_block_size="quant_block")),
-    }, writes_grad=True),
+    }, writes_grad=True, ring_states=("I", "V")),
 }
 ALL_IMPLS = IMPLS + tuple(PEERS)
 
@@ -304,7 +306,8 @@ def measure(rule: str, impl: str, named: list[tuple[str, torch.nn.Parameter]], g
     launches_before = sum(launch_counter.values()) if launch_counter is not None else 0
     timing = harness.time_steps(step, before_step, args.device, args.steps, args.warmup)
     launches = (sum(launch_counter.values()) - launches_before) if launch_counter is not None else None
-    traffic = harness.bytes_per_step(opt)
+    rows = int(fused_hyperparameters(rule).get("m", 0)) if peer is not None and peer.ring_states else 0
+    traffic = harness.bytes_per_step(opt, {name: rows for name in peer.ring_states} if rows else None)
 
     for p in params:
         p.grad = None
@@ -375,7 +378,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[str]]:
     return plan, notes
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run(args: argparse.Namespace, on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     device, dtype = args.device, DTYPES[args.dtype_name]
     meta = harness.environment(device)
     harness.progress(f"bench_step: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
@@ -426,6 +430,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             rows.append(row)
             harness.progress(f"    median {row['ms_median']:.3f} ms, first step {row['first_step_s']:.2f} s, "
                              f"{harness.num(row['pct_copy_bw'])} % of copy bandwidth")
+            if on_row is not None:  # a run cut short (a time limit) keeps the rows measured so far
+                on_row(rows, meta)
         del named, params, grads
         _release(device)
     harness.add_ratios(rows)
@@ -437,12 +443,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if args.device.type == "cpu" and (args.cpu_threads or args.quick):
         torch.set_num_threads(args.cpu_threads or 1)
+    stem = harness.result_stem(args.out)
     try:
-        rows, meta = run(args)
+        rows, meta = run(args, on_row=lambda rows, meta: harness.write_results(rows, meta, args.out, stem=stem))
     finally:
         torch.set_num_threads(threads)
     print(harness.format_table(rows, meta))
-    csv_path, json_path = harness.write_results(rows, meta, args.out)
+    csv_path, json_path = harness.write_results(rows, meta, args.out, stem=stem)
     harness.progress(f"wrote {csv_path} and {json_path}")
     return {"rows": rows, "meta": meta, "csv": csv_path, "json": json_path}
 

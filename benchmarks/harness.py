@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -157,7 +157,7 @@ def _identity(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, address, t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
-def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
+def bytes_per_step(optimizer: torch.optim.Optimizer, ring_rows: Mapping[str, int] | None = None) -> Traffic:
     """Least bytes one step of ``optimizer`` must move, from its tensors; call after one step.
 
     Per parameter with a gradient: read and write the parameter, read the gradient, read and write
@@ -165,7 +165,8 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
     non-capturable ``step`` on the host; it moves no device memory). Element sizes are those of the
     actual tensors, so bf16 parameters or fp32 states of bf16 parameters are counted as they are. An
     optimizer that writes only part of its state (MicroAdam: one window row of m) says what its
-    state moves through ``state_bytes_moved(p)``.
+    state moves through ``state_bytes_moved(p)``; for one that does not, ``ring_rows`` names such
+    states (state key -> rows, one of which a step writes): read whole, a row written.
 
     A state tensor that wraps others (a traceable tensor subclass, such as torchao's quantized
     states) counts the bytes of the tensors it holds, not those of the shape it presents. A tensor
@@ -181,15 +182,17 @@ def bytes_per_step(optimizer: torch.optim.Optimizer) -> Traffic:
                 continue
             n += p.numel()
             moved += 2 * _nbytes(p) + _nbytes(p.grad)
-            for value in optimizer.state.get(p, {}).values():
+            for name, value in optimizer.state.get(p, {}).items():
                 if not (isinstance(value, torch.Tensor) and value.device == p.device):
                     continue
+                rows = (ring_rows or {}).get(name)
                 for t in _storage_tensors(value):
                     key = _identity(t)
                     if key in seen:
                         continue
                     seen.add(key)
-                    moved += 0 if moved_by else 2 * _nbytes(t)
+                    if not moved_by:
+                        moved += _nbytes(t) + _nbytes(t) // rows if rows else 2 * _nbytes(t)
                     state += _nbytes(t)
             if moved_by:
                 moved += moved_by(p)
@@ -303,13 +306,20 @@ def _unique_stem(out_dir: Path, stem: str) -> str:
     return candidate
 
 
-def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path | str,
-                  name: str = "bench_step") -> tuple[Path, Path]:
-    """Write ``<name>-<UTC time>.csv`` (one row per measurement, meta repeated) and ``.json``."""
+def result_stem(out_dir: Path | str, name: str = "bench_step") -> str:
+    """A new ``<name>-<UTC time>`` file stem in ``out_dir``, for one run's results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    stem = _unique_stem(out_dir, f"{name}-{stamp}")
+    return _unique_stem(out_dir, f"{name}-{stamp}")
+
+
+def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path | str,
+                  name: str = "bench_step", stem: str | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` (one row per measurement, meta repeated) and ``.json``, replacing what an
+    earlier call with the same stem wrote (a run saves its rows after each one; default: a new stem)."""
+    out_dir = Path(out_dir)
+    stem = stem or result_stem(out_dir, name)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

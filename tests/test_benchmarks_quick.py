@@ -347,3 +347,36 @@ def test_state_bytes_count_wrapped_tensors_and_shared_tensors_once():
     state = (1024 + 4 * 4) + 512 * 4 + 256 * 4
     assert traffic.state_bytes == state
     assert traffic.bytes_per_step == 3 * 4 * (1024 + 512) + 2 * state
+
+
+def test_ring_states_are_read_whole_and_one_row_written():
+    """A peer's window of m rows (the official MicroAdam's I and V) moves as fusedopt's does."""
+    p = torch.zeros(1000)
+    p.grad = torch.zeros(1000)
+    window = {"I": torch.zeros(10, 20, dtype=torch.int16), "V": torch.zeros(10, 20, dtype=torch.bfloat16)}
+    opt = types.SimpleNamespace(param_groups=[{"params": [p]}], state={p: {**window, "e": torch.zeros(500, dtype=torch.uint8)}})
+    traffic = harness.bytes_per_step(opt, {"I": 10, "V": 10})
+    assert traffic.bytes_per_step == 3 * 4000 + 2 * (400 + 40) + 2 * 500
+    assert harness.bytes_per_step(opt).bytes_per_step == 3 * 4000 + 2 * 800 + 2 * 500
+    assert traffic.state_bytes == 800 + 500
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Rows are saved as they are measured: a time limit that stops the run keeps them on disk."""
+    real = bench_step.measure
+    calls = []
+
+    def stop_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run stops here, as when a timeout kills the process
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_step, "measure", stop_after_two)
+    with pytest.raises(KeyboardInterrupt), contextlib.redirect_stderr(io.StringIO()):
+        bench_step.main(["--quick", "--rules", "adamw", "--impls", "fusedopt-reference,torch-foreach,fusedopt-triton",
+                         "--out", str(tmp_path)])
+    [saved] = tmp_path.glob("*.csv")
+    with open(saved) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["impl"] for r in rows] == ["fusedopt-reference", "torch-foreach"]
