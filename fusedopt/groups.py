@@ -10,11 +10,12 @@ torch.optim's, in a form torch.compile traces.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .ir import SR_SEED  # the seed of stochastic rounding, a group key too
+from .ir import STORAGE_DTYPES
 
 # group keys of every front end (FusedOptimizer, WindowOptimizer)
 STOCHASTIC_ROUNDING = "stochastic_rounding"  # bf16/fp16 parameters written with stochastic rounding
@@ -24,30 +25,67 @@ NONFINITE_POLICIES = ("propagate", "skip")
 MAX_GRAD_NORM = "max_grad_norm"  # None, or a global gradient norm to clip to
 
 
-def check_step_keys(cls: str, group: dict) -> None:
-    """Raise for a bad value of the keys every front end shares (``cls`` names the optimizer):
-    max_grad_norm, master_weights, stochastic_rounding, nonfinite, sr_seed."""
-    clip = group.get(MAX_GRAD_NORM)
+def _check_clip(cls: str, clip: Any) -> None:
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float, torch.Tensor))
                              or not float(clip) > 0):
         raise ValueError(f"{cls}: invalid {MAX_GRAD_NORM} {clip!r}; expected None or a number > 0")
-    if not isinstance(group[MASTER_WEIGHTS], bool):
-        raise TypeError(f"{cls}: master_weights must be a bool, got {group[MASTER_WEIGHTS]!r}")
-    if not isinstance(group[STOCHASTIC_ROUNDING], bool):
-        raise TypeError(f"{cls}: stochastic_rounding must be a bool, got {group[STOCHASTIC_ROUNDING]!r}")
-    if group[NONFINITE] not in NONFINITE_POLICIES:
-        raise ValueError(f"{cls}: nonfinite={group[NONFINITE]!r}; use 'propagate' (NaN and Inf "
+
+
+def _check_bool(key: str) -> Callable[[str, Any], None]:
+    def check(cls: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{cls}: {key} must be a bool, got {value!r}")
+    return check
+
+
+def _check_nonfinite(cls: str, policy: Any) -> None:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"{cls}: nonfinite={policy!r}; use 'propagate' (NaN and Inf "
                          "flow into the parameters and states) or 'skip' (the group's step is skipped)")
-    seed = group[SR_SEED]
+
+
+def _check_seed(cls: str, seed: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or not 0 <= int(seed) < 2**32 \
             or (isinstance(seed, torch.Tensor) and float(seed) != int(seed)):
         raise ValueError(f"{cls}: sr_seed={seed!r}; expected an int in [0, 2**32)")
 
 
+STEP_KEY_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    MAX_GRAD_NORM: _check_clip, MASTER_WEIGHTS: _check_bool(MASTER_WEIGHTS),
+    STOCHASTIC_ROUNDING: _check_bool(STOCHASTIC_ROUNDING), NONFINITE: _check_nonfinite, SR_SEED: _check_seed,
+}
+
+
+def check_storage(cls: str, storage: Any) -> None:
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"{cls}: state_dtype={storage!r} is not supported; use one of {list(STORAGE_DTYPES)}")
+
+
+def check_threshold(cls: str, threshold: Any) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"{cls}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
+                         "with fewer elements keep float32 states)")
+
+
+# keys a value written by hand is checked for (FusedOptimizer's storage keys beside the step keys)
+HAND_CHECKS = {**STEP_KEY_CHECKS, "state_dtype": check_storage, "quant_threshold": check_threshold}
+
+
+def check_step_keys(cls: str, group: dict) -> None:
+    """Raise for a bad value of the keys every front end shares (``cls`` names the optimizer):
+    max_grad_norm, master_weights, stochastic_rounding, nonfinite, sr_seed."""
+    for key, check in STEP_KEY_CHECKS.items():
+        check(cls, group.get(key) if key == MAX_GRAD_NORM else group[key])
+
+
 class ParamGroup(dict):
-    """A param group whose tensor-valued hyperparameters are updated in place."""
+    """A param group whose tensor-valued hyperparameters are updated in place. A value written by
+    hand to one of the step keys every front end shares is checked as at construction."""
 
     def __setitem__(self, key: str, value: Any) -> None:
+        check = HAND_CHECKS.get(key)
+        if check is not None:
+            check("param group", value)
         current = self.get(key)
         if isinstance(current, torch.Tensor) and value is not None:
             write_scalar(current, value)

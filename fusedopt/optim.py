@@ -234,13 +234,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._group_options():
             if not isinstance(group[key], bool):
                 raise TypeError(f"{cls}: option '{key}' must be a bool, got {group[key]!r}")
-        if group[STATE_DTYPE] not in ir.STORAGE_DTYPES:
-            raise ValueError(f"{cls}: state_dtype={group[STATE_DTYPE]!r} is not supported; use one "
-                             f"of {list(ir.STORAGE_DTYPES)}")
-        threshold = group[QUANT_THRESHOLD]
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-            raise ValueError(f"{cls}: quant_threshold={threshold!r}; expected an int >= 0 (tensors "
-                             "with fewer elements keep float32 states)")
+        groups.check_storage(cls, group[STATE_DTYPE])
+        groups.check_threshold(cls, group[QUANT_THRESHOLD])
 
     def _check_group_runs(self, group: Mapping[str, Any]) -> None:
         """A rule reducing over the whole group in its own update needs the group in one fused call:

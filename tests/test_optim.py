@@ -574,3 +574,21 @@ def test_low_precision_parameters_step_like_torch_in_fp32_then_round(dtype):
             assert opt.state[low][key].dtype == FP32
             # a few fp32 ulps: torch's lerp rounds differently where m nearly cancels
             torch.testing.assert_close(opt.state[low][key], ref.state[full][key], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("key, bad", [("sr_seed", 2**32 + 5), ("sr_seed", -1), ("sr_seed", 2.5), ("nonfinite", "Skip"),
+                                      ("stochastic_rounding", 1), ("master_weights", "yes"), ("max_grad_norm", 0.0),
+                                      ("quant_threshold", -3), ("quant_threshold", 10.5), ("state_dtype", "int8")])
+def test_a_bad_value_written_by_hand_is_refused_and_changes_nothing(key, bad):
+    """As at construction: a group key written after it is checked when written, not at some step."""
+    opt = fusedopt.AdamW([torch.zeros(10, requires_grad=True)], stochastic_rounding=True, max_grad_norm=1.0)
+    group = opt.param_groups[0]
+    before = group[key].clone() if isinstance(group[key], torch.Tensor) else group[key]
+    with pytest.raises((ValueError, TypeError), match=key):
+        group[key] = bad
+    after = group[key]
+    assert torch.equal(after, before) if isinstance(after, torch.Tensor) else after == before
+    good = {"sr_seed": 7, "nonfinite": "skip", "stochastic_rounding": False, "master_weights": True,
+            "max_grad_norm": None, "quant_threshold": 0, "state_dtype": "q8"}[key]
+    group[key] = good  # and a good value is taken
+    assert (int(group[key]) if isinstance(group[key], torch.Tensor) else group[key]) == good
