@@ -78,9 +78,17 @@ def check_step_keys(cls: str, group: dict) -> None:
         check(cls, group.get(key) if key == MAX_GRAD_NORM else group[key])
 
 
+_MISSING = object()
+
+
 class ParamGroup(dict):
     """A param group whose tensor-valued hyperparameters are updated in place. A value written by
-    hand to one of the step keys every front end shares is checked as at construction."""
+    hand to one of the step keys every front end shares is checked as at construction. Any other
+    write (a static option: ``state_dtype``, ``amsgrad``, ...) calls ``on_change(group)`` when the
+    optimizer set it (it builds the group's programs then, outside any compiled step); if that
+    raises, the old value is put back."""
+
+    on_change: Callable[["ParamGroup"], None] | None = None
 
     def __setitem__(self, key: str, value: Any) -> None:
         check = HAND_CHECKS.get(key)
@@ -97,7 +105,17 @@ class ParamGroup(dict):
                 if v is not c:
                     write_scalar(c, v)
             return
+        old = self.get(key, _MISSING)
         super().__setitem__(key, value)
+        if self.on_change is not None and key != "params":
+            try:
+                self.on_change(self)
+            except BaseException:
+                if old is _MISSING:
+                    super().__delitem__(key)
+                else:
+                    super().__setitem__(key, old)
+                raise
 
 
 def write_scalar(dest: torch.Tensor, value: Any) -> None:
@@ -173,7 +191,7 @@ def pickled_state(opt: torch.optim.Optimizer, derived: Iterable[str]) -> dict:
 def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     """torch.optim's ``__setstate__`` (empty hooks), without the ``differentiable`` default it adds,
     which this optimizer's groups never had."""
-    had = "differentiable" in state.get("defaults", {})
+    had = "differentiable" in (state.get("defaults") or opt.__dict__.get("defaults", {}))
     torch.optim.Optimizer.__setstate__(opt, state)
     if not had:
         opt.defaults.pop("differentiable", None)

@@ -131,6 +131,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults = self._defaults(hparams)
         self._groups: list[ParamGroup] = []
         self._prepared_by_options: dict[tuple, _Prepared] = {}
+        self._loading = False  # while a checkpoint's values are written into the groups
         self._fast: dict[int, _FastGroup] = {}  # id(group) -> its replayable eager step
         # (id(group), state_dtype, quant_threshold) -> whether its tensors run as several programs
         self._multi: dict[tuple, bool] = {}
@@ -192,14 +193,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                self.group_type)
             self.param_groups[-1] = converted
             self._groups = list(self.param_groups)
-            for matrix in self._matrix_choices():
-                for storage in {converted[STATE_DTYPE], "fp32"}:
-                    for master in {bool(converted[MASTER_WEIGHTS]), False}:
-                        self._prepared(converted, matrix, storage, master)
-            self._check_group_runs(converted)
-            rule_options = tuple(converted[k] for k in self._group_options())
-            for matrix in {None, *self._matrix_choices()}:
-                self._reduces_over_group(rule_options, matrix)
+            self._prepare_group(converted)
+            converted.on_change = self._prepare_group
             if self._several_clipping_groups():  # the clipping factors, made now rather than in a traced step
                 for group in self._groups:
                     if group.get(CLIP_HPARAM) is not None:
@@ -236,6 +231,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{cls}: option '{key}' must be a bool, got {group[key]!r}")
         groups.check_storage(cls, group[STATE_DTYPE])
         groups.check_threshold(cls, group[QUANT_THRESHOLD])
+
+    def _prepare_group(self, group: ParamGroup) -> None:
+        """Build every program the group's tensors may run (and check the group runs): when the group
+        is added, and again when a static option is written by hand, so that a compiled step finds
+        them built (building a rule's program cannot be traced)."""
+        if getattr(self, "_loading", True):  # a load writing its values, or a copy being rebuilt
+            return
+        for matrix in self._matrix_choices():
+            for storage in {group[STATE_DTYPE], "fp32"}:
+                for master in {bool(group[MASTER_WEIGHTS]), False}:
+                    self._prepared(group, matrix, storage, master)
+        self._check_group_runs(group)
+        rule_options = tuple(group[k] for k in self._group_options())
+        for matrix in {None, *self._matrix_choices()}:
+            self._reduces_over_group(rule_options, matrix)
 
     def _check_group_runs(self, group: Mapping[str, Any]) -> None:
         """A rule reducing over the whole group in its own update needs the group in one fused call:
@@ -622,10 +632,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict has state for parameter id {key_id!r}, which no group lists")
             p, program, saved_storage = index[key_id]
             new_state[p] = self._convert_state(program, p, values, saved_storage)
-        for mine, merged in new_groups:
-            for key, value in merged.items():
-                if key != "params":
-                    mine[key] = value
+        self._loading = True  # the groups' programs are built once every value is written
+        try:
+            for mine, merged in new_groups:
+                for key, value in merged.items():
+                    if key != "params":
+                        mine[key] = value
+        finally:
+            self._loading = False
+        for mine, _ in new_groups:
+            self._prepare_group(mine)
         self.state.clear()
         self.state.update(new_state)
         self._fast.clear()
@@ -707,7 +723,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         groups.restore_optimizer(self, state)
-        self._prepared_by_options = {}
+        self.__dict__.setdefault("_prepared_by_options", {})
         self._groups = list(self.param_groups)
         self._fast = {}
         self._multi = {}

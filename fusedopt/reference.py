@@ -413,8 +413,10 @@ def step(
             if target == ir.PARAM and rounds:
                 dense = torch.as_tensor(value, dtype=torch.float32, device=dest.device)
                 dense = dense.reshape(dest.shape) if dense.numel() == dest.numel() else dense.expand(dest.shape)
-                dest.copy_(rounding.to_stochastic(dense, dest.dtype, int(env[ir.SR_SEED]),
-                                                  int(steps[i])))
+                # seed and step as int64 tensors: a compiled step reads them, rather than baking in
+                # their values (a seed written by hand would recompile)
+                seed = torch.as_tensor(env[ir.SR_SEED]).to(torch.int64)
+                dest.copy_(rounding.to_stochastic(dense, dest.dtype, seed, steps[i].to(torch.int64)))
                 continue
             if isinstance(value, torch.Tensor):
                 if value.dim() and value.shape != dest.shape and value.numel() == dest.numel():

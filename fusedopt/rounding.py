@@ -37,12 +37,13 @@ def mix32(h):
     return h ^ (h >> 16)
 
 
-def stream_key(seed: int, step: int, numel: int) -> int:
-    """The per-(seed, step, tensor size) key that every element's random bits derive from."""
+def stream_key(seed: int | torch.Tensor, step: int | torch.Tensor, numel: int) -> int | torch.Tensor:
+    """The per-(seed, step, tensor size) key that every element's random bits derive from (seed and
+    step: Python ints or int64 tensors, as a compiled step reads them)."""
     return mix32((seed & _MASK) ^ mix32((_mul32(step & _MASK, 0x9E3779B9) + (numel & _MASK)) & _MASK))
 
 
-def noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+def noise(x: torch.Tensor, seed: int | torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """The 16 random bits (int64) added below the kept bits of each element of ``x`` (float32): a
     hash of the stream key, the flat index and the value's own bits, so that tensors of the same size
     draw different bits at the same step."""
@@ -53,7 +54,7 @@ def noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return mix32(bits ^ mix32(index ^ key)) & 0xFFFF  # hashed apart: index ^ bits alone repeats on ramps
 
 
-def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+def to_bf16_stochastic(x: torch.Tensor, seed: int | torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """``x`` (float32) rounded stochastically to bfloat16, with the bits the fused kernels use."""
     flat = x.detach().reshape(-1).to(torch.float32)
     bits = flat.view(torch.int32).to(torch.int64) & _MASK
@@ -63,7 +64,7 @@ def to_bf16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return as_int16.view(torch.bfloat16).reshape(x.shape)
 
 
-def to_fp16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+def to_fp16_stochastic(x: torch.Tensor, seed: int | torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """``x`` (float32) rounded stochastically to float16, with the bits the fused kernels use.
 
     ``lo`` is ``|x|`` rounded toward zero to float16 and ``s`` the float16 spacing above it (2**-24
@@ -89,7 +90,8 @@ def to_fp16_stochastic(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return as_int16.view(torch.float16).reshape(x.shape)
 
 
-def to_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, step: int) -> torch.Tensor:
+def to_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int | torch.Tensor,
+                  step: int | torch.Tensor) -> torch.Tensor:
     """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16 or float16)."""
     if dtype == torch.bfloat16:
         return to_bf16_stochastic(x, seed, step)

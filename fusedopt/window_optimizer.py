@@ -229,9 +229,10 @@ class WindowOptimizer(torch.optim.Optimizer):
         return groups.pickled_state(self, self._DERIVED)
 
     def __setstate__(self, state: dict) -> None:
+        # (torch's load_state_dict calls this too, on this very optimizer: its built programs stay)
         groups.restore_optimizer(self, state)
-        self._programs = {}
-        self._kernel_keys = {}
+        self.__dict__.setdefault("_programs", {})
+        self.__dict__.setdefault("_kernel_keys", {})
         self._refresh_groups()
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:
@@ -277,9 +278,15 @@ class WindowOptimizer(torch.optim.Optimizer):
                 merged[ir.SR_SEED] = int(seed)
             groups.check_step_keys(type(self).__name__, {**merged, "params": mine["params"]})
             merged_groups.append(merged)
+        originals = list(self.param_groups)
         super().load_state_dict({**state_dict, "param_groups": merged_groups})
-        keys = (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM)
-        self.param_groups[:] = [groups.held_in_tensors(g, keys) for g in self.param_groups]
+        # the values go into the groups this optimizer had (numbers into their hyperparameter tensors,
+        # keys in their order): a compiled step reads the same objects after a load
+        for mine, loaded in zip(originals, self.param_groups):
+            for key, value in loaded.items():
+                if key != "params":
+                    mine[key] = value
+        self.param_groups[:] = originals
         self._refresh_groups()
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

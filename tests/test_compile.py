@@ -300,3 +300,72 @@ def test_float64_scalars_are_written_inside_a_compiled_step():
         runs.append([p.detach().clone() for p in params] + [opt.state[p]["s"].clone() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t
+
+
+@pytest.mark.parametrize("key, value", [("state_dtype", "q4"), ("stochastic_rounding", True), ("master_weights", True),
+                                        ("nonfinite", "skip"), ("max_grad_norm", 0.5), ("sr_seed", 7)])
+def test_options_written_by_hand_between_compiled_steps(key, value):
+    """A static option written by hand builds the group's programs when written, so the next compiled
+    step recompiles (sympy cannot be traced) and runs as the eager step does, bit for bit, with no
+    eager step in between. The seed of stochastic rounding is data: writing it recompiles nothing."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    runs, counts = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 80).to(torch.bfloat16)
+        opt = fusedopt.AdamW(model.parameters(), lr=0.01, state_dtype="q8", quant_threshold=0,
+                             stochastic_rounding=key != "stochastic_rounding", backend="reference")
+        counter = CompileCounterWithBackend("aot_eager")
+        step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for k in range(5):
+            model(torch.randn(16, 64, generator=gen).to(torch.bfloat16)).float().square().mean().backward()
+            if k == 2:
+                frames = counter.frame_count
+                opt.param_groups[0][key] = value
+            step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()] + [v for p in model.parameters()
+                                                                          for v in opt.state[p].values()])
+        counts.append(counter.frame_count - frames if compiled else None)
+    for a, b in zip(*runs):
+        assert torch.equal(_bits_of(a), _bits_of(b))
+    if key == "sr_seed":
+        assert counts[1] == 0
+
+
+def test_a_window_optimizer_loaded_between_compiled_steps_keeps_compiling():
+    """Loading writes into the groups MicroAdam had (keys in their order, numbers into their
+    tensors) and keeps its built programs: the next compiled step with fullgraph=True runs (it
+    failed when the load reordered the groups' keys or dropped the built kernels), as eagerly."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from kernel_check import any_kernel_device
+
+    device = any_kernel_device()
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64).to(device)
+        opt = fusedopt.MicroAdam(model.parameters(), lr=0.01, m=3, density=0.05, block=256, quant_block=128,
+                                 backend="triton")
+        groups_before = list(opt.param_groups)
+        step = torch.compile(opt.step, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True) \
+            if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for k in range(4):
+            model(torch.randn(16, 64, generator=gen).to(device)).square().mean().backward()
+            if k == 2:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                assert all(a is b for a, b in zip(opt.param_groups, groups_before))
+            step()
+            opt.zero_grad()
+        runs.append([p.detach().cpu().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
