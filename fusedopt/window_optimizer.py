@@ -90,6 +90,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self._programs: dict[tuple, ir.Program] = {}
         self._kernel_keys: dict[ir.Program, str] = {}
+        self._loading = False  # while a checkpoint's values are written into the groups
         # id(group) -> (group, {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}): float64
         # tensors (grad_factors.new_factors) written before each step's launches, read by the kernels
         self._factors: dict[int, tuple[dict, dict[torch.device, dict[str, torch.Tensor]]]] = {}
@@ -108,18 +109,27 @@ class WindowOptimizer(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"{type(self).__name__} optimizes floating-point parameters, got one of dtype {p.dtype}")
             groups.check_step_keys(type(self).__name__, group)
-            self.check_group(group)
-            program = self.program(group)
-            problem = _kernel_problem(program)
-            if self.backend == "triton" and problem:
-                raise ValueError(f"backend='triton' cannot run this group: {problem}")
-            if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
-                self._kernel_key(program)
+            self._prepare_group(group)
             self.param_groups[-1] = groups.held_in_tensors(group, (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM))
+            self.param_groups[-1].on_change = self._prepare_group
         except BaseException:
             self.param_groups.pop()
             raise
         self._refresh_groups()
+
+    def _prepare_group(self, group: dict) -> None:
+        """Check the group's values and build its program (and kernel, where it runs fused): when the
+        group is added, and again when an option is written by hand (groups.ParamGroup.on_change),
+        so that a compiled step finds them built."""
+        if getattr(self, "_loading", True):  # a load writing its values, or a copy being rebuilt
+            return
+        self.check_group(group)
+        program = self.program(group)
+        problem = _kernel_problem(program)
+        if self.backend == "triton" and problem:
+            raise ValueError(f"backend='triton' cannot run this group: {problem}")
+        if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
+            self._kernel_key(program)
 
     def _refresh_groups(self) -> None:
         """After the groups changed: steps read this copy of the list (dynamo's handling of
@@ -282,12 +292,18 @@ class WindowOptimizer(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "param_groups": merged_groups})
         # the values go into the groups this optimizer had (numbers into their hyperparameter tensors,
         # keys in their order): a compiled step reads the same objects after a load
-        for mine, loaded in zip(originals, self.param_groups):
-            for key, value in loaded.items():
-                if key != "params":
-                    mine[key] = value
+        self._loading = True
+        try:
+            for mine, loaded in zip(originals, self.param_groups):
+                for key, value in loaded.items():
+                    if key != "params":
+                        mine[key] = value
+        finally:
+            self._loading = False
         self.param_groups[:] = originals
         self._refresh_groups()
+        for group in originals:
+            self._prepare_group(group)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         group_of = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)

@@ -342,7 +342,8 @@ def test_options_written_by_hand_between_compiled_steps(key, value):
 def test_a_window_optimizer_loaded_between_compiled_steps_keeps_compiling():
     """Loading writes into the groups MicroAdam had (keys in their order, numbers into their
     tensors) and keeps its built programs: the next compiled step with fullgraph=True runs (it
-    failed when the load reordered the groups' keys or dropped the built kernels), as eagerly."""
+    failed when the load reordered the groups' keys or dropped the built kernels), as eagerly; so
+    does one after options are written by hand."""
     import copy
 
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -359,11 +360,14 @@ def test_a_window_optimizer_loaded_between_compiled_steps_keeps_compiling():
         step = torch.compile(opt.step, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True) \
             if compiled else opt.step
         gen = torch.Generator().manual_seed(1)
-        for k in range(4):
+        for k in range(5):
             model(torch.randn(16, 64, generator=gen).to(device)).square().mean().backward()
             if k == 2:
                 opt.load_state_dict(copy.deepcopy(opt.state_dict()))
                 assert all(a is b for a, b in zip(opt.param_groups, groups_before))
+            if k == 3:  # options written by hand: the programs are built then, not in the trace
+                opt.param_groups[0]["nonfinite"] = "skip"
+                opt.param_groups[0]["max_grad_norm"] = 0.5
             step()
             opt.zero_grad()
         runs.append([p.detach().cpu().clone() for p in model.parameters()])
