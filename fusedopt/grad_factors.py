@@ -61,3 +61,16 @@ def write_clip_factors(groups: list, copies_of) -> None:
         for copy in copies_of(group):
             copy[CLIP_SCALE].copy_(factor, non_blocking=True)
 
+
+
+def write_skip_flags(groups: list, copies_of) -> None:
+    """One non-finite flag over the gradients of every group in ``groups``, written into every
+    per-device copy ``copies_of(group)`` yields: a NaN or an infinity in any of them skips them all.
+    No host sync."""
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    flag = any_nonfinite(grads, grads[0].device)
+    for group in groups:
+        for copy in copies_of(group):
+            copy[SKIP_FLAG].copy_(flag, non_blocking=True)

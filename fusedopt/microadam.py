@@ -154,8 +154,9 @@ class MicroAdam(WindowOptimizer):
         max_grad_norm: None, or clip the gradients to this global norm before the step, as
             ``torch.nn.utils.clip_grad_norm_`` over every clipping group's parameters (the factor is
             computed on the device; the selection and the error feedback see the clipped gradient).
-        nonfinite: "propagate" (as the official code) or "skip": a NaN or Inf anywhere in a group's
-            gradients leaves its parameters, error feedback, window and step counters as they were.
+        nonfinite: "propagate" (as the official code) or "skip": a NaN or Inf anywhere in the gradients
+            of the groups that skip leaves their parameters, error feedback, window and step counters
+            as they were.
         stochastic_rounding, sr_seed: write bf16 and fp16 parameters rounded stochastically (unbiased; the
             bits are a function of the seed, the step and the element), so that updates below half a
             bf16 step survive on average.

@@ -12,6 +12,7 @@ reference) with ``codegen``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -160,7 +161,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults[STOCHASTIC_ROUNDING] = False  # bf16/fp16 parameters written with stochastic rounding
         defaults[ir.SR_SEED] = 0  # its seed: steps are reproducible under it
         defaults[MASTER_WEIGHTS] = False  # a float32 copy of each parameter, updated in its place
-        defaults[NONFINITE] = "propagate"  # or "skip": a NaN/Inf gradient leaves the group's step undone
+        defaults[NONFINITE] = "propagate"  # or "skip": a NaN/Inf gradient leaves the skipping groups' step undone
         valid = set(defaults) | set(self.passthrough)
         for key, value in given.items():
             if key not in valid:
@@ -193,12 +194,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                self.group_type)
             self.param_groups[-1] = converted
             self._groups = list(self.param_groups)
-            self._prepare_group(converted)
-            converted.on_change = self._prepare_group
-            if self._several_clipping_groups():  # the clipping factors, made now rather than in a traced step
-                for group in self._groups:
-                    if group.get(CLIP_HPARAM) is not None:
-                        self._make_factors(group)
+            self._prepare_groups()
+            converted.on_change = self._prepare_groups
         except BaseException:  # e.g. a device the kernels cannot run on: the group is not kept
             dropped = self.param_groups.pop()
             self._groups = list(self.param_groups)
@@ -246,6 +243,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         rule_options = tuple(group[k] for k in self._group_options())
         for matrix in {None, *self._matrix_choices()}:
             self._reduces_over_group(rule_options, matrix)
+
+    def _prepare_groups(self, changed: ParamGroup | None = None) -> None:
+        """_prepare_group for every group (a group that clips or skips changes how the others run),
+        and the factors that several clipping or skipping groups share, made now rather than in a
+        traced step: when a group is added, and when an option of ``changed`` is written by hand."""
+        if getattr(self, "_loading", True):
+            return
+        for group in self._groups:
+            self._prepare_group(group)
+        for several, key, runs in ((self._several_clipping_groups(), CLIP_HPARAM, lambda v: v is not None),
+                                   (self._several_skipping_groups(), NONFINITE, lambda v: v == "skip")):
+            if several:
+                for group in self._groups:
+                    if runs(group.get(key)):
+                        self._make_factors(group)
 
     def _check_group_runs(self, group: Mapping[str, Any]) -> None:
         """A rule reducing over the whole group in its own update needs the group in one fused call:
@@ -304,7 +316,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             clip = "scale" if by_factor else "norm"
             if by_factor:
                 self._make_factors(group)
-        skip = None if group[NONFINITE] == "propagate" else ("flag" if multi else "group")
+        skip = None if group[NONFINITE] == "propagate" else ("flag" if multi or self._several_skipping_groups() else "group")
+        if skip == "flag":
+            self._make_factors(group)
         master = group[MASTER_WEIGHTS] if master is None else master
         return (*rule_options, matrix, clip, storage, group[STOCHASTIC_ROUNDING], master, skip)
 
@@ -355,6 +369,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return True
         return False
 
+    def _several_skipping_groups(self) -> bool:
+        """Whether two or more groups skip non-finite steps: then one flag over all their gradients
+        skips them all (a step is skipped for the whole model, as torch.amp.GradScaler skips it)."""
+        return sum(g[NONFINITE] == "skip" for g in self._groups) > 1
+
+    def _update_skip_flags(self) -> None:
+        """For an optimizer with several skipping groups, before any launch and without a host sync:
+        one non-finite flag over the gradients of all of them, written for each."""
+        skipping = [g for g in self._groups if g[NONFINITE] == "skip"]
+        for group in skipping:
+            self._make_factors(group)
+        grad_factors.write_skip_flags(skipping, lambda group: self._factors[id(group)].values())
+
     def _update_clip_factors(self) -> None:
         """For an optimizer with several clipping groups, before any launch and without a host sync:
         the norm of every gradient of those groups (in float64, as torch.nn.utils.clip_grad_norm_
@@ -376,7 +403,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = first[CLIP_SCALE].device
         if group.get(CLIP_HPARAM) is not None and not self._several_clipping_groups():
             first[CLIP_SCALE].copy_(grad_factors.clip_factor(group[CLIP_HPARAM], grad_factors.total_norm(grads, device)))
-        if group[NONFINITE] == "skip":
+        if group[NONFINITE] == "skip" and not self._several_skipping_groups():
             first[SKIP_FLAG].copy_(grad_factors.any_nonfinite(grads, device))
         for copy in others:  # each device's programs read their own copy
             for name, value in first.items():
@@ -461,6 +488,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 work.append((group, params))
         if self._several_clipping_groups():  # one norm over the clipping groups, before any launch
             self._update_clip_factors()
+        if self._several_skipping_groups():  # one non-finite flag over the skipping groups
+            self._update_skip_flags()
         for group, item in work:
             if isinstance(item, _FastGroup):
                 item.run()
@@ -569,7 +598,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for index, values in list(sd["state"].items()):
                 p = params[index]
                 program = self._prepared(group_of[p], *self._kind_of(group_of[p], p)).program
-                sd["state"][index] = _dense_state(program, values, tuple(p.shape), group_of[p][STATE_DTYPE])
+                unused = [self._unused_spec(n) for n in self.unused_states if n in values and n not in program.state_names]
+                sd["state"][index] = _dense_state([*program.states, *unused], values, tuple(p.shape),
+                                                  group_of[p][STATE_DTYPE])
         for group in sd["param_groups"]:
             groups.saved_numbers(group, ints=(ir.SR_SEED,))
         return sd
@@ -640,8 +671,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         mine[key] = value
         finally:
             self._loading = False
-        for mine, _ in new_groups:
-            self._prepare_group(mine)
+        self._prepare_groups()
         self.state.clear()
         self.state.update(new_state)
         self._fast.clear()
@@ -659,6 +689,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         expected = set(program.state_names) - ({ir.MASTER} - set(values))
         absmax = {n + ir.ABSMAX_SUFFIX for n in expected}
         kept = {n for n in self.unused_states if n in values and n not in expected}
+        kept |= {n + ir.ABSMAX_SUFFIX for n in kept if n + ir.ABSMAX_SUFFIX in values}  # kept as stored
         unknown = set(values) - expected - absmax - kept - {"step"}
         missing = expected - set(values)
         if unknown or missing:
@@ -677,6 +708,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             step = 1.0 if program.states else 0.0
         out["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device).reshape(())
         return out
+
+    def _unused_spec(self, name: str) -> ir.StateSpec:
+        """The declaration of a state the group's current options do not use (SGD's momentum buffer
+        at momentum 0), from the rule's program for the options that use it."""
+        for values in itertools.product((False, True), repeat=len(self.rule.options)):
+            program = self.rule.program(**dict(zip(self.rule.options, values)))
+            spec = next((s for s in program.states if s.name == name), None)
+            if spec is not None:
+                return spec
+        raise KeyError(f"rule '{self.rule.name}' declares no state '{name}'")
 
     @staticmethod
     def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view,
@@ -731,13 +772,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._factors = {}
 
 
-def _dense_state(program: ir.Program, values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:
-    """One parameter's saved state in torch.optim's form: every state of ``program`` that is stored
+def _dense_state(specs: Iterable[ir.StateSpec], values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:
+    """One parameter's saved state in torch.optim's form: every state of ``specs`` that is stored
     with scales (whatever ``storage``, the group's state_dtype, now asks for) decoded to float32, bf16
     and fp16 states widened to float32, and no master copy. One element's codes are read as the
     storage the rule declares for the state, else as ``storage``."""
     out = {k: v for k, v in values.items() if k != ir.MASTER}
-    for spec in program.states:
+    for spec in specs:
         absmax = out.pop(spec.name + ir.ABSMAX_SUFFIX, None)
         if absmax is not None:
             fmt = _saved_format(out[spec.name], absmax, shape, spec.dtype if spec.quantized else storage)

@@ -6,8 +6,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .groups import ParamGroup
-from .optim import FusedOptimizer
+from .groups import MASTER_WEIGHTS, ParamGroup
+from .optim import LOW_PRECISION, FusedOptimizer
 from . import partition as partitions
 from .optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd
 
@@ -202,7 +202,8 @@ class Adafactor(FusedOptimizer):
     whole group: the factor is computed on the device before the two programs read it.
 
     torch's arguments keep their meaning: ``lr`` None means torch's 1e-2; ``eps=(eps1, eps2)`` with
-    eps1 None meaning the machine epsilon of the group's first parameter's dtype. HF's names map to
+    eps1 None meaning the machine epsilon of the group's first parameter's dtype (float32's with
+    ``master_weights=True``: the update runs on the float32 copy). HF's names map to
     torch's: decay_rate is ``beta2_decay`` (1 - beta2_t = t^decay_rate), clip_threshold is ``d``.
 
     ``beta1``: None keeps no first moment; a float keeps HF's ``exp_avg`` (an EMA of the clipped,
@@ -280,7 +281,10 @@ class Adafactor(FusedOptimizer):
         eps1, eps2 = group["eps"]
         if eps1 is None:
             params = group["params"]
-            eps1 = 1e-30 if hf else torch.finfo(params[0].dtype if params else torch.float32).eps
+            computed = params[0].dtype if params else torch.float32
+            if group[MASTER_WEIGHTS] and computed in LOW_PRECISION:  # the update runs on the float32 copy
+                computed = torch.float32
+            eps1 = 1e-30 if hf else torch.finfo(computed).eps
         group["eps"] = (eps1, eps2)
         _require(cls, "eps", group["eps"], _value(eps1) >= 0.0 and _value(eps2) >= 0.0, "non-negative eps")
         self._complete_beta1(group)

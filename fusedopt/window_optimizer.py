@@ -53,8 +53,8 @@ class WindowOptimizer(torch.optim.Optimizer):
       parameters of every group that clips, before the step (the factor is computed on the device
       before the launches, no host sync; the kernel multiplies each gradient by it);
     * ``nonfinite``: "propagate" (as torch.optim) or "skip": a NaN or Inf in any gradient of the
-      group leaves its parameters, states, window and step counters as they were (a flag computed
-      on the device before the launches; the kernel then steps no block);
+      groups that skip leaves all their parameters, states, windows and step counters as they were
+      (one flag computed on the device before the launches; the kernel then steps no block);
     * ``stochastic_rounding`` (and its ``sr_seed``): bf16 and fp16 parameters are written rounded
       stochastically (:mod:`fusedopt.rounding`), reproducibly under the seed;
     * ``master_weights``: a float32 copy of each parameter (state ``master_param``) that the rule
@@ -354,18 +354,12 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     def _update_factors(self) -> None:
         """Before any launch, on the device: one gradient norm over every group that clips (as
-        clip_grad_norm_ over all their parameters) and each such group's factor; each skipping group's
-        non-finite flag."""
+        clip_grad_norm_ over all their parameters) and each such group's factor; one non-finite flag over
+        every group that skips (a NaN or Inf in any of them skips them all)."""
         grad_factors.write_clip_factors([g for g in self._groups if g[MAX_GRAD_NORM] is not None],
                                         lambda group: self._factors[id(group)][1].values())
-        for group in self._groups:
-            if group[NONFINITE] != "skip":
-                continue
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            if grads:
-                flag = grad_factors.any_nonfinite(grads, grads[0].device)
-                for copy in self._factors[id(group)][1].values():
-                    copy[SKIP_FLAG].copy_(flag, non_blocking=True)
+        grad_factors.write_skip_flags([g for g in self._groups if g[NONFINITE] == "skip"],
+                                      lambda group: self._factors[id(group)][1].values())
 
     def _hparams_on(self, group: dict, program: ir.Program, device: torch.device) -> list[torch.Tensor]:
         """The program's hyperparameters as 0-d float64 tensors on ``device``, in its order: the

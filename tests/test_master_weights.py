@@ -93,3 +93,21 @@ def test_only_bf16_and_fp16_parameters_get_a_master_copy(backend):
     assert ir.MASTER not in om.state[mixed[0]] and om.state[mixed[1]][ir.MASTER].dtype == torch.float32
     torch.testing.assert_close(mixed[0].detach().cpu(), plain[0].detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(mixed[1].detach(), om.state[mixed[1]][ir.MASTER].to(torch.bfloat16))
+
+
+def test_adafactor_with_master_weights_takes_float32_eps_and_follows_float32_training():
+    """torch's Adafactor takes eps1 from the parameter's dtype; with a float32 master copy the update
+    runs in float32, so eps1 is float32's and the copy follows float32 training bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(24, 16, generator=gen).to(torch.bfloat16)
+    half, full = start.clone().requires_grad_(), start.float().requires_grad_()
+    oh = fusedopt.Adafactor([half], lr=1e-2, master_weights=True)
+    of = fusedopt.Adafactor([full], lr=1e-2)
+    assert oh.param_groups[0]["eps"][0].item() == torch.finfo(torch.float32).eps
+    assert fusedopt.Adafactor([start.clone().requires_grad_()])._groups[0]["eps"][0].item() == 2.0**-7
+    for _ in range(4):
+        g = torch.randn(24, 16, generator=gen).to(torch.bfloat16)
+        half.grad, full.grad = g, g.float()
+        oh.step()
+        of.step()
+    assert torch.equal(oh.state[half][ir.MASTER], full.detach())

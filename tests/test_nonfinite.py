@@ -97,17 +97,46 @@ def test_propagate_is_the_default_and_lets_nan_through(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_groups_skip_independently(backend):
+def test_a_nonfinite_gradient_skips_every_group_that_skips(backend):
+    """One flag over the skipping groups, as torch.amp.GradScaler skips a whole step: no half step of
+    the model. A group that propagates still steps."""
     device = _device(backend)
-    a = torch.zeros(300, device=device, requires_grad=True)
-    b = torch.zeros(300, device=device, requires_grad=True)
-    opt = fusedopt.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, nonfinite="skip", backend=backend)
-    a.grad = torch.ones(300, device=device)
-    b.grad = torch.ones(300, device=device)
+    a, b, c = (torch.zeros(300, device=device, requires_grad=True) for _ in range(3))
+    opt = fusedopt.SGD([{"params": [a]}, {"params": [b]}, {"params": [c], "nonfinite": "propagate"}], lr=0.1,
+                       nonfinite="skip", backend=backend)
+    for p in (a, b, c):
+        p.grad = torch.ones(300, device=device)
     b.grad[7] = float("inf")
     opt.step()
-    assert torch.equal(a.detach(), torch.full((300,), -0.1, device=device))
+    assert torch.equal(a.detach(), torch.zeros(300, device=device))
     assert torch.equal(b.detach(), torch.zeros(300, device=device))
+    assert torch.equal(c.detach(), torch.full((300,), -0.1, device=device))
+    assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [0, 0, 1]
+    b.grad[7] = 1.0
+    opt.step()  # finite again: both skipping groups step
+    assert torch.equal(a.detach(), torch.full((300,), -0.1, device=device))
+    assert torch.equal(b.detach(), torch.full((300,), -0.1, device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adam_mini_skips_its_two_internal_groups_together(backend):
+    """AdamMini splits a model into weight-decay and no-decay groups itself; an infinite bias gradient
+    leaves the weights as they were too."""
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).to(device)
+    opt = fusedopt.AdamMini(model.named_parameters(), lr=1e-2, dim=8, n_heads=2, nonfinite="skip", backend=backend)
+    assert len(opt.param_groups) == 2
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[0].bias.grad[3] = float("inf")
+    opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
+    assert all(int(opt.state[p]["step"]) == 1 for p in model.parameters())
 
 
 def test_a_bad_policy_is_refused_at_construction():

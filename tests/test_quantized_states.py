@@ -797,3 +797,28 @@ def test_the_bucket_table_refuses_buckets_wider_than_the_kernel_compares(monkeyp
     monkeypatch.setattr(ops, "QUANT_BUCKET_BITS", 10)
     with pytest.raises(AssertionError, match="midpoints per bucket"):
         ops.bucket_table(code)
+
+
+def test_a_quantized_buffer_kept_while_unused_checkpoints_in_both_forms():
+    """SGD keeps its momentum buffer while the momentum is 0 (as torch does); stored as q8 codes it
+    is saved with its scales and decoded in the dense form, which torch.optim.SGD takes."""
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(80, 64, generator=gen).requires_grad_()
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, state_dtype="q8", quant_threshold=0)
+    p.grad = torch.randn(80, 64, generator=gen)
+    opt.step()
+    buffer = quant.decode_state(opt.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer_absmax"], "q8",
+                                signed=True, shape=p.shape)
+    opt.param_groups[0]["momentum"] = 0.0
+    p.grad = torch.randn(80, 64, generator=gen)
+    opt.step()  # no momentum: the buffer is kept as it was
+    q = p.detach().clone().requires_grad_()
+    again = fusedopt.SGD([q], lr=0.1, momentum=0.0, state_dtype="q8", quant_threshold=0)
+    again.load_state_dict(opt.state_dict())
+    assert all(torch.equal(again.state[q][k], v) for k, v in opt.state[p].items())
+    dense = opt.state_dict(dense=True)
+    assert sorted(dense["state"][0]) == ["momentum_buffer", "step"]
+    assert torch.equal(dense["state"][0]["momentum_buffer"], buffer)
+    torch_sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    torch_sgd.load_state_dict(dense)
+    assert torch.equal(torch_sgd.state[q]["momentum_buffer"], buffer)

@@ -148,7 +148,8 @@ def test_a_nonfinite_gradient_skips_the_whole_group(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_groups_skip_independently_and_propagate_lets_nan_through(backend):
+def test_skipping_groups_skip_together_and_propagate_lets_nan_through(backend):
+    """One flag over the groups that skip (as FusedOptimizer, as torch.amp.GradScaler skips a step)."""
     device = _device(backend)
     a, b, c = (torch.zeros(80, device=device, requires_grad=True) for _ in range(3))
     opt = MicroAdam([{"params": [a], "nonfinite": "skip"}, {"params": [b], "nonfinite": "skip"}, {"params": [c]}],
@@ -160,8 +161,13 @@ def test_groups_skip_independently_and_propagate_lets_nan_through(backend):
     opt.step()
     assert torch.equal(b.detach(), torch.zeros(80, device=device))
     assert int(opt.state[b]["step"]) == 0
-    torch.testing.assert_close(a.detach(), torch.full((80,), -0.1, device=device))
+    assert torch.equal(a.detach(), torch.zeros(80, device=device)) and int(opt.state[a]["step"]) == 0
     assert bool(c[7].isnan()) and int(opt.state[c]["step"]) == 1
+    b.grad[7] = 1.0
+    c.grad = None
+    opt.step()  # finite again: both skipping groups step
+    torch.testing.assert_close(a.detach(), torch.full((80,), -0.1, device=device))
+    torch.testing.assert_close(b.detach(), torch.full((80,), -0.1, device=device))
 
 
 def test_a_detector_that_misses_infinities_is_caught(monkeypatch):
