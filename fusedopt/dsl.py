@@ -466,18 +466,29 @@ def where(cond, a, b):
     if isinstance(cond, (sympy.And, sympy.Or, sympy.Not)):
         raise _misuse(f"where() got the combined condition {cond} (`&`, `|` or `~`), which the backends do not run",
                       "nest where() instead: where(x > 0, where(y > 0, a, b), b) for (x > 0) & (y > 0)")
-    return _select(cond, _expr(a), _expr(b))
+    return _select(cond, _expr(a), _expr(b), [MAX_CASE_SPLITS])
 
 
-def _select(cond, a, b):
+MAX_CASE_SPLITS = 16  # where() values compared inside one where()'s condition, nested included
+
+
+def _select(cond, a, b, budget: list[int]):
     """Piecewise((a, cond), (b, True)) with no where() inside a condition: a comparison of a value
     that is itself a where() (sympy would make it an ITE, which no backend runs) is split by cases,
-    where(c, u, v) > 0  ->  where(c, u > 0, v > 0), as nested selections."""
+    where(c, u, v) > 0  ->  where(c, u > 0, v > 0), as nested selections. Each split copies a and
+    b, so chains of such comparisons grow exponentially: past MAX_CASE_SPLITS, a RuleError."""
     inner = next((x for x in sympy.preorder_traversal(cond) if isinstance(x, sympy.Piecewise)), None)
     if inner is None:
         return sympy.Piecewise((a, cond), (b, True))
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _misuse(f"where() compares values that are themselves where() results, nested too deeply to split "
+                      f"by cases (more than {MAX_CASE_SPLITS} splits)",
+                      "keep the compared value in a state (s.set(where(...)) and compare s in the next "
+                      "step's rule), or compare the inputs of the inner where() directly")
     (u, c), (v, _) = inner.args
-    return _select(c, _select(cond.xreplace({inner: u}), a, b), _select(cond.xreplace({inner: v}), a, b))
+    return _select(c, _select(cond.xreplace({inner: u}), a, b, budget),
+                   _select(cond.xreplace({inner: v}), a, b, budget), budget)
 
 
 CLIP_HPARAM = "max_grad_norm"

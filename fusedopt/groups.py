@@ -84,11 +84,29 @@ _MISSING = object()
 class ParamGroup(dict):
     """A param group whose tensor-valued hyperparameters are updated in place. A value written by
     hand to one of the step keys every front end shares is checked as at construction. Any other
-    write (a static option: ``state_dtype``, ``amsgrad``, ...) calls ``on_change(group)`` when the
-    optimizer set it (it builds the group's programs then, outside any compiled step); if that
-    raises, the old value is put back."""
+    write (a static option: ``state_dtype``, ``amsgrad``, ...) calls ``on_change(group, key)`` when
+    the optimizer set it (it builds the group's programs then, outside any compiled step); if that
+    raises, the old value is put back. ``update`` and ``setdefault`` write through ``[]``. The hook
+    is the optimizer's: copies and pickles of a group leave it out (the optimizer sets it again)."""
 
-    on_change: Callable[["ParamGroup"], None] | None = None
+    on_change: Callable[["ParamGroup", str], None] | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "on_change"}
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def changed(self, key: str) -> None:
+        """Tell the optimizer that ``key``'s value changed (a subclass deriving a static option)."""
+        if self.on_change is not None:
+            self.on_change(self, key)
 
     def __setitem__(self, key: str, value: Any) -> None:
         check = HAND_CHECKS.get(key)
@@ -109,7 +127,7 @@ class ParamGroup(dict):
         super().__setitem__(key, value)
         if self.on_change is not None and key != "params":
             try:
-                self.on_change(self)
+                self.on_change(self, key)
             except BaseException:
                 if old is _MISSING:
                     super().__delitem__(key)

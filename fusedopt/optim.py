@@ -195,7 +195,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.param_groups[-1] = converted
             self._groups = list(self.param_groups)
             self._prepare_groups()
-            converted.on_change = self._prepare_groups
+            converted.on_change = self._on_change
         except BaseException:  # e.g. a device the kernels cannot run on: the group is not kept
             dropped = self.param_groups.pop()
             self._groups = list(self.param_groups)
@@ -244,10 +244,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         for matrix in {None, *self._matrix_choices()}:
             self._reduces_over_group(rule_options, matrix)
 
-    def _prepare_groups(self, changed: ParamGroup | None = None) -> None:
+    def _on_change(self, group: ParamGroup, key: str) -> None:
+        """A value written into a group by hand (ParamGroup.on_change): a static option builds the
+        programs it needs now; clipping and skipping, those of every group (several clipping or
+        skipping groups share their factors); anything else (a scheduler's own keys) nothing."""
+        if key in (CLIP_HPARAM, NONFINITE):
+            self._prepare_groups()
+        elif key in (STATE_DTYPE, QUANT_THRESHOLD, STOCHASTIC_ROUNDING, MASTER_WEIGHTS, *self._group_options()):
+            self._prepare_group(group)
+
+    def _prepare_groups(self) -> None:
         """_prepare_group for every group (a group that clips or skips changes how the others run),
         and the factors that several clipping or skipping groups share, made now rather than in a
-        traced step: when a group is added, and when an option of ``changed`` is written by hand."""
+        traced step: when a group is added or loaded, and when clipping or skipping is written by hand."""
         if getattr(self, "_loading", True):
             return
         for group in self._groups:
@@ -371,8 +380,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _several_skipping_groups(self) -> bool:
         """Whether two or more groups skip non-finite steps: then one flag over all their gradients
-        skips them all (a step is skipped for the whole model, as torch.amp.GradScaler skips it)."""
-        return sum(g[NONFINITE] == "skip" for g in self._groups) > 1
+        skips them all (a step is skipped for the whole model, as torch.amp.GradScaler skips it).
+        Stops at the second."""
+        found = 0
+        for g in self._groups:
+            if g[NONFINITE] == "skip":
+                found += 1
+                if found > 1:
+                    return True
+        return False
 
     def _update_skip_flags(self) -> None:
         """For an optimizer with several skipping groups, before any launch and without a host sync:
@@ -422,7 +438,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         # one element never quantizes: its codes would not tell q8 from q4 (one byte either way)
         if storage in ir.QUANTIZED and p.numel() < max(group[QUANT_THRESHOLD], 2):
             storage = "fp32"
-        return matrix, storage, bool(group[MASTER_WEIGHTS]) and p.dtype in LOW_PRECISION
+        # a rule reducing over the group runs it as one program: copies for all its tensors then
+        master = bool(group[MASTER_WEIGHTS]) and (
+            p.dtype in LOW_PRECISION or self._reduces_over_group(tuple(group[k] for k in self._group_options()), matrix))
+        return matrix, storage, master
 
     def _hparams(self, group: Mapping[str, Any], device: torch.device, program: ir.Program) -> dict:
         out = {}
@@ -765,6 +784,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         groups.restore_optimizer(self, state)
         self.__dict__.setdefault("_prepared_by_options", {})
+        self.__dict__.setdefault("_loading", False)  # (pickled before loads set it)
+        for group in self.param_groups:  # groups pickle without the hook (ParamGroup.__getstate__)
+            if isinstance(group, ParamGroup):
+                group.on_change = self._on_change
         self._groups = list(self.param_groups)
         self._fast = {}
         self._multi = {}

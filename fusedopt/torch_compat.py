@@ -143,7 +143,10 @@ class _SGDGroup(ParamGroup):
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
         if key == "momentum" and value is not None:
-            dict.__setitem__(self, "with_momentum", _value(value) != 0.0)
+            with_momentum = _value(value) != 0.0
+            if self.get("with_momentum") != with_momentum:
+                dict.__setitem__(self, "with_momentum", with_momentum)
+                self.changed("with_momentum")  # a static option: its program is built now
 
 
 class SGD(FusedOptimizer):
@@ -203,7 +206,7 @@ class Adafactor(FusedOptimizer):
 
     torch's arguments keep their meaning: ``lr`` None means torch's 1e-2; ``eps=(eps1, eps2)`` with
     eps1 None meaning the machine epsilon of the group's first parameter's dtype (float32's with
-    ``master_weights=True``: the update runs on the float32 copy). HF's names map to
+    ``master_weights=True``: the update runs on the float32 copy), resolved when the group is added. HF's names map to
     torch's: decay_rate is ``beta2_decay`` (1 - beta2_t = t^decay_rate), clip_threshold is ``d``.
 
     ``beta1``: None keeps no first moment; a float keeps HF's ``exp_avg`` (an EMA of the clipped,

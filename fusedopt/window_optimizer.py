@@ -111,11 +111,15 @@ class WindowOptimizer(torch.optim.Optimizer):
             groups.check_step_keys(type(self).__name__, group)
             self._prepare_group(group)
             self.param_groups[-1] = groups.held_in_tensors(group, (*self.hparam_keys(), ir.SR_SEED, MAX_GRAD_NORM))
-            self.param_groups[-1].on_change = self._prepare_group
+            self.param_groups[-1].on_change = self._on_change
         except BaseException:
             self.param_groups.pop()
             raise
         self._refresh_groups()
+
+    def _on_change(self, group: dict, key: str) -> None:
+        """A value written into a group by hand (ParamGroup.on_change): build what it needs now."""
+        self._prepare_group(group)
 
     def _prepare_group(self, group: dict) -> None:
         """Check the group's values and build its program (and kernel, where it runs fused): when the
@@ -243,6 +247,10 @@ class WindowOptimizer(torch.optim.Optimizer):
         groups.restore_optimizer(self, state)
         self.__dict__.setdefault("_programs", {})
         self.__dict__.setdefault("_kernel_keys", {})
+        self.__dict__.setdefault("_loading", False)  # (pickled before loads set it)
+        for group in self.param_groups:  # groups pickle without the hook (ParamGroup.__getstate__)
+            if isinstance(group, groups.ParamGroup):
+                group.on_change = self._on_change
         self._refresh_groups()
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:

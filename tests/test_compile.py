@@ -374,3 +374,28 @@ def test_a_window_optimizer_loaded_between_compiled_steps_keeps_compiling():
         runs.append([p.detach().cpu().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_sgd_momentum_written_by_hand_between_compiled_steps():
+    """The momentum lives in a tensor, but crossing zero changes the static option with_momentum:
+    its program is built when written, so the compiled step recompiles and runs as eagerly."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = fusedopt.SGD(model.parameters(), lr=0.1, momentum=0.0, backend="reference")
+        step = torch.compile(opt.step, backend=CompileCounterWithBackend("aot_eager"), fullgraph=True) \
+            if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for k in range(4):
+            model(torch.randn(5, 8, generator=gen)).square().mean().backward()
+            if k == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert "momentum_buffer" in opt.state[model.weight]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -265,6 +265,23 @@ def test_a_condition_on_a_where_value_runs_on_both_backends_as_written():
     assert not where_of_where.program().pretty().count("ITE")
 
 
+def test_chained_comparisons_of_where_values_stop_with_a_rule_error():
+    """Splitting by cases copies both branches, so a chain of where() values each compared in the
+    next condition grows exponentially: past a bound the rule is refused at definition, quickly."""
+    def chain(n):
+        @rule(f"chain{n}")
+        def f(p, g, t, lr=0.1):
+            x = g
+            for _ in range(n):
+                x = where(x > p, x - 1, x + 1)
+            p.set(p - lr * x)
+        return f
+
+    assert chain(3).program().pretty()
+    with pytest.raises(RuleError, match="nested too deeply"):
+        chain(4)
+
+
 def _python_branch(p, g, t, lr, wd):
     if wd == 0:
         p.set(p - lr * g)

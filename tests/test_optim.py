@@ -592,3 +592,42 @@ def test_a_bad_value_written_by_hand_is_refused_and_changes_nothing(key, bad):
             "max_grad_norm": None, "quant_threshold": 0, "state_dtype": "q8"}[key]
     group[key] = good  # and a good value is taken
     assert (int(group[key]) if isinstance(group[key], torch.Tensor) else group[key]) == good
+
+
+def test_update_and_setdefault_write_through_the_checks():
+    opt = fusedopt.AdamW([torch.zeros(10, requires_grad=True)], stochastic_rounding=True)
+    group = opt.param_groups[0]
+    seed = group["sr_seed"]
+    with pytest.raises(ValueError, match="nonfinite"):
+        group.update(nonfinite="Skip")
+    group.update(sr_seed=9, lr=0.5)
+    assert group["sr_seed"] is seed and int(seed) == 9 and float(group["lr"]) == 0.5
+    assert group.setdefault("sr_seed", 3) is seed and int(seed) == 9
+
+
+def test_a_param_group_copies_without_the_optimizer_hook():
+    import copy
+    import pickle
+
+    opt = fusedopt.AdamW([torch.zeros(10, requires_grad=True)], amsgrad=False)
+    group = copy.deepcopy(opt.param_groups[0])
+    assert group.on_change is None and group["amsgrad"] is False
+    assert pickle.loads(pickle.dumps(opt.param_groups[0])).on_change is None
+    twin = copy.deepcopy(opt)
+    assert twin.param_groups[0].on_change.__self__ is twin  # the copy's own hook
+
+
+def test_a_group_wide_rule_keeps_master_copies_for_every_tensor_of_a_mixed_group():
+    """A rule reducing over the whole group runs it as one program, so its float32 tensors keep a
+    copy too (rather than the group being refused as two programs)."""
+    from fusedopt.dsl import norm, rule
+
+    @rule("group_normalized")
+    def group_normalized(p, g, t, lr=0.1):
+        p.set(p - lr * g / (norm(g, over="group") + 1e-12))
+
+    half, full = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True), torch.zeros(8, requires_grad=True)
+    opt = fusedopt.FusedOptimizer([half, full], group_normalized, master_weights=True)
+    half.grad, full.grad = torch.ones(8, dtype=torch.bfloat16), torch.ones(8)
+    opt.step()
+    assert "master_param" in opt.state[half] and "master_param" in opt.state[full]
