@@ -213,3 +213,21 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     torch.optim.Optimizer.__setstate__(opt, state)
     if not had:
         opt.defaults.pop("differentiable", None)
+
+
+def state_dict_with(opt: torch.optim.Optimizer, finish: Callable[[dict], None]) -> dict:
+    """torch.optim's ``state_dict`` of ``opt``, then ``finish(state_dict)`` (the front end's own
+    conversions), then the post-hooks registered with ``register_state_dict_post_hook``, which so
+    see the dictionary as it is returned."""
+    hooks = opt._optimizer_state_dict_post_hooks
+    opt._optimizer_state_dict_post_hooks = type(hooks)()
+    try:
+        sd = torch.optim.Optimizer.state_dict(opt)
+    finally:
+        opt._optimizer_state_dict_post_hooks = hooks  # the same dict: hook handles still remove
+    finish(sd)
+    for hook in hooks.values():
+        result = hook(opt, sd)
+        if result is not None:
+            sd = result
+    return sd

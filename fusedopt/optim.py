@@ -609,8 +609,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         and bf16 states decoded to float32 states of the parameter's shape (as they are stored now,
         before a changed ``state_dtype`` converts them at the next step), and no ``master_param``
         (torch.optim keeps none; loading the dense form starts the copy from the parameter). Either
-        form loads back into any fusedopt optimizer of the same rule, whatever its ``state_dtype``."""
-        sd = super().state_dict()
+        form loads back into any fusedopt optimizer of the same rule, whatever its ``state_dtype``.
+        Post-hooks registered with ``register_state_dict_post_hook`` see the form returned."""
+        return groups.state_dict_with(self, functools.partial(self._finish_state_dict, dense=dense))
+
+    def _finish_state_dict(self, sd: dict[str, Any], dense: bool) -> None:
         if dense:
             params = [p for group in self._groups for p in group["params"]]
             group_of = {p: group for group in self._groups for p in group["params"]}
@@ -622,7 +625,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                   group_of[p][STATE_DTYPE])
         for group in sd["param_groups"]:
             groups.saved_numbers(group, ints=(ir.SR_SEED,))
-        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change.

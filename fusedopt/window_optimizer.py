@@ -269,11 +269,13 @@ class WindowOptimizer(torch.optim.Optimizer):
         return moved
 
     def state_dict(self) -> dict:
-        """torch.optim's layout; hyperparameter tensors are saved as Python floats."""
-        sd = super().state_dict()
-        for group in sd["param_groups"]:
-            groups.saved_numbers(group, ints=(ir.SR_SEED,))
-        return sd
+        """torch.optim's layout; hyperparameter tensors are saved as Python floats (before torch's
+        post-hooks run)."""
+        def finish(sd: dict) -> None:
+            for group in sd["param_groups"]:
+                groups.saved_numbers(group, ints=(ir.SR_SEED,))
+
+        return groups.state_dict_with(self, finish)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state keeps its own dtype (the base

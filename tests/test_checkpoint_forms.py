@@ -135,6 +135,23 @@ def test_load_hooks_run_as_in_torch_optim():
     assert torch.equal(other.state[q]["exp_avg"], opt.state[p]["exp_avg"])
 
 
+def test_state_dict_post_hooks_see_the_form_returned():
+    """The dense conversion and the plain numbers come before torch's post-hooks, in both front ends."""
+    seen = []
+    p = _param()
+    opt = fusedopt.AdamW8bit([p], lr=1e-2)
+    _trained(opt, [p])
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append((sd["state"][0]["exp_avg"].dtype,
+                                                                 type(sd["param_groups"][0]["lr"]))))
+    opt.state_dict(dense=True)
+    opt.state_dict()
+    assert seen == [(torch.float32, float), (torch.uint8, float)]
+    window = fusedopt.MicroAdam([_param()], lr=1e-3, density=0.1, block=256, quant_block=128)
+    window.register_state_dict_post_hook(lambda o, sd: seen.append(type(sd["param_groups"][0]["lr"])))
+    window.state_dict()
+    assert seen[-1] is float
+
+
 def test_a_load_leaves_no_cached_answer_keyed_by_its_temporary_groups():
     """Checks during a load see merged copies of the groups; answers cached under their ids would
     be found by a later group that reuses one of those ids."""
