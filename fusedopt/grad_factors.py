@@ -48,11 +48,15 @@ def any_nonfinite(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     return (~torch.isfinite(peaks)).any()
 
 
+def _grads_of(groups: list) -> list[torch.Tensor]:
+    return [p.grad for g in groups for p in g["params"] if p.grad is not None]
+
+
 def write_clip_factors(groups: list, copies_of) -> None:
     """One norm over the gradients of every group in ``groups`` (as clip_grad_norm_ over all their
     parameters) and each group's factor for its own ``max_grad_norm`` (a tensor, or a number set by
     hand), written into every per-device copy ``copies_of(group)`` yields. No host sync."""
-    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    grads = _grads_of(groups)
     if not grads:
         return
     total = total_norm(grads, grads[0].device)
@@ -62,12 +66,11 @@ def write_clip_factors(groups: list, copies_of) -> None:
             copy[CLIP_SCALE].copy_(factor, non_blocking=True)
 
 
-
 def write_skip_flags(groups: list, copies_of) -> None:
     """One non-finite flag over the gradients of every group in ``groups``, written into every
     per-device copy ``copies_of(group)`` yields: a NaN or an infinity in any of them skips them all.
     No host sync."""
-    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    grads = _grads_of(groups)
     if not grads:
         return
     flag = any_nonfinite(grads, grads[0].device)

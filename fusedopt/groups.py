@@ -206,13 +206,18 @@ def pickled_state(opt: torch.optim.Optimizer, derived: Iterable[str]) -> dict:
     return {k: v for k, v in opt.__dict__.items() if k not in skip and not k.endswith("_hooks")}
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict, on_change: Callable[[ParamGroup, str], None]) -> None:
     """torch.optim's ``__setstate__`` (empty hooks), without the ``differentiable`` default it adds,
-    which this optimizer's groups never had."""
+    which this optimizer's groups never had; each group's ``on_change`` hook set again (groups
+    pickle without it) and, for an optimizer pickled before loads flagged themselves, ``_loading``."""
     had = "differentiable" in (state.get("defaults") or opt.__dict__.get("defaults", {}))
     torch.optim.Optimizer.__setstate__(opt, state)
     if not had:
         opt.defaults.pop("differentiable", None)
+    opt.__dict__.setdefault("_loading", False)
+    for group in opt.param_groups:
+        if isinstance(group, ParamGroup):
+            group.on_change = on_change
 
 
 def state_dict_with(opt: torch.optim.Optimizer, finish: Callable[[dict], None]) -> dict:

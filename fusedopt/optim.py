@@ -261,12 +261,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         for group in self._groups:
             self._prepare_group(group)
-        for several, key, runs in ((self._several_clipping_groups(), CLIP_HPARAM, lambda v: v is not None),
-                                   (self._several_skipping_groups(), NONFINITE, lambda v: v == "skip")):
-            if several:
-                for group in self._groups:
-                    if runs(group.get(key)):
-                        self._make_factors(group)
+        for runs in (_clips, _skips):
+            if _at_least_two(self._groups, runs):
+                for group in filter(runs, self._groups):
+                    self._make_factors(group)
 
     def _check_group_runs(self, group: Mapping[str, Any]) -> None:
         """A rule reducing over the whole group in its own update needs the group in one fused call:
@@ -369,31 +367,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._factors[id(group)] = grad_factors.new_factors(p.device for p in group["params"])
 
     def _several_clipping_groups(self) -> bool:
-        """Whether two or more groups clip (stops at the second: runs for every group every step)."""
-        found = 0
-        for g in self._groups:
-            if g.get(CLIP_HPARAM) is not None:
-                found += 1
-                if found > 1:
-                    return True
-        return False
+        """Whether two or more groups clip (runs for every group every step)."""
+        return _at_least_two(self._groups, _clips)
 
     def _several_skipping_groups(self) -> bool:
         """Whether two or more groups skip non-finite steps: then one flag over all their gradients
-        skips them all (a step is skipped for the whole model, as torch.amp.GradScaler skips it).
-        Stops at the second."""
-        found = 0
-        for g in self._groups:
-            if g[NONFINITE] == "skip":
-                found += 1
-                if found > 1:
-                    return True
-        return False
+        skips them all (a step is skipped for the whole model, as torch.amp.GradScaler skips it)."""
+        return _at_least_two(self._groups, _skips)
 
     def _update_skip_flags(self) -> None:
         """For an optimizer with several skipping groups, before any launch and without a host sync:
         one non-finite flag over the gradients of all of them, written for each."""
-        skipping = [g for g in self._groups if g[NONFINITE] == "skip"]
+        skipping = list(filter(_skips, self._groups))
         for group in skipping:
             self._make_factors(group)
         grad_factors.write_skip_flags(skipping, lambda group: self._factors[id(group)].values())
@@ -402,7 +387,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """For an optimizer with several clipping groups, before any launch and without a host sync:
         the norm of every gradient of those groups (in float64, as torch.nn.utils.clip_grad_norm_
         over all their parameters), and each group's factor min(1, max_grad_norm / (norm + 1e-6))."""
-        clipping = [g for g in self._groups if g.get(CLIP_HPARAM) is not None]
+        clipping = list(filter(_clips, self._groups))
         for group in clipping:
             self._make_factors(group)
         grad_factors.write_clip_factors(clipping, lambda group: self._factors[id(group)].values())
@@ -784,17 +769,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         return groups.pickled_state(self, self._DERIVED)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        groups.restore_optimizer(self, state)
+        groups.restore_optimizer(self, state, self._on_change)
         self.__dict__.setdefault("_prepared_by_options", {})
-        self.__dict__.setdefault("_loading", False)  # (pickled before loads set it)
-        for group in self.param_groups:  # groups pickle without the hook (ParamGroup.__getstate__)
-            if isinstance(group, ParamGroup):
-                group.on_change = self._on_change
         self._groups = list(self.param_groups)
         self._fast = {}
         self._multi = {}
         self._wide = {}
         self._factors = {}
+
+
+def _clips(group: Mapping[str, Any]) -> bool:
+    return group.get(CLIP_HPARAM) is not None
+
+
+def _skips(group: Mapping[str, Any]) -> bool:
+    return group[NONFINITE] == "skip"
+
+
+def _at_least_two(items: Iterable, predicate: Callable[[Any], bool]) -> bool:
+    """Whether two of ``items`` satisfy ``predicate`` (stops at the second: runs every step)."""
+    matches = filter(predicate, items)
+    return next(matches, None) is not None and next(matches, None) is not None
 
 
 def _dense_state(specs: Iterable[ir.StateSpec], values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from . import dsl, grad_factors, groups, ir, sparse, window_reference
-from .dsl import SKIP_FLAG
 from .dtypes import storage_dtype
 from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
 from .window_passes import lower_window
@@ -244,13 +243,9 @@ class WindowOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         # (torch's load_state_dict calls this too, on this very optimizer: its built programs stay)
-        groups.restore_optimizer(self, state)
+        groups.restore_optimizer(self, state, self._on_change)
         self.__dict__.setdefault("_programs", {})
         self.__dict__.setdefault("_kernel_keys", {})
-        self.__dict__.setdefault("_loading", False)  # (pickled before loads set it)
-        for group in self.param_groups:  # groups pickle without the hook (ParamGroup.__getstate__)
-            if isinstance(group, groups.ParamGroup):
-                group.on_change = self._on_change
         self._refresh_groups()
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:

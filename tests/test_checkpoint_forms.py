@@ -16,6 +16,9 @@ from fusedopt import ir, quant
 from fusedopt.dsl import rule, state
 
 
+SMALL_WINDOW = dict(lr=1e-3, density=0.1, block=256, quant_block=128)  # MicroAdam on small tensors
+
+
 def _trained(opt, params, steps=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -99,10 +102,10 @@ def test_master_copies_do_not_depend_on_whether_the_model_or_the_optimizer_loads
 
 def test_window_optimizers_drop_a_master_copy_they_do_not_keep():
     p = _param(dtype=torch.bfloat16)
-    opt = fusedopt.MicroAdam([p], lr=1e-3, density=0.1, block=256, quant_block=128, master_weights=True)
+    opt = fusedopt.MicroAdam([p], **SMALL_WINDOW, master_weights=True)
     _trained(opt, [p])
     q = p.detach().clone().requires_grad_()
-    without = fusedopt.MicroAdam([q], lr=1e-3, density=0.1, block=256, quant_block=128)
+    without = fusedopt.MicroAdam([q], **SMALL_WINDOW)
     without.load_state_dict(opt.state_dict())
     assert ir.MASTER not in without.state[q] and ir.MASTER not in without.state_dict()["state"][0]
     assert torch.equal(without.state[q]["window_value"], opt.state[p]["window_value"])
@@ -146,7 +149,7 @@ def test_state_dict_post_hooks_see_the_form_returned():
     opt.state_dict(dense=True)
     opt.state_dict()
     assert seen == [(torch.float32, float), (torch.uint8, float)]
-    window = fusedopt.MicroAdam([_param()], lr=1e-3, density=0.1, block=256, quant_block=128)
+    window = fusedopt.MicroAdam([_param()], **SMALL_WINDOW)
     window.register_state_dict_post_hook(lambda o, sd: seen.append(type(sd["param_groups"][0]["lr"])))
     window.state_dict()
     assert seen[-1] is float
@@ -178,7 +181,7 @@ def _params_of(opt):
 @pytest.mark.parametrize("make, dtype", [
     (lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, max_grad_norm=1.0, quant_threshold=100), torch.float32),
     (lambda ps: fusedopt.AdamW(ps, lr=1e-2, master_weights=True, stochastic_rounding=True, sr_seed=3), torch.bfloat16),
-    (lambda ps: fusedopt.MicroAdam(ps, lr=1e-3, density=0.1, block=256, quant_block=128), torch.float32),
+    (lambda ps: fusedopt.MicroAdam(ps, **SMALL_WINDOW), torch.float32),
 ], ids=["adamw8bit", "adamw-bf16-master", "microadam"])
 def test_a_copied_or_pickled_optimizer_steps_as_the_original(make, dtype):
     """torch.optim pickles defaults, state and param groups only; a fusedopt optimizer also keeps
