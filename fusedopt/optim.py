@@ -33,6 +33,17 @@ from .groups import MASTER_WEIGHTS, NONFINITE, NONFINITE_POLICIES, STOCHASTIC_RO
 
 BACKENDS = ("reference", "triton")
 
+# Which map quantized codes in a checkpoint were made with. The compact form saves QUANT_MAPS in every
+# param group: the version of the state declarations its codes follow (signed map for signed states,
+# unsigned for nonnegative ones). A version that changed a state's declared signedness lists the
+# state under its rule's name here; codes from a checkpoint of an earlier version (no QUANT_MAPS:
+# version 1) are decoded with the map they were made with and coded again with the current one.
+QUANT_MAPS = "quant_maps"
+QUANT_MAPS_VERSION = 2
+SIGNEDNESS_CHANGES: dict[int, dict[str, frozenset[str]]] = {
+    2: {"adafactor": frozenset({"variance"})},  # declared nonnegative; the signed map coded it before
+}
+
 
 class _Prepared(NamedTuple):
     program: ir.Program
@@ -595,6 +606,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         before a changed ``state_dtype`` converts them at the next step), and no ``master_param``
         (torch.optim keeps none; loading the dense form starts the copy from the parameter). Either
         form loads back into any fusedopt optimizer of the same rule, whatever its ``state_dtype``.
+        Each group of the compact form holds ``quant_maps`` (QUANT_MAPS_VERSION): the version of the
+        state declarations its codes follow, so codes saved before a state's declared signedness
+        changed are read with the map they were made with (SIGNEDNESS_CHANGES).
         Post-hooks registered with ``register_state_dict_post_hook`` see the form returned."""
         return groups.state_dict_with(self, functools.partial(self._finish_state_dict, dense=dense))
 
@@ -610,6 +624,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                   group_of[p][STATE_DTYPE])
         for group in sd["param_groups"]:
             groups.saved_numbers(group, ints=(ir.SR_SEED,))
+            if not dense:  # the maps its codes follow (the dense form holds none)
+                group[QUANT_MAPS] = QUANT_MAPS_VERSION
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a fusedopt or torch.optim checkpoint of the same algorithm; validated before any change.
@@ -651,7 +667,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # storage is this optimizer's choice, not the checkpoint's: states are converted to it
             merged = {**{k: v for k, v in mine.items()},
                       **{k: v for k, v in saved.items() if k not in ("params", STATE_DTYPE, QUANT_THRESHOLD,
-                                                                         MASTER_WEIGHTS)}}
+                                                                         MASTER_WEIGHTS, QUANT_MAPS)}}
             merged["params"] = mine["params"]
             temporary.append(merged)
             seed = merged.get(ir.SR_SEED)
@@ -660,15 +676,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_numbers(merged)
             self._complete_group(merged)
             self._check_group(merged)
+            maps = saved.get(QUANT_MAPS, 1)
+            if isinstance(maps, bool) or maps not in range(1, QUANT_MAPS_VERSION + 1):
+                raise ValueError(f"param group {i} of the state_dict has {QUANT_MAPS}={maps!r}; this fusedopt "
+                                 f"reads versions 1 to {QUANT_MAPS_VERSION} (a newer one saved it?)")
             new_groups.append((mine, merged))
             for key_id, p in zip(saved["params"], mine["params"]):
-                index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program, saved.get(STATE_DTYPE))
+                index[key_id] = (p, self._prepared(merged, *self._kind_of(merged, p)).program, saved.get(STATE_DTYPE),
+                                 maps)
         new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key_id, values in saved_state.items():
             if key_id not in index:
                 raise ValueError(f"state_dict has state for parameter id {key_id!r}, which no group lists")
-            p, program, saved_storage = index[key_id]
-            new_state[p] = self._convert_state(program, p, values, saved_storage)
+            p, program, saved_storage, maps = index[key_id]
+            new_state[p] = self._convert_state(program, p, values, saved_storage, maps)
         self._loading = True  # the groups' programs are built once every value is written
         try:
             for mine, merged in new_groups:
@@ -683,11 +704,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._fast.clear()
 
     def _convert_state(self, program: ir.Program, p: torch.Tensor, values: Mapping[str, Any],
-                       saved_storage: Any = None) -> dict:
+                       saved_storage: Any = None, maps: int = QUANT_MAPS_VERSION) -> dict:
         """One parameter's saved state in this optimizer's storage. A state may come compact (q8
         codes plus "<name>_absmax") or dense (float, as torch.optim keeps it): either is converted
         to what this program stores, so checkpoints move between storages and libraries.
-        ``saved_storage`` is the checkpoint group's state_dtype, where it has one."""
+        ``saved_storage`` is the checkpoint group's state_dtype, where it has one; ``maps`` its
+        QUANT_MAPS version."""
         if ir.MASTER not in program.state_names:  # master weights are the loading optimizer's choice
             values = {k: v for k, v in values.items() if k != ir.MASTER}
         # without a saved copy (the dense form, a torch.optim checkpoint) the next step starts it from
@@ -706,7 +728,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for spec in program.states:
             if spec.name in values:
-                out.update(self._convert_one(spec, p, values, view, saved_storage))
+                signed = _saved_signed(program.name, spec, maps)
+                out.update(self._convert_one(spec, p, values, view, saved_storage, signed))
         for name in kept:
             out[name] = values[name].detach().to(p.device, copy=True)
         step = values.get("step")
@@ -727,10 +750,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _convert_one(spec: ir.StateSpec, p: torch.Tensor, values: Mapping[str, Any], view,
-                     saved_storage: Any = None) -> dict:
+                     saved_storage: Any = None, saved_signed: bool | None = None) -> dict:
         """One state, saved compact (codes plus "<name>_absmax") or dense, in ``spec``'s storage.
         Where the codes alone do not tell q8 from q4 (one element), a storage the rule declares decides,
-        else the saved group's state_dtype, else ``spec``'s."""
+        else the saved group's state_dtype, else ``spec``'s. Codes are read with the signed map where
+        ``saved_signed`` (default: ``spec``'s declaration; see SIGNEDNESS_CHANGES)."""
         value = values[spec.name]
         expected = reference.state_shape(spec, p.shape, view)
         saved_absmax = values.get(spec.name + ir.ABSMAX_SUFFIX)
@@ -743,20 +767,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"{tuple(p.shape)} it must be {expected} (or the codes of a q8 or q4 storage "
                              f"with '{spec.name}{ir.ABSMAX_SUFFIX}')")
         value = value.detach().to(p.device)
+        signed = not spec.nonnegative
         if saved_format is not None:  # compact
             scale_dtype = quant.format_for(saved_format).scale_dtype
-            if saved_format == spec.dtype and saved_absmax.dtype == scale_dtype:
+            saved_signed = signed if saved_signed is None else saved_signed
+            if saved_format == spec.dtype and saved_absmax.dtype == scale_dtype and saved_signed == signed:
                 # the same storage: the codes as they are (re-encoding is not exact)
                 return {spec.name: value.to(torch.uint8, copy=True).contiguous(),
                         spec.name + ir.ABSMAX_SUFFIX: saved_absmax.detach().to(p.device, copy=True)}
-            # another format, or float32 scales (bitsandbytes' and torchao's): decode, re-encode
+            # another format or map, or float32 scales (bitsandbytes' and torchao's): decode, re-encode
             value = quant.decode_state(value, saved_absmax.to(p.device), saved_format,
-                                       signed=not spec.nonnegative, shape=expected)
+                                       signed=saved_signed, shape=expected)
         elif not value.is_floating_point():
             raise ValueError(f"state '{spec.name}' holds {value.dtype} without '{spec.name}{ir.ABSMAX_SUFFIX}'; "
                              "a quantized state needs its absmax")
         if spec.quantized:
-            codes, scale = quant.encode_state(value, spec.dtype, signed=not spec.nonnegative)
+            codes, scale = quant.encode_state(value, spec.dtype, signed=signed)
             return {spec.name: codes.contiguous(), spec.name + ir.ABSMAX_SUFFIX: scale}
         return {spec.name: value.to(dtype=storage_dtype(spec.dtype, p.dtype), copy=True)}
 
@@ -790,6 +816,17 @@ def _at_least_two(items: Iterable, predicate: Callable[[Any], bool]) -> bool:
     """Whether two of ``items`` satisfy ``predicate`` (stops at the second: runs every step)."""
     matches = filter(predicate, items)
     return next(matches, None) is not None and next(matches, None) is not None
+
+
+def _saved_signed(rule: str, spec: ir.StateSpec, maps: int) -> bool:
+    """Whether the codes of ``spec`` (a state of ``rule``) in a checkpoint of QUANT_MAPS version
+    ``maps`` were made with the signed map: its declaration's map, switched once for every later
+    version that changed the declared signedness of the state."""
+    signed = not spec.nonnegative
+    for version, changed in SIGNEDNESS_CHANGES.items():
+        if maps < version and spec.name in changed.get(rule, ()):
+            signed = not signed
+    return signed
 
 
 def _dense_state(specs: Iterable[ir.StateSpec], values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:

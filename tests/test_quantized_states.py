@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from benchmarks import shapes as bench_shapes
 from codegen import launch, ops, template
 from fusedopt import quant, reference
 from fusedopt.dsl import absolute, rule, state
+from fusedopt.optimizers import adafactor as adafactor_rule
 from kernel_check import KERNEL_DEVICES, any_kernel_device, require_kernel_device
 
 RULES = {
@@ -822,3 +824,141 @@ def test_a_quantized_buffer_kept_while_unused_checkpoints_in_both_forms():
     torch_sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9)
     torch_sgd.load_state_dict(dense)
     assert torch.equal(torch_sgd.state[q]["momentum_buffer"], buffer)
+
+
+# ---- Adafactor's second moment: the unsigned map, and checkpoints coded before it used it ---------
+
+ADAFACTOR_VARIANTS = {"torch": dict(lr=1e-2), "hf": dict(hf=True, relative_step=False, lr=1e-2)}
+
+
+def _adafactor_vector(fmt: str, variant: str = "torch", steps: int = 3, seed: int = 11, backend: str = "reference",
+                      **kwargs):
+    """An Adafactor over one vector of 5000 elements (over the quant threshold) after ``steps`` steps."""
+    device = any_kernel_device() if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(5000, generator=gen).to(device).requires_grad_()
+    opt = fusedopt.Adafactor([p], state_dtype=fmt, backend=backend, **ADAFACTOR_VARIANTS[variant], **kwargs)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+        opt.step()
+    return p, opt
+
+
+def _rounding_bound(fmt: str, signed: bool) -> float:
+    """The largest distance, as a fraction of a block's scale, from a value of [0, scale] to the code
+    it takes: half the widest gap between codes, or the smallest non-negative code (q4's unsigned map
+    has no 0, so the values below 1/16 go up to it)."""
+    code = quant.format_for(fmt).code(signed)
+    code = code[code >= 0]
+    return max(float((code[1:] - code[:-1]).max()) / 2, float(code[0]))
+
+
+def test_adafactor_declares_its_second_moments_nonnegative():
+    """Both variants, vectors and factored matrices; the first moment stays signed. The row and
+    column factors never quantize (state_dtype converts full-size states only), so they keep fp32."""
+    for variant, matrix, moment in itertools.product((False, True), (False, True), (False, True)):
+        program = adafactor_rule.program(hf=variant, matrix=matrix, use_first_moment=moment,
+                                                        state_dtype="q8")
+        kinds = {s.name: (s.nonnegative, s.dtype) for s in program.states}
+        expected = {"row_var": (True, "fp32"), "col_var": (True, "fp32")} if matrix else {"variance": (True, "q8")}
+        if moment:
+            expected["exp_avg"] = (False, "q8")
+        assert kinds == expected, (variant, matrix, moment)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("variant", sorted(ADAFACTOR_VARIANTS))
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_adafactor_second_moment_is_coded_with_the_unsigned_map(fmt, variant, backend):
+    """After one step from zeros the variance is g^2 (HF: g^2 + eps1), exactly as a float32 state
+    holds it; q8 and q4 store the codes and scales encode_state gives it with the unsigned map (the
+    fused kernel too). Under q8 that halves the median relative error of the signed map (about 0.009
+    against 0.018 here)."""
+    exact, exact_opt = _adafactor_vector("fp32", variant, steps=1)
+    p, opt = _adafactor_vector(fmt, variant, steps=1, backend=backend)
+    v = exact_opt.state[exact]["variance"]
+    codes, scales = quant.encode_state(v, fmt, signed=False)
+    st = {k: t.cpu() for k, t in opt.state[p].items()}
+    assert torch.equal(st["variance"], codes) and torch.equal(st["variance_absmax"], scales)
+    if fmt == "q8":
+        decoded = quant.decode_state(st["variance"], st["variance_absmax"], fmt, signed=False, shape=p.shape)
+        assert float(((decoded - v).abs() / v).median()) < 0.012
+
+
+def _signed_era_checkpoint(fmt: str, variant: str = "torch"):
+    """A compact Adafactor checkpoint as fusedopt saved it before the variance was declared
+    nonnegative: the variance coded with the signed map, no "quant_maps" key in the groups. Returns
+    it with the values the variance held before that coding."""
+    p, opt = _adafactor_vector(fmt, variant, beta1=0.9)
+    old = copy.deepcopy(opt.state_dict())
+    del old["param_groups"][0]["quant_maps"]
+    values = opt.state_dict(dense=True)["state"][0]["variance"]
+    old["state"][0]["variance"], old["state"][0]["variance_absmax"] = quant.encode_state(values, fmt, signed=True)
+    return p, old, values
+
+
+@pytest.mark.parametrize("variant", sorted(ADAFACTOR_VARIANTS))
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_an_adafactor_checkpoint_with_signed_variance_codes_loads_by_the_signed_map(fmt, variant):
+    """A checkpoint without "quant_maps" (saved before Adafactor's variance was declared nonnegative)
+    holds the variance's codes of the signed map: loading decodes them with it and codes the values
+    with the unsigned map, so they move by one rounding to it at most; a float32 loader gets the
+    signed decoding exactly. The signed first moment's codes load as they are."""
+    p, old, values = _signed_era_checkpoint(fmt, variant)
+    saved = old["state"][0]
+    signed_values = quant.decode_state(saved["variance"], saved["variance_absmax"], fmt, signed=True, shape=p.shape)
+    scale = float(saved["variance_absmax"].float().max())
+    misread = quant.decode_state(saved["variance"], saved["variance_absmax"], fmt, signed=False, shape=p.shape)
+    both = (_rounding_bound(fmt, True) + _rounding_bound(fmt, False)) * scale
+    assert float((misread - values).abs().max()) > 2 * both  # what reading the codes with the new map gives
+
+    q = p.detach().clone().requires_grad_()
+    loaded = fusedopt.Adafactor([q], state_dtype=fmt, backend="reference", beta1=0.9, **ADAFACTOR_VARIANTS[variant])
+    loaded.load_state_dict(copy.deepcopy(old))
+    st = loaded.state[q]
+    codes, scales = quant.encode_state(signed_values, fmt, signed=False)
+    assert torch.equal(st["variance"], codes) and torch.equal(st["variance_absmax"], scales)
+    again = quant.decode_state(st["variance"], st["variance_absmax"], fmt, signed=False, shape=p.shape)
+    torch.testing.assert_close(again, signed_values, rtol=0.0, atol=_rounding_bound(fmt, False) * scale * 1.001)
+    torch.testing.assert_close(again, values, rtol=0.0, atol=both * 1.001)
+    assert torch.equal(st["exp_avg"], saved["exp_avg"]) and torch.equal(st["exp_avg_absmax"], saved["exp_avg_absmax"])
+
+    dense = fusedopt.Adafactor([p.detach().clone().requires_grad_()], backend="reference", beta1=0.9,
+                               **ADAFACTOR_VARIANTS[variant])
+    dense.load_state_dict(copy.deepcopy(old))
+    assert torch.equal(next(iter(dense.state.values()))["variance"], signed_values)
+    assert loaded.state_dict()["param_groups"][0]["quant_maps"] == 2  # saved again in the current form
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_adafactor_checkpoints_round_trip_bit_for_bit_and_through_torch(fmt):
+    """A checkpoint saved now carries "quant_maps" and loads back bit for bit (codes as they are, no
+    re-coding), saving again the same dictionary; its dense form loads into torch.optim.Adafactor,
+    whose checkpoint (no "quant_maps", float values) codes the variance with the unsigned map."""
+    p, opt = _adafactor_vector(fmt)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["quant_maps"] == 2
+    q = p.detach().clone().requires_grad_()
+    loaded = fusedopt.Adafactor([q], state_dtype=fmt, backend="reference", lr=1e-2)
+    loaded.load_state_dict(copy.deepcopy(sd))
+    assert sorted(loaded.state[q]) == sorted(opt.state[p])
+    assert all(torch.equal(loaded.state[q][k], v) for k, v in opt.state[p].items())
+    again = loaded.state_dict()
+    assert again["param_groups"] == sd["param_groups"]
+    assert all(torch.equal(again["state"][0][k], v) for k, v in sd["state"][0].items())
+    for version in (3, 0, True, "2"):  # a version this code does not know: refused, nothing changed
+        sd["param_groups"][0]["quant_maps"] = version
+        with pytest.raises(ValueError, match="quant_maps"):
+            loaded.load_state_dict(copy.deepcopy(sd))
+    assert all(torch.equal(loaded.state[q][k], v) for k, v in opt.state[p].items())
+
+    dense = opt.state_dict(dense=True)
+    torch_opt = torch.optim.Adafactor([p.detach().clone().requires_grad_()], lr=1e-2)
+    torch_opt.load_state_dict(copy.deepcopy(dense))
+    assert "quant_maps" not in dense["param_groups"][0]  # torch.optim's form holds no codes
+    from_torch = torch_opt.state_dict()
+    r = p.detach().clone().requires_grad_()
+    back = fusedopt.Adafactor([r], state_dtype=fmt, backend="reference", lr=1e-2)
+    back.load_state_dict(from_torch)
+    codes, scales = quant.encode_state(dense["state"][0]["variance"], fmt, signed=False)
+    assert torch.equal(back.state[r]["variance"], codes) and torch.equal(back.state[r]["variance_absmax"], scales)

@@ -44,6 +44,12 @@ two or more dims (option ``matrix``, set per tensor by the front end).
 States keep torch's names and shapes: row and column factors are (..., n, 1) and (..., 1, m), so
 checkpoints load into torch.optim.Adafactor and back (HF's factors drop the kept dim and use other
 names). The class fusedopt.Adafactor resolves the defaults (eps1, lr, relative_step) per variant.
+
+The second moments are declared nonnegative (torch's lerp weight t^beta2_decay and HF's beta2_t lie
+in [0, 1], g^2 and q = g^2 + eps1 are >= 0), so under state_dtype "q8" or "q4" a vector's variance is
+stored with the unsigned map. The row and column factors are not full-size and keep float32 under
+any state_dtype. Checkpoints saved before this declaration hold the variance coded with the signed
+map; fusedopt.optim.SIGNEDNESS_CHANGES lists it, and loading decodes them with that map.
 """
 
 from ..dsl import RuleError, lerp, maximum, mean, minimum, rms, rsqrt, rule, sqrt, state
@@ -54,13 +60,13 @@ def _torch_update(p, g, t, lr, beta2_decay, eps1, eps2, d, matrix):
     one_minus_beta2 = t**beta2_decay
     alpha = maximum(eps2, rms(p)) * minimum(lr, 1 / sqrt(t))
     if matrix:
-        row = state("row_var", layout="rows")
-        col = state("col_var", layout="cols")
+        row = state("row_var", layout="rows", nonnegative=True)
+        col = state("col_var", layout="cols", nonnegative=True)
         row.set(lerp(row, mean(g * g, over="rows"), one_minus_beta2))
         col.set(lerp(col, mean(g * g, over="cols"), one_minus_beta2))
         variance = row * col / maximum(mean(row, over="cols"), eps1)
     else:
-        v = state("variance")
+        v = state("variance", nonnegative=True)
         v.set(lerp(v, g * g, one_minus_beta2))
         variance = v
     update = g * rsqrt(maximum(variance, eps1 * eps1))
@@ -76,13 +82,13 @@ def _hf_update(p, g, t, lr, beta2_decay, eps1, eps2, d, matrix, relative_step, s
     beta2 = 1 - t**beta2_decay
     q = g * g + eps1
     if matrix:
-        row = state("row_var", layout="rows")
-        col = state("col_var", layout="cols")
+        row = state("row_var", layout="rows", nonnegative=True)
+        col = state("col_var", layout="cols", nonnegative=True)
         row.set(beta2 * row + (1 - beta2) * mean(q, over="rows"))
         col.set(beta2 * col + (1 - beta2) * mean(q, over="cols"))
         update = rsqrt(row / mean(row, over="cols")) * rsqrt(col) * g
     else:
-        v = state("variance")
+        v = state("variance", nonnegative=True)
         v.set(beta2 * v + (1 - beta2) * q)
         update = rsqrt(v) * g
     return update / maximum(1, rms(update) / d) * lr, lr
