@@ -275,13 +275,31 @@ def writable(t: torch.Tensor) -> torch.Tensor:
     return t.view(1) if t.dim() == 0 else t
 
 
+class Flat(NamedTuple):
+    """Sympy expressions flattened into straight-line code (as :class:`Compiled`): running it needs no
+    sympy, so ``torch.compile`` traces it."""
+
+    code: tuple[tuple[str, str, tuple], ...]
+    slots: tuple  # the slot (or Python float) holding each expression's value
+
+
+def flatten(exprs) -> Flat:
+    """``exprs`` (sympy) as a :class:`Flat`, for :func:`run` (built once, before any step)."""
+    flat = _Flattener()
+    slots = tuple(flat(e) for e in exprs)
+    return Flat(tuple(flat.code), slots)
+
+
+def run(flat: Flat, env: dict) -> list:
+    """The values of a :class:`Flat`'s expressions over the names in ``env`` (not modified)."""
+    env = _run(flat.code, dict(env))
+    return [_value(env, s) for s in flat.slots]
+
+
 def evaluate(exprs, env: dict) -> list:
     """The values of sympy expressions over the names in ``env``, walked node by node as a program's
     updates are (for interpreters of other rule forms, such as fusedopt.window_reference)."""
-    flat = _Flattener()
-    slots = [flat(e) for e in exprs]
-    env = _run(tuple(flat.code), dict(env))
-    return [_value(env, s) for s in slots]
+    return run(flatten(exprs), env)
 
 
 def state_shape(spec: ir.StateSpec, param_shape, view: tuple[int, int] | None = None) -> tuple[int, ...]:

@@ -90,6 +90,19 @@ def to_fp16_stochastic(x: torch.Tensor, seed: int | torch.Tensor, step: int | to
     return as_int16.view(torch.float16).reshape(x.shape)
 
 
+def bf16_nearest(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to the nearest bfloat16 (ties to even), as ``x.to(torch.bfloat16)`` rounds,
+    but computed on the bits and returned as float32. torch.compile's inductor drops a float32 ->
+    bfloat16 -> float32 round trip inside a fused computation (it keeps the float32 value); a value
+    that is already a bfloat16 survives that, so a step that rounds here and then reads the rounded
+    value computes the same bits compiled and eager."""
+    flat = x.to(torch.float32)
+    bits = flat.view(torch.int32).to(torch.int64) & _MASK
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    as_int32 = torch.where(rounded >= 0x80000000, rounded - 0x100000000, rounded).to(torch.int32)
+    return torch.where(flat.isnan(), flat, as_int32.view(torch.float32))
+
+
 def to_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int | torch.Tensor,
                   step: int | torch.Tensor) -> torch.Tensor:
     """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16 or float16)."""

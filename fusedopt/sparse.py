@@ -65,6 +65,8 @@ import math
 
 import torch
 
+from .rounding import bf16_nearest
+
 INT16_MAX = 32767
 EF_LEVELS = 15  # 4-bit codes 0..15
 
@@ -194,11 +196,24 @@ def ef_minmax(r: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = r.reshape(-1).to(torch.float32)
     lo = _padded(flat, q, math.inf).amin(dim=1)
     hi = _padded(flat, q, -math.inf).amax(dim=1)
-    return lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    # rounded on the bits first: compiled, the codes are then computed from the same bf16 values
+    return bf16_nearest(lo).to(torch.bfloat16), bf16_nearest(hi).to(torch.bfloat16)
 
 
-def _per_element(stat: torch.Tensor, q: int, numel: int) -> torch.Tensor:
-    return stat.to(torch.float32).repeat_interleave(q)[:numel]
+def _blockwise(f, flat: torch.Tensor, q: int, *stats: torch.Tensor) -> torch.Tensor:
+    """``f(blocks, *stats)`` over the quantization blocks of ``flat``, flat again: ``blocks`` is a
+    [rows, q] view of the full blocks (then the [1, tail] partial one) and each statistic is its
+    blocks' values as float32 [rows, 1]. (The full blocks and the tail are handled apart, rather than
+    by an index ``i // q`` per element or by padding to whole blocks: inductor in torch 2.13 compiles
+    either, with a partial last block, into a loop that skips the elements past the first block.)"""
+    n_full = flat.numel() // q  # (not divmod: dynamo does not trace it on symbolic sizes)
+    tail = flat.numel() - n_full * q
+    parts = []
+    if n_full:
+        parts.append(f(flat[:n_full * q].view(n_full, q), *(s[:n_full].to(torch.float32).reshape(-1, 1) for s in stats)))
+    if tail or not n_full:
+        parts.append(f(flat[n_full * q:].view(1, tail), *(s[n_full:].to(torch.float32).reshape(-1, 1) for s in stats)))
+    return torch.cat([part.reshape(-1) for part in parts])
 
 
 def ef_unit(lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -210,15 +225,15 @@ def ef_codes(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, clamp:
              bits: int = 4) -> torch.Tensor:
     """Unpacked codes (int64, one per element) of ``r``. ``clamp=False`` gives the official formula,
     which can leave [0, 15]; it exists so that tests can show what the clamp prevents."""
-    flat = r.reshape(-1).to(torch.float32)
-    n = flat.numel()
-    lo_e = _per_element(lo, q, n)
-    unit_e = _per_element(ef_unit(lo, hi, bits), q, n)
-    safe = torch.where(unit_e > 0, unit_e, torch.ones_like(unit_e))
-    code = torch.floor((flat - lo_e) / safe + 0.5)
-    code = torch.where((unit_e > 0) & code.isfinite(), code, torch.zeros_like(code))
-    if clamp:
-        code = code.clamp(0, ef_levels(bits))
+    levels = ef_levels(bits)
+
+    def codes(x: torch.Tensor, lo_b: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+        code = torch.floor((x - lo_b) / safe + 0.5)
+        code = torch.where((unit > 0) & code.isfinite(), code, torch.zeros_like(code))
+        return code.clamp(0, levels) if clamp else code
+
+    code = _blockwise(codes, r.reshape(-1).to(torch.float32), q, lo, ef_unit(lo, hi, bits))
     return code.to(torch.int64)
 
 
@@ -226,8 +241,7 @@ def pack_nibbles(code: torch.Tensor) -> torch.Tensor:
     """uint8 [ceil(n/2)]: code ``2i`` in the high nibble of byte ``i``, code ``2i+1`` in the low nibble."""
     if code.numel() and (int(code.min()) < 0 or int(code.max()) > EF_LEVELS):
         raise ValueError(f"4-bit codes must lie in [0, 15], got [{int(code.min())}, {int(code.max())}]")
-    c = torch.nn.functional.pad(code.reshape(-1).to(torch.int64), (0, code.numel() % 2)).view(-1, 2)
-    return (c[:, 0] * 16 + c[:, 1]).to(torch.uint8)
+    return _pack(code)
 
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -236,12 +250,17 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
 
 
+def _pack(code: torch.Tensor) -> torch.Tensor:
+    c = torch.nn.functional.pad(code.reshape(-1).to(torch.int64), (0, code.numel() % 2)).view(-1, 2)
+    return (c[:, 0] * 16 + c[:, 1]).to(torch.uint8)
+
+
 def ef_encode(r: torch.Tensor, q: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the residual ``r``: returns ``(codes, lo bf16, hi bf16)``; 4-bit codes are packed
     (uint8 [ceil(d/2)]), 8-bit ones are one byte each (uint8 [d])."""
     lo, hi = ef_minmax(r, q)
-    codes = ef_codes(r, lo, hi, q, bits=bits)
-    return (pack_nibbles(codes) if bits == 4 else codes.to(torch.uint8)), lo, hi
+    codes = ef_codes(r, lo, hi, q, bits=bits)  # clamped to [0, 15], so packing needs no check (nor a host sync)
+    return (_pack(codes) if bits == 4 else codes.to(torch.uint8)), lo, hi
 
 
 def ef_decode(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, numel: int,
@@ -249,19 +268,20 @@ def ef_decode(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, 
     """float32 [numel]: ``code * unit + lo`` per element (``lo`` where the block's unit is 0)."""
     check_quant_block(q)
     code = (unpack_nibbles(packed, numel) if bits == 4 else packed.reshape(-1)[:numel]).to(torch.float32)
-    return code * _per_element(ef_unit(lo, hi, bits), q, numel) + _per_element(lo, q, numel)
+    return _blockwise(lambda c, lo_b, unit: c * unit + lo_b, code, q, lo, ef_unit(lo, hi, bits))
 
 
 def ef_error_bound(r: torch.Tensor, q: int, bits: int = 4) -> torch.Tensor:
     """float32 [d]: the per-element bound on ``|ef_decode(ef_encode(r)) - r|`` derived in the module
     docstring, ``max(unit/2, 2^-8 A) + 2^-20 A`` with ``A`` the block's largest exact magnitude."""
     flat = r.reshape(-1).to(torch.float32)
-    n = flat.numel()
     lo, hi = ef_minmax(flat, q)
-    mag = _padded(flat.abs(), q, 0.0).amax(dim=1)
-    a_e = _per_element(mag, q, n)
-    unit_e = _per_element(ef_unit(lo, hi, bits), q, n)
-    return torch.maximum(unit_e / 2, a_e * 2.0**-8) + a_e * 2.0**-20
+
+    def bound(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        a = x.abs().amax(dim=1, keepdim=True)
+        return (torch.maximum(unit / 2, a * 2.0**-8) + a * 2.0**-20).expand_as(x)
+
+    return _blockwise(bound, flat, q, ef_unit(lo, hi, bits))
 
 
 # ---- window --------------------------------------------------------------------------------------
@@ -284,22 +304,33 @@ def window_ages(t: int, m: int) -> list[tuple[int, int]]:
 def window_sum(
     index: torch.Tensor,
     value: torch.Tensor,
-    t: int,
+    t: int | torch.Tensor,
     layout: TopkLayout,
-    beta: float,
+    beta: float | torch.Tensor,
     power: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``sum_r beta^age(r) * value_r^power`` in ``dtype`` [numel] at step ``t``, from the ring ``index``
-    (int16 [m, k]) and ``value`` ([m, k], any float dtype); rows are added in row order."""
+    (int16 [m, k]) and ``value`` ([m, k], any float dtype); rows are added in row order.
+
+    ``t`` and ``beta`` may be tensors (a compiled step reads them so): then every row is added, the rows
+    not written yet (``r >= t``) with weight 0, which leaves the sum unchanged (every row's values
+    are finite zeros until written; a sum of such terms is never -0)."""
     starts = column_block_starts(layout, index.device)
     out = torch.zeros(layout.numel, dtype=dtype, device=index.device)
-    for r, age in window_ages(t, index.shape[0]):
+    if isinstance(t, torch.Tensor):
+        m = index.shape[0]
+        t = t.to(device=index.device, dtype=torch.int64).reshape(())
+        beta = torch.as_tensor(beta, dtype=torch.float64, device=index.device).reshape(())
+        rows = [(r, torch.where(r < t, beta ** ((t - 1 - r) % m), 0.0)) for r in range(m)]
+    else:
+        rows = [(r, beta**age) for r, age in window_ages(t, index.shape[0])]
+    for r, weight in rows:
         val = value[r].to(dtype)
         term = val
         for _ in range(power - 1):
             term = term * val
-        out.index_add_(0, starts + index[r].to(torch.int64), term * beta**age)
+        out.index_add_(0, starts + index[r].to(torch.int64), term * weight)
     return out
 
 

@@ -24,7 +24,6 @@ import torch
 from . import dsl, grad_factors, groups, ir, sparse, window_reference
 from .dtypes import storage_dtype
 from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
-from .window_passes import lower_window
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = (None, "reference", "triton")
@@ -88,6 +87,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.rule = rule
         self.backend = backend
         self._programs: dict[tuple, ir.Program] = {}
+        self._plans: dict[tuple, window_reference.WindowPlan] = {}
         self._kernel_keys: dict[ir.Program, str] = {}
         self._loading = False  # while a checkpoint's values are written into the groups
         # id(group) -> (group, {device: {"clip_scale": factor, "nonfinite_flag": 0 or 1}}): float64
@@ -169,23 +169,33 @@ class WindowOptimizer(torch.optim.Optimizer):
         """The group's value of each hyperparameter of the rule (subclasses map their arguments)."""
         return {name: group[name] for name in self.rule.hparams}
 
+    def _program_key(self, group: dict) -> tuple:
+        settings = self.state_settings(group)
+        flags = (group[MAX_GRAD_NORM] is not None, group[NONFINITE] == "skip", group[STOCHASTIC_ROUNDING],
+                 group[MASTER_WEIGHTS])
+        return tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items())), flags
+
     def program(self, group: dict) -> ir.Program:
         """The group's program: the rule with the group's state settings, clipping, non-finite policy,
         stochastic rounding and master weights (built once per choice, so that a compiled step only
         looks it up)."""
-        settings = self.state_settings(group)
-        flags = (group[MAX_GRAD_NORM] is not None, group[NONFINITE] == "skip", group[STOCHASTIC_ROUNDING],
-                 group[MASTER_WEIGHTS])
-        key = (tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items())), flags)
+        key = self._program_key(group)
         program = self._programs.get(key)
         if program is None:
+            settings, flags = self.state_settings(group), key[1]
             clip, skip, rounding, master = flags
             base = self.rule.program(clip="scale" if clip else False, skip_nonfinite="flag" if skip else None,
                                      stochastic_rounding=rounding, master_weights=master)
             program = dsl.configure_states(base, settings)
-            lower_window(program)  # every form a step reads, computed now
+            self._plans[key] = window_reference.plan(program)  # every form a step reads, built now
             self._programs[key] = program
         return program
+
+    def _plan(self, group: dict) -> window_reference.WindowPlan:
+        """The group's program lowered and flattened (built with it by :meth:`program`): a step only
+        looks it up."""
+        self.program(group)
+        return self._plans[self._program_key(group)]
 
     def _kernel_key(self, program: ir.Program) -> str:
         key = self._kernel_keys.get(program)
@@ -236,7 +246,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         return state
 
     # Pickles and copies (see groups.pickled_state): built programs, kernel keys and factors are rebuilt
-    _DERIVED = ("_programs", "_kernel_keys", "_factors", "_groups")
+    _DERIVED = ("_programs", "_plans", "_kernel_keys", "_factors", "_groups")
 
     def __getstate__(self) -> dict:
         return groups.pickled_state(self, self._DERIVED)
@@ -245,6 +255,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         # (torch's load_state_dict calls this too, on this very optimizer: its built programs stay)
         groups.restore_optimizer(self, state, self._on_change)
         self.__dict__.setdefault("_programs", {})
+        self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_kernel_keys", {})
         self._refresh_groups()
 
@@ -337,7 +348,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         for group in self._groups:
             program = self.program(group)
             fused = []
-            values = None  # the hyperparameters as Python floats, read once per group for eager steps
+            values = None  # the hyperparameters (tensors), read once per group for eager steps
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to select or update
                     continue
@@ -350,9 +361,9 @@ class WindowOptimizer(torch.optim.Optimizer):
                 state = self._state_of(program, p, fused=False)
                 if state["step"].device.type != "cpu":
                     state["step"] = state["step"].cpu()
-                if values is None:
-                    values = {k: float(v) for k, v in zip(program.hparams, self._hparams_on(group, program, p.device))}
-                window_reference.step(program, p, p.grad, state, state["step"], values)
+                if values is None or values[1] != p.device:
+                    values = dict(zip(program.hparams, self._hparams_on(group, program, p.device))), p.device
+                window_reference.step(program, p, p.grad, state, state["step"], values[0], self._plan(group))
             if fused:
                 self._step_fused(group, program, fused)
         return loss

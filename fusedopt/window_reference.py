@@ -15,13 +15,15 @@ encode with :func:`fusedopt.sparse.ef_decode` and :func:`fusedopt.sparse.ef_enco
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import ir, reference, rounding, sparse
 from .dtypes import storage_dtype
-from .window_passes import KEPT, PUSH, SCORE, lower_window
+from .window_passes import KEPT, PUSH, SCORE, WindowSumSpec, lower_window
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -72,20 +74,57 @@ def _flat(x, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.full((numel,), x, dtype=dtype, device=device)
 
 
-def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-         count: torch.Tensor, hparams: dict[str, float | torch.Tensor]) -> None:
-    """One step of ``param`` in place (its states in ``state``, its int64 step counter ``count``)."""
+class WindowPlan(NamedTuple):
+    """A window program's expressions flattened for :func:`step` (see :func:`plan`)."""
+
+    skip: reference.Flat | None  # Program.skip_when
+    scalar_names: tuple[str, ...]
+    scalars: reference.Flat  # the per-tensor scalars, float64
+    score_push: reference.Flat  # the top-k score and the pushed value
+    sums: tuple[WindowSumSpec, ...]
+    betas: reference.Flat  # each window sum's decay
+    targets: tuple[str, ...]  # what the rest updates: p and the states beside the window
+    updates: reference.Flat
+
+
+@functools.lru_cache(maxsize=None)
+def plan(program: ir.Program) -> WindowPlan:
+    """``program`` lowered (:func:`fusedopt.window_passes.lower_window`) and flattened: everything a step
+    reads, so that the step itself makes no sympy object (a compiled step cannot)."""
     low = lower_window(program)
+    updates = dict(low.updates)
+    targets = tuple(t for t, _ in low.updates if t not in (SCORE, PUSH))
+    skip = None if program.skip_when is None else reference.flatten([program.skip_when])
+    return WindowPlan(skip, tuple(n for n, _ in low.scalars), reference.flatten([e for _, e in low.scalars]),
+                      reference.flatten([updates[SCORE], updates[PUSH]]),
+                      low.sums, reference.flatten([s.beta for s in low.sums]), targets,
+                      reference.flatten([updates[t] for t in targets]))
+
+
+def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+         count: torch.Tensor, hparams: dict[str, float | torch.Tensor], flat: WindowPlan | None = None) -> None:
+    """One step of ``param`` in place (its states in ``state``, its int64 step counter ``count``).
+
+    ``flat``: ``plan(program)``, passed by a caller that built it beforehand (a compiled step cannot
+    build it: lowering makes sympy objects). The step never reads a tensor's value on the host, so
+    ``torch.compile(fullgraph=True)`` traces it: the step number stays a tensor, the window sums
+    weigh all ``m`` rows (0 for rows not written yet) and a skipped step computes the new values and
+    then keeps the old ones."""
+    flat = plan(program) if flat is None else flat
     w = program.window
     d = param.numel()
     cd = compute_dtype(param.dtype)
     env: dict[str, object] = {k: torch.as_tensor(v, dtype=torch.float64, device=param.device).reshape(())
                               for k, v in hparams.items()}
-    if program.skip_when is not None and bool(reference.evaluate([program.skip_when], dict(env))[0] != 0):
-        return  # a non-finite gradient in the group: nothing changes, the step does not count
-    count += 1
-    t = int(count)
-    env[ir.STEP] = torch.tensor(float(t), dtype=torch.float64, device=param.device)
+    skip = None  # a non-finite gradient in the group: nothing changes, the step does not count
+    if flat.skip is not None:
+        skip = reference.run(flat.skip, env)[0] != 0
+
+    def kept(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return new if skip is None else torch.where(skip, old, new)
+
+    t = count.to(torch.int64) + 1  # this step's number, on count's device
+    env[ir.STEP] = t.to(dtype=torch.float64, device=param.device)
     env[ir.NUMEL] = float(d)
     env[ir.PARAM] = param.detach().reshape(-1).to(cd)
     env[ir.GRAD] = grad.detach().reshape(-1).to(cd)
@@ -96,38 +135,36 @@ def step(program: ir.Program, param: torch.Tensor, grad: torch.Tensor, state: di
         elif spec.layout != "window":
             env[spec.name] = state[spec.name].reshape(-1).to(cd)
 
-    names = [n for n, _ in low.scalars]
-    env.update(zip(names, reference.evaluate([e for _, e in low.scalars], dict(env))))  # per-tensor scalars, float64
-    updates = dict(low.updates)
-    score, value = (_flat(x, d, cd, param.device) for x in reference.evaluate([updates[SCORE], updates[PUSH]], dict(env)))
+    env.update(zip(flat.scalar_names, reference.run(flat.scalars, env)))  # per-tensor scalars, float64
+    score, value = (_flat(x, d, cd, param.device) for x in reference.run(flat.score_push, env))
     layout = sparse.topk_layout(d, w.block, w.density)
     index, _ = sparse.block_topk(score, w.block, w.density)
     position = sparse.column_block_starts(layout, param.device) + index.to(torch.int64)
     w_index, w_value = (state[n] for n in w.storage)
-    row = sparse.window_row(t, w.m)
-    w_index[row] = index
-    w_value[row] = value[position].to(w_value.dtype)
+    row = ((t - 1) % w.m).to(w_index.device).reshape(1)  # sparse.window_row
+    w_index.index_copy_(0, row, kept(w_index.index_select(0, row), index.reshape(1, -1)))
+    w_value.index_copy_(0, row, kept(w_value.index_select(0, row), value[position].to(w_value.dtype).reshape(1, -1)))
 
-    kept = torch.zeros(d, dtype=cd, device=param.device)
-    kept[position] = 1.0
-    env[KEPT] = kept
-    for s, beta in zip(low.sums, reference.evaluate([s.beta for s in low.sums], dict(env))):
-        env[s.name] = sparse.window_sum(w_index, w_value, t, layout, float(beta), s.power, cd)
+    kept_mask = torch.zeros(d, dtype=cd, device=param.device)
+    kept_mask[position] = 1.0
+    env[KEPT] = kept_mask
+    step_number = t.to(param.device)
+    for s, beta in zip(flat.sums, reference.run(flat.betas, env)):
+        env[s.name] = sparse.window_sum(w_index, w_value, step_number, layout, beta, s.power, cd)
 
-    targets = [t_ for t_, _ in low.updates if t_ not in (SCORE, PUSH)]
-    values = reference.evaluate([updates[t_] for t_ in targets], env)
-    for target, new in zip(targets, values):
+    for target, new in zip(flat.targets, reference.run(flat.updates, env)):
         new = _flat(new, d, cd, param.device)
         if target == ir.PARAM:
             if program.stochastic_rounding and param.dtype in rounding.STOCHASTIC_DTYPES:
-                new = rounding.to_stochastic(new, param.dtype, int(env[ir.SR_SEED]), t)
+                new = rounding.to_stochastic(new, param.dtype, env[ir.SR_SEED].to(torch.int64), step_number)
             dest = reference.writable(param)
-            dest.copy_(new.view_as(dest))
+            dest.copy_(kept(dest, new.view_as(dest).to(dest.dtype)))
             continue
         spec = next(s for s in program.states if s.name == target)
         if spec.dtype in ir.MINMAX_BITS:
             for name, part in zip(spec.storage, sparse.ef_encode(new, spec.block, ir.MINMAX_BITS[spec.dtype])):
-                state[name].copy_(part)
+                state[name].copy_(kept(state[name], part))
         else:
             dest = reference.writable(state[target])
-            dest.copy_(new.view_as(dest))
+            dest.copy_(kept(dest, new.view_as(dest).to(dest.dtype)))
+    count.add_(1 if skip is None else (~skip).to(count.dtype).to(count.device))

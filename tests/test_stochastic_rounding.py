@@ -172,3 +172,20 @@ def test_float32_parameters_ignore_the_flag_and_bad_settings_are_refused():
     with pytest.raises(TypeError, match="stochastic_rounding"):
         fusedopt.AdamW([torch.zeros(2, requires_grad=True)], stochastic_rounding="yes")
     fusedopt.AdamW([torch.zeros(2, dtype=torch.float16, requires_grad=True)], stochastic_rounding=True)  # taken
+
+
+def test_bf16_nearest_on_the_bits_is_torchs_rounding():
+    """rounding.bf16_nearest equals ``x.to(torch.bfloat16)`` on every high half of the float32 bits,
+    each with the low halves that decide a rounding (0, just under, at and just over the halfway
+    point, the largest) and a random one: ties to even, carries into the exponent, overflow to
+    infinity, subnormals, signed zeros, infinities and NaNs."""
+    high = torch.arange(1 << 16, dtype=torch.int64) << 16
+    low = torch.tensor([0, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x3C5A], dtype=torch.int64)
+    bits = (high[:, None] | low[None, :]).reshape(-1)
+    x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+    got = rounding.bf16_nearest(x)
+    want = x.to(torch.bfloat16).to(torch.float32)
+    assert got.dtype == torch.float32
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
