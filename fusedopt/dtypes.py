@@ -7,6 +7,7 @@ import torch
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "q8": torch.uint8,
            "q4": torch.uint8, "q4minmax": torch.uint8}  # quantized: the codes
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameter dtypes a float32 master copy serves
 
 # Unit roundoff of each storage dtype: half the distance between 1 and the next number.
 UNIT_ROUNDOFF = {
@@ -23,3 +24,4 @@ def storage_dtype(name: str, param_dtype: torch.dtype | None = None) -> torch.dt
     if name == "fp32" and param_dtype == torch.float64:
         return torch.float64
     return STORAGE[name]
+

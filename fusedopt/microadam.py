@@ -40,7 +40,7 @@ Deliberate differences from the official implementation:
   checks); the math runs in float32, the parameter is rounded once per step. The official code is
   bf16-only and rounds the error-feedback add, ``u`` and the parameter update separately.
 * ``p.grad`` is left as the gradient (the official code overwrites it with ``u``).
-* Bias corrections and ``beta^age`` are computed on the host in float64 (the official host uses float32).
+* Bias corrections and ``beta^age`` are computed in float64 (the official host uses float32).
 
 State per parameter (``k`` from :func:`fusedopt.sparse.topk_layout`, ``nq = ceil(d / quant_block)``):
 

@@ -24,11 +24,10 @@ import torch
 from . import grad_factors, groups, ir, quant, reference
 from .dsl import CLIP_HPARAM, CLIP_SCALE, SKIP_FLAG, Rule
 from .groups import ParamGroup
-from .dtypes import PARAM_DTYPES, storage_dtype
+from .dtypes import LOW_PRECISION, PARAM_DTYPES, storage_dtype
 
 STATE_DTYPE = "state_dtype"  # group keys every optimizer has (see FusedOptimizer)
 QUANT_THRESHOLD = "quant_threshold"
-LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameter dtypes a master copy serves
 from .groups import MASTER_WEIGHTS, NONFINITE, NONFINITE_POLICIES, STOCHASTIC_ROUNDING  # noqa: E402,F401
 
 BACKENDS = ("reference", "triton")
@@ -802,6 +801,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._multi = {}
         self._wide = {}
         self._factors = {}
+        self._prepare_groups()  # built now, not inside the first compiled step (building cannot be traced)
 
 
 def _clips(group: Mapping[str, Any]) -> bool:

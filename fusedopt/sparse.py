@@ -208,11 +208,13 @@ def _blockwise(f, flat: torch.Tensor, q: int, *stats: torch.Tensor) -> torch.Ten
     either, with a partial last block, into a loop that skips the elements past the first block.)"""
     n_full = flat.numel() // q  # (not divmod: dynamo does not trace it on symbolic sizes)
     tail = flat.numel() - n_full * q
+    if n_full == 0 and tail == 0:
+        return flat.new_empty((0,), dtype=torch.float32)
     parts = []
     if n_full:
         parts.append(f(flat[:n_full * q].view(n_full, q), *(s[:n_full].to(torch.float32).reshape(-1, 1) for s in stats)))
-    if tail or not n_full:
-        parts.append(f(flat[n_full * q:].view(1, tail), *(s[n_full:].to(torch.float32).reshape(-1, 1) for s in stats)))
+    if tail:
+        parts.append(f(flat[n_full * q:].view(1, tail), *(s[n_full:n_full + 1].to(torch.float32).reshape(-1, 1) for s in stats)))
     return torch.cat([part.reshape(-1) for part in parts])
 
 
@@ -314,23 +316,26 @@ def window_sum(
     (int16 [m, k]) and ``value`` ([m, k], any float dtype); rows are added in row order.
 
     ``t`` and ``beta`` may be tensors (a compiled step reads them so): then every row is added, the rows
-    not written yet (``r >= t``) with weight 0, which leaves the sum unchanged (every row's values
-    are finite zeros until written; a sum of such terms is never -0)."""
+    not written yet (``r >= t``) as zeros, which leaves the sum unchanged (a sum that starts at +0 is
+    never -0, so adding +0 changes no bit)."""
     starts = column_block_starts(layout, index.device)
     out = torch.zeros(layout.numel, dtype=dtype, device=index.device)
     if isinstance(t, torch.Tensor):
         m = index.shape[0]
         t = t.to(device=index.device, dtype=torch.int64).reshape(())
         beta = torch.as_tensor(beta, dtype=torch.float64, device=index.device).reshape(())
-        rows = [(r, torch.where(r < t, beta ** ((t - 1 - r) % m), 0.0)) for r in range(m)]
+        rows = [(r, beta ** ((t - 1 - r) % m), r < t) for r in range(m)]
     else:
-        rows = [(r, beta**age) for r, age in window_ages(t, index.shape[0])]
-    for r, weight in rows:
+        rows = [(r, beta**age, None) for r, age in window_ages(t, index.shape[0])]
+    for r, weight, written in rows:
         val = value[r].to(dtype)
         term = val
         for _ in range(power - 1):
             term = term * val
-        out.index_add_(0, starts + index[r].to(torch.int64), term * weight)
+        term = term * weight
+        if written is not None:  # a row not written yet adds 0, whatever it holds
+            term = torch.where(written, term, torch.zeros_like(term))
+        out.index_add_(0, starts + index[r].to(torch.int64), term)
     return out
 
 

@@ -6,8 +6,9 @@ from typing import Any, Iterable
 
 import torch
 
+from .dtypes import LOW_PRECISION
 from .groups import MASTER_WEIGHTS, ParamGroup
-from .optim import LOW_PRECISION, FusedOptimizer
+from .optim import FusedOptimizer
 from . import partition as partitions
 from .optimizers import adafactor, adam, adam_mini, adamw, lamb, lion, sgd
 

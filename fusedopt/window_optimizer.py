@@ -10,7 +10,7 @@ rest; both give the same selections, window rows and quantized states, bit for b
 Every parameter counts its own steps (state ``"step"``, int64); its other states are the program's
 storage tensors (``Program.storage_names``): for MicroAdam ``error`` (packed 4-bit codes),
 ``error_min``, ``error_max``, ``window_index`` and ``window_value``, and with ``master_weights=True``
-``master_param``.
+``master_param`` (bf16 and fp16 parameters only).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import dsl, grad_factors, groups, ir, sparse, window_reference
-from .dtypes import storage_dtype
+from .dtypes import LOW_PRECISION, storage_dtype
 from .groups import MASTER_WEIGHTS, MAX_GRAD_NORM, NONFINITE, STOCHASTIC_ROUNDING
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,9 +55,10 @@ class WindowOptimizer(torch.optim.Optimizer):
       (one flag computed on the device before the launches; the kernel then steps no block);
     * ``stochastic_rounding`` (and its ``sr_seed``): bf16 and fp16 parameters are written rounded
       stochastically (:mod:`fusedopt.rounding`), reproducibly under the seed;
-    * ``master_weights``: a float32 copy of each parameter (state ``master_param``) that the rule
-      reads and updates in place of ``p``; the parameter receives its new value rounded (a bf16 one
-      stochastically with ``stochastic_rounding``). A checkpoint without it starts it from ``p``.
+    * ``master_weights``: a float32 copy of each bf16 or fp16 parameter (state ``master_param``) that
+      the rule reads and updates in place of ``p``; the parameter receives its new value rounded (a
+      bf16 one stochastically with ``stochastic_rounding``). Float32 parameters keep none (it would
+      equal them) and step as without it. A checkpoint without it starts it from ``p``.
     """
 
     def __init__(self, params, rule: dsl.Rule, backend: str | None = None,
@@ -121,18 +122,20 @@ class WindowOptimizer(torch.optim.Optimizer):
         self._prepare_group(group)
 
     def _prepare_group(self, group: dict) -> None:
-        """Check the group's values and build its program (and kernel, where it runs fused): when the
-        group is added, and again when an option is written by hand (groups.ParamGroup.on_change),
-        so that a compiled step finds them built."""
+        """Check the group's values and build its programs (and kernels, where they run fused): when
+        the group is added, and again when an option is written by hand (groups.ParamGroup.on_change),
+        so that a compiled step finds them built. With master weights a group has two programs: with
+        the float32 copy for its bf16 and fp16 parameters, without it for the others."""
         if getattr(self, "_loading", True):  # a load writing its values, or a copy being rebuilt
             return
         self.check_group(group)
-        program = self.program(group)
-        problem = _kernel_problem(program)
-        if self.backend == "triton" and problem:
-            raise ValueError(f"backend='triton' cannot run this group: {problem}")
-        if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
-            self._kernel_key(program)
+        for master in {bool(group[MASTER_WEIGHTS]), False}:
+            program = self._program_for(group, master)
+            problem = _kernel_problem(program)
+            if self.backend == "triton" and problem:
+                raise ValueError(f"backend='triton' cannot run this group: {problem}")
+            if not problem and any(self._backend_for(p) == "triton" for p in group["params"]):
+                self._kernel_key(program)
 
     def _refresh_groups(self) -> None:
         """After the groups changed: steps read this copy of the list (dynamo's handling of
@@ -169,17 +172,23 @@ class WindowOptimizer(torch.optim.Optimizer):
         """The group's value of each hyperparameter of the rule (subclasses map their arguments)."""
         return {name: group[name] for name in self.rule.hparams}
 
-    def _program_key(self, group: dict) -> tuple:
+    def _program_key(self, group: dict, master: bool) -> tuple:
         settings = self.state_settings(group)
         flags = (group[MAX_GRAD_NORM] is not None, group[NONFINITE] == "skip", group[STOCHASTIC_ROUNDING],
-                 group[MASTER_WEIGHTS])
-        return tuple(sorted((name, tuple(sorted(values.items()))) for name, values in settings.items())), flags
+                 bool(master))
+        # in the settings' own order (not sorted: dynamo cannot sort tuples inside a compiled step); the
+        # same settings written in another order only build the same program twice
+        return tuple((name, tuple(values.items())) for name, values in settings.items()), flags
 
-    def program(self, group: dict) -> ir.Program:
-        """The group's program: the rule with the group's state settings, clipping, non-finite policy,
-        stochastic rounding and master weights (built once per choice, so that a compiled step only
-        looks it up)."""
-        key = self._program_key(group)
+    def program(self, group: dict, p: torch.Tensor | None = None) -> ir.Program:
+        """The program that steps ``p`` (or, without ``p``, the group's bf16 parameters): the rule with
+        the group's state settings, clipping, non-finite policy, stochastic rounding and master
+        weights, which only bf16 and fp16 parameters keep (a float32 copy of a float32 parameter would
+        equal it). Built once per choice, so that a compiled step only looks it up."""
+        return self._program_for(group, group[MASTER_WEIGHTS] and (p is None or p.dtype in LOW_PRECISION))
+
+    def _program_for(self, group: dict, master: bool) -> ir.Program:
+        key = self._program_key(group, master)
         program = self._programs.get(key)
         if program is None:
             settings, flags = self.state_settings(group), key[1]
@@ -191,11 +200,11 @@ class WindowOptimizer(torch.optim.Optimizer):
             self._programs[key] = program
         return program
 
-    def _plan(self, group: dict) -> window_reference.WindowPlan:
-        """The group's program lowered and flattened (built with it by :meth:`program`): a step only
+    def _plan(self, group: dict, p: torch.Tensor) -> window_reference.WindowPlan:
+        """The program of ``p`` lowered and flattened (built with it by :meth:`program`): a step only
         looks it up."""
-        self.program(group)
-        return self._plans[self._program_key(group)]
+        program = self.program(group, p)
+        return self._plans[self._program_key(group, ir.MASTER in program.storage_names)]
 
     def _kernel_key(self, program: ir.Program) -> str:
         key = self._kernel_keys.get(program)
@@ -252,12 +261,15 @@ class WindowOptimizer(torch.optim.Optimizer):
         return groups.pickled_state(self, self._DERIVED)
 
     def __setstate__(self, state: dict) -> None:
-        # (torch's load_state_dict calls this too, on this very optimizer: its built programs stay)
+        # (torch's load_state_dict calls this too, on this very optimizer, while _loading)
         groups.restore_optimizer(self, state, self._on_change)
         self.__dict__.setdefault("_programs", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_kernel_keys", {})
         self._refresh_groups()
+        if not self._loading:  # a copy or an unpickled optimizer: its programs built now, not in a compiled step
+            for group in self.param_groups:
+                self._prepare_group(group)
 
     def state_bytes_moved(self, p: torch.Tensor) -> int:
         """Least bytes a step moves for ``p``'s state: the whole window is read and one row of it
@@ -266,7 +278,7 @@ class WindowOptimizer(torch.optim.Optimizer):
         state = self.state.get(p, {})
         if group is None or not state:
             return 0
-        window = self.program(group).window
+        window = self.program(group, p).window
         moved = 0
         for name, value in state.items():
             if isinstance(value, torch.Tensor) and value.device == p.device and name != "step":
@@ -305,11 +317,11 @@ class WindowOptimizer(torch.optim.Optimizer):
             groups.check_step_keys(type(self).__name__, {**merged, "params": mine["params"]})
             merged_groups.append(merged)
         originals = list(self.param_groups)
-        super().load_state_dict({**state_dict, "param_groups": merged_groups})
-        # the values go into the groups this optimizer had (numbers into their hyperparameter tensors,
-        # keys in their order): a compiled step reads the same objects after a load
-        self._loading = True
+        self._loading = True  # nothing is built until every value is written (__setstate__ included)
         try:
+            super().load_state_dict({**state_dict, "param_groups": merged_groups})
+            # the values go into the groups this optimizer had (numbers into their hyperparameter
+            # tensors, keys in their order): a compiled step reads the same objects after a load
             for mine, loaded in zip(originals, self.param_groups):
                 for key, value in loaded.items():
                     if key != "params":
@@ -327,7 +339,7 @@ class WindowOptimizer(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
-            shapes = window_reference.storage_shapes(self.program(group), p.numel(), p.shape, p.dtype)
+            shapes = window_reference.storage_shapes(self.program(group, p), p.numel(), p.shape, p.dtype)
             for key in [k for k in self.state[p] if k not in shapes and k != "step"]:
                 del self.state[p][key]  # a master copy this optimizer does not keep
             for key, (_, dtype) in shapes.items():
@@ -346,8 +358,7 @@ class WindowOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._update_factors()
         for group in self._groups:
-            program = self.program(group)
-            fused = []
+            fused: list[tuple[ir.Program, list[torch.Tensor]]] = []  # one launch per program (and device)
             values = None  # the hyperparameters (tensors), read once per group for eager steps
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:  # an empty parameter has nothing to select or update
@@ -355,17 +366,22 @@ class WindowOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not take sparse gradients (parameter of shape "
                                      f"{tuple(p.shape)}); use dense ones, e.g. nn.Embedding(..., sparse=False)")
+                program = self.program(group, p)
                 if self._fused(program, p):
-                    fused.append(p)
+                    same = next((ps for prog, ps in fused if prog is program), None)
+                    if same is None:
+                        fused.append((program, [p]))
+                    else:
+                        same.append(p)
                     continue
                 state = self._state_of(program, p, fused=False)
                 if state["step"].device.type != "cpu":
                     state["step"] = state["step"].cpu()
                 if values is None or values[1] != p.device:
                     values = dict(zip(program.hparams, self._hparams_on(group, program, p.device))), p.device
-                window_reference.step(program, p, p.grad, state, state["step"], values[0], self._plan(group))
-            if fused:
-                self._step_fused(group, program, fused)
+                window_reference.step(program, p, p.grad, state, state["step"], values[0], self._plan(group, p))
+            for program, ps in fused:
+                self._step_fused(group, program, ps)
         return loss
 
     def _update_factors(self) -> None:

@@ -2,15 +2,17 @@
 runs them where that kernel does not (CPU, float64 parameters, settings the kernel lacks).
 
 One parameter at a time, flat, in the compute dtype (float32; float64 for float64 parameters), in the
-order the rule's semantics fix: the step counter advances; the score and the pushed value are
-computed from the old states (per-tensor scalar subexpressions, such as bias corrections, first and
-in float64, as :func:`fusedopt.passes.lower` hoists them for the kernel); :func:`fusedopt.sparse.block_topk` selects each block's top-k of
-``|score|`` (ties to the lower index); the pushed values go to ring row ``(t - 1) mod m``; the window
-sums are rebuilt from every written row (:func:`fusedopt.sparse.window_sum`, ``beta ** age`` on the host
-in float64); then the parameter (bf16 and fp16 ones of a program with stochastic rounding rounded as
-:func:`fusedopt.rounding.to_stochastic`) and the other states get their new values. A program
-that skips non-finite steps returns before any of this when its flag is nonzero. q4minmax states decode and
-encode with :func:`fusedopt.sparse.ef_decode` and :func:`fusedopt.sparse.ef_encode`.
+order the rule's semantics fix: the step number is ``t = count + 1``; the score and the pushed value
+are computed from the old states (per-tensor scalar subexpressions, such as bias corrections, first
+and in float64, as :func:`fusedopt.passes.lower` hoists them for the kernel);
+:func:`fusedopt.sparse.block_topk` selects each block's top-k of ``|score|`` (ties to the lower
+index); the pushed values go to ring row ``(t - 1) mod m``; the window sums are rebuilt from every
+written row (:func:`fusedopt.sparse.window_sum`, ``beta ** age`` in float64); then the parameter (bf16
+and fp16 ones of a program with stochastic rounding rounded as :func:`fusedopt.rounding.to_stochastic`)
+and the other states get their new values, and the counter advances. A program that skips
+non-finite steps computes all of this and, where its flag is nonzero, writes the old values back and
+leaves the counter (no tensor is read on the host, so a compiled step traces it). q4minmax states
+decode and encode with :func:`fusedopt.sparse.ef_decode` and :func:`fusedopt.sparse.ef_encode`.
 """
 
 from __future__ import annotations

@@ -204,6 +204,24 @@ def test_a_copied_or_pickled_optimizer_steps_as_the_original(make, dtype):
             assert torch.equal(a.detach(), b.detach()), how
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, max_grad_norm=1.0, quant_threshold=100),
+    lambda ps: fusedopt.MicroAdam(ps, **SMALL_WINDOW),
+], ids=["adamw8bit", "microadam"])
+def test_a_copied_or_pickled_optimizer_compiles_its_step_at_once(make):
+    """Copies rebuild their programs when they are made: building one makes sympy objects, which a
+    step compiled with fullgraph=True cannot trace (a copy's first compiled step failed so)."""
+    params = [_param((40, 30), seed=2), _param((50,), seed=3)]
+    opt = make(params)
+    _trained(opt, params)
+    for how, twin in _copies(opt):
+        twin_params = _params_of(twin)
+        for p in twin_params:
+            p.grad = torch.ones_like(p)
+        torch.compile(twin.step, fullgraph=True, backend="aot_eager")()
+        assert all(int(twin.state[p]["step"]) == 4 for p in twin_params), how
+
+
 def test_adam_mini_copies_keep_their_block_views():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     opt = fusedopt.AdamMini(model.named_parameters(), lr=1e-2, dim=8, n_heads=2)

@@ -604,3 +604,31 @@ def test_an_empty_parameter_is_left_alone():
     opt.step()
     assert empty.shape == (0,) and not opt.state[empty]
     assert not torch.equal(full.detach(), before)
+
+
+def test_window_sum_with_a_tensor_step_adds_only_written_rows():
+    """With ``t`` a tensor (as a compiled step passes it) every row is visited, but a row not written
+    yet adds nothing whatever it holds (NaN included), and the written rows give the same bits as with
+    ``t`` an int."""
+    layout = sparse.topk_layout(12, 4, 0.5)
+    index = torch.tensor([[0, 3, 1, 2, 0, 1], [1, 2, 0, 3, 2, 3], [2, 0, 3, 1, 1, 0]], dtype=torch.int16)
+    value = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for t in (1, 2, 3, 7):
+        for power in (1, 2):
+            want = sparse.window_sum(index, value, t, layout, 0.9, power)
+            poisoned = value.clone()
+            poisoned[min(t, 3):] = float("nan")  # rows r >= t are not written yet
+            got = sparse.window_sum(index, poisoned, torch.tensor(t), layout,
+                                    torch.tensor(0.9, dtype=torch.float64), power)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (t, power)
+
+
+def test_blockwise_statistics_cover_exactly_the_elements():
+    """ef_decode reads one (min, max) per block of the elements it returns, even when given more (as a
+    caller slicing a longer state may); an empty residual has an empty error bound."""
+    codes = torch.tensor([0x12, 0x34, 0x50], dtype=torch.uint8)
+    lo = torch.tensor([0.0, 1.0, 5.0], dtype=torch.bfloat16)
+    hi = torch.tensor([15.0, 16.0, 20.0], dtype=torch.bfloat16)
+    decoded = sparse.ef_decode(codes, lo, hi, 4, 5)
+    assert decoded.tolist() == [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert sparse.ef_error_bound(torch.empty(0), 4).numel() == 0

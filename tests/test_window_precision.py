@@ -272,6 +272,36 @@ def test_master_copy_follows_the_float32_trajectory_and_p_is_its_rounding(backen
         assert not torch.equal(master, master.bfloat16().float())  # the copy holds what bf16 cannot
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_parameters_of_a_master_weights_group_keep_no_copy(backend):
+    """A float32 copy of a float32 parameter would equal it (4 bytes per element for nothing): in a
+    group with master_weights=True the float32 parameter keeps none and steps bit for bit as without
+    master weights, the bf16 one keeps its copy; the group runs as two programs. A checkpoint holding
+    a copy of the float32 parameter loads without it."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(150, generator=gen), torch.randn(9, 11, generator=gen)
+    mixed = [x.clone().to(device).requires_grad_(), y.bfloat16().to(device).requires_grad_()]
+    plain = [x.clone().to(device).requires_grad_()]
+    kw = dict(lr=1e-2, weight_decay=0.1, density=0.2, backend=backend, **SMALL)
+    om, op = MicroAdam(mixed, master_weights=True, **kw), MicroAdam(plain, **kw)
+    for _ in range(4):
+        g = torch.randn(150, generator=gen).to(device)
+        mixed[0].grad, plain[0].grad = g, g.clone()
+        mixed[1].grad = torch.randn(9, 11, generator=gen).bfloat16().to(device)
+        om.step()
+        op.step()
+    assert "master_param" not in om.state[mixed[0]]
+    assert om.state[mixed[1]]["master_param"].dtype == torch.float32
+    assert torch.equal(mixed[0].detach(), plain[0].detach())
+    for name, value in op.state[plain[0]].items():
+        assert torch.equal(om.state[mixed[0]][name].cpu(), value.cpu()), name
+    saved = om.state_dict()
+    saved["state"][0]["master_param"] = mixed[0].detach().clone()  # as an older version saved it
+    om.load_state_dict(saved)
+    assert "master_param" not in om.state[mixed[0]] and "master_param" in om.state[mixed[1]]
+
+
 def test_a_checkpoint_without_master_weights_starts_them_from_the_parameter():
     """master_weights is the loading optimizer's choice (as FusedOptimizer's): its copy starts from
     the parameter and follows the float32 run that starts there."""
