@@ -33,14 +33,15 @@ from .groups import MASTER_WEIGHTS, NONFINITE, NONFINITE_POLICIES, STOCHASTIC_RO
 BACKENDS = ("reference", "triton")
 
 # Which map quantized codes in a checkpoint were made with. The compact form saves QUANT_MAPS in every
-# param group: the version of the state declarations its codes follow (signed map for signed states,
-# unsigned for nonnegative ones). A version that changed a state's declared signedness lists the
-# state under its rule's name here; codes from a checkpoint of an earlier version (no QUANT_MAPS:
-# version 1) are decoded with the map they were made with and coded again with the current one.
+# param group that holds codes: the version of the state declarations its codes follow (signed map for
+# signed states, unsigned for nonnegative ones); a pickled optimizer keeps it too. A version that
+# changed a state's declared signedness lists, under the rule's module-level name, the state and the
+# map (True: signed) that codes had before it; codes of an earlier version (no QUANT_MAPS: version 1)
+# are decoded with that map and coded again with the current one.
 QUANT_MAPS = "quant_maps"
 QUANT_MAPS_VERSION = 2
-SIGNEDNESS_CHANGES: dict[int, dict[str, frozenset[str]]] = {
-    2: {"adafactor": frozenset({"variance"})},  # declared nonnegative; the signed map coded it before
+SIGNEDNESS_CHANGES: dict[int, dict[str, dict[str, bool]]] = {
+    2: {"fusedopt.optimizers.adafactor.adafactor": {"variance": True}},  # now declared nonnegative
 }
 
 
@@ -623,7 +624,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                   group_of[p][STATE_DTYPE])
         for group in sd["param_groups"]:
             groups.saved_numbers(group, ints=(ir.SR_SEED,))
-            if not dense:  # the maps its codes follow (the dense form holds none)
+            holds_codes = any(k.endswith(ir.ABSMAX_SUFFIX) for i in group["params"] for k in sd["state"].get(i, {}))
+            if holds_codes:  # the maps its codes follow (the dense form holds none)
                 group[QUANT_MAPS] = QUANT_MAPS_VERSION
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -727,7 +729,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for spec in program.states:
             if spec.name in values:
-                signed = _saved_signed(program.name, spec, maps)
+                signed = _saved_signed(self.rule, spec, maps)
                 out.update(self._convert_one(spec, p, values, view, saved_storage, signed))
         for name in kept:
             out[name] = values[name].detach().to(p.device, copy=True)
@@ -791,9 +793,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _DERIVED = ("_prepared_by_options", "_fast", "_multi", "_wide", "_factors", "_groups")
 
     def __getstate__(self) -> dict[str, Any]:
-        return groups.pickled_state(self, self._DERIVED)
+        return {**groups.pickled_state(self, self._DERIVED), "_quant_maps": QUANT_MAPS_VERSION}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        maps = state.pop("_quant_maps", 1)  # pickled before the version was kept: 1
         groups.restore_optimizer(self, state, self._on_change)
         self.__dict__.setdefault("_prepared_by_options", {})
         self._groups = list(self.param_groups)
@@ -802,6 +805,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._wide = {}
         self._factors = {}
         self._prepare_groups()  # built now, not inside the first compiled step (building cannot be traced)
+        if maps < QUANT_MAPS_VERSION:
+            self._recode_states(maps)
+
+    def _recode_states(self, maps: int) -> None:
+        """Codes kept under an earlier QUANT_MAPS version ``maps`` (an optimizer pickled then) whose
+        state has changed its declared map since: converted as load_state_dict converts them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                values = self.state.get(p)
+                if not values:
+                    continue
+                program = self._prepared(group, *self._kind_of(group, p)).program
+                if any(s.name in values and s.name + ir.ABSMAX_SUFFIX in values
+                       and _saved_signed(self.rule, s, maps) != (not s.nonnegative) for s in program.states):
+                    self.state[p] = self._convert_state(program, p, values, group[STATE_DTYPE], maps)
 
 
 def _clips(group: Mapping[str, Any]) -> bool:
@@ -818,15 +836,21 @@ def _at_least_two(items: Iterable, predicate: Callable[[Any], bool]) -> bool:
     return next(matches, None) is not None and next(matches, None) is not None
 
 
-def _saved_signed(rule: str, spec: ir.StateSpec, maps: int) -> bool:
-    """Whether the codes of ``spec`` (a state of ``rule``) in a checkpoint of QUANT_MAPS version
-    ``maps`` were made with the signed map: its declaration's map, switched once for every later
-    version that changed the declared signedness of the state."""
-    signed = not spec.nonnegative
-    for version, changed in SIGNEDNESS_CHANGES.items():
-        if maps < version and spec.name in changed.get(rule, ()):
-            signed = not signed
-    return signed
+def _rule_key(rule: Rule) -> str:
+    """A rule's module-level name (as it pickles): SIGNEDNESS_CHANGES' key, which another rule given
+    the same ``@rule`` name does not share."""
+    return f"{rule.fn.__module__}.{rule.fn.__qualname__}"
+
+
+def _saved_signed(rule: Rule, spec: ir.StateSpec, maps: int) -> bool:
+    """Whether the codes of ``spec`` (a state of ``rule``) saved under QUANT_MAPS version ``maps``
+    were made with the signed map: the map the earliest later version that changed the state records,
+    else the state's declaration."""
+    for version in sorted(SIGNEDNESS_CHANGES):
+        before = SIGNEDNESS_CHANGES[version].get(_rule_key(rule), {})
+        if maps < version and spec.name in before:
+            return before[spec.name]
+    return not spec.nonnegative
 
 
 def _dense_state(specs: Iterable[ir.StateSpec], values: Mapping[str, Any], shape, storage: str) -> dict[str, Any]:

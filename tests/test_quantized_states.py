@@ -962,3 +962,54 @@ def test_adafactor_checkpoints_round_trip_bit_for_bit_and_through_torch(fmt):
     back.load_state_dict(from_torch)
     codes, scales = quant.encode_state(dense["state"][0]["variance"], fmt, signed=False)
     assert torch.equal(back.state[r]["variance"], codes) and torch.equal(back.state[r]["variance_absmax"], scales)
+
+
+def test_an_optimizer_pickled_before_the_variance_was_nonnegative_recodes_it():
+    """A whole optimizer pickled by an earlier version (no "_quant_maps" in its pickled state) holds
+    the variance coded with the signed map: unpickling codes it again with the unsigned map (as a
+    load does); one pickled now keeps its codes as they are."""
+    p, opt = _adafactor_vector("q8", beta1=0.9)
+    values = opt.state_dict(dense=True)["state"][0]["variance"]
+    pickled = opt.__getstate__()
+    assert pickled["_quant_maps"] == 2
+    again = object.__new__(type(opt))
+    again.__setstate__(copy.copy(pickled))
+    assert all(torch.equal(again.state[p][k], v) for k, v in opt.state[p].items())
+
+    old = {k: v for k, v in pickled.items() if k != "_quant_maps"}
+    old["state"] = {p: dict(opt.state[p])}
+    signed_codes, signed_scales = quant.encode_state(values, "q8", signed=True)
+    old["state"][p]["variance"], old["state"][p]["variance_absmax"] = signed_codes, signed_scales
+    restored = object.__new__(type(opt))
+    restored.__setstate__(old)
+    signed_values = quant.decode_state(signed_codes, signed_scales, "q8", signed=True, shape=p.shape)
+    codes, scales = quant.encode_state(signed_values, "q8", signed=False)
+    st = restored.state[p]
+    assert torch.equal(st["variance"], codes) and torch.equal(st["variance_absmax"], scales)
+    assert torch.equal(st["exp_avg"], opt.state[p]["exp_avg"])
+
+
+@rule("adafactor")
+def same_name_signed_variance(p, g, t, lr=0.1):
+    """Another rule that took the name "adafactor", with a signed state "variance"."""
+    v = state("variance")
+    v.set(0.9 * v + g)
+    p.set(p - lr * v)
+
+
+def test_the_map_change_is_the_built_in_adafactors_only():
+    """A version-1 checkpoint of another rule named "adafactor" with a signed "variance" loads its
+    codes as they are; a group holding no codes saves no "quant_maps"."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(5000, generator=gen).requires_grad_()
+    opt = fusedopt.FusedOptimizer([p], same_name_signed_variance, state_dtype="q8", backend="reference")
+    p.grad = torch.randn(5000, generator=gen)
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    del old["param_groups"][0]["quant_maps"]
+    q = p.detach().clone().requires_grad_()
+    loaded = fusedopt.FusedOptimizer([q], same_name_signed_variance, state_dtype="q8", backend="reference")
+    loaded.load_state_dict(old)
+    assert all(torch.equal(loaded.state[q][k], v) for k, v in opt.state[p].items())
+    _, plain = _adafactor_vector("fp32")
+    assert "quant_maps" not in plain.state_dict()["param_groups"][0]
