@@ -49,6 +49,8 @@ import math
 
 import torch
 
+from . import blocks
+
 # ---- maps ----------------------------------------------------------------------------------------
 
 
@@ -142,12 +144,9 @@ def _check_code(code: torch.Tensor) -> None:
         raise ValueError("a map must be sorted strictly increasing")
 
 
-def _blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
-    """``flat`` zero-padded to whole blocks, as (n_blocks, block)."""
+def _check_block(block: int) -> None:
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
-    pad = -flat.numel() % block
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
 def midpoints(code: torch.Tensor) -> torch.Tensor:
@@ -202,17 +201,17 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int,
 def _nearest_codes(flat: torch.Tensor, code: torch.Tensor, block: int,
                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_blockwise without its checks (and so without host syncs: torch.compile traces it)."""
-    xb = _blocks(flat, block)
-    absmax = xb.abs().amax(dim=1)
+    _check_block(block)
+    absmax = blocks.reduce_blocks(lambda b: b.abs().amax(dim=1), flat, block)
     scale = bf16_ceil(absmax) if scale_dtype == torch.bfloat16 else absmax
     wide = scale.to(torch.float32)
     # An all-zero block divides by 1 instead of 0: y is 0 there, so no 0/0.
-    y = xb / torch.where(wide > 0, wide, torch.ones_like(wide))[:, None]
+    y = blocks.per_block(torch.div, flat, block, torch.where(wide > 0, wide, torch.ones_like(wide)))
     mids = midpoints(code.to(device=flat.device))
     # The number of midpoints strictly below y is the index of the nearest code; a y equal to a
     # midpoint counts it as not below, so ties go to the lower code.
-    idx = torch.searchsorted(mids, y.to(torch.float64).reshape(-1), right=False)
-    return idx[: flat.numel()].to(torch.uint8), scale
+    idx = torch.searchsorted(mids, y.to(torch.float64), right=False)
+    return idx.to(torch.uint8), scale
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int,
@@ -230,10 +229,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 def _decode(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int, shape,
             dtype: torch.dtype) -> torch.Tensor:
     """dequantize_blockwise without its checks."""
-    n = math.prod(shape)
     values = code.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1).long()]
-    out = _blocks(values, block) * absmax.to(torch.float32).reshape(-1, 1)
-    return out.reshape(-1)[:n].reshape(shape).to(dtype)
+    out = blocks.per_block(torch.mul, values, block, absmax.to(torch.float32))
+    return out.reshape(shape).to(dtype)
 
 
 # ---- 4-bit packing -------------------------------------------------------------------------------
@@ -250,8 +248,11 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def _pack(flat: torch.Tensor) -> torch.Tensor:
     """pack_nibbles without its check."""
-    flat = torch.nn.functional.pad(flat, (0, flat.numel() % 2))
-    return flat[0::2] | (flat[1::2] << 4)
+    even = flat.numel() - flat.numel() % 2
+    packed = flat[0:even:2] | (flat[1:even:2] << 4)
+    if even < flat.numel():  # an odd count: the last code alone (no padding: see fusedopt.blocks)
+        packed = torch.cat([packed, flat[even:]])
+    return packed
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,7 +260,10 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"{n} codes take {(n + 1) // 2} bytes, got {packed.numel()}")
     flat = packed.reshape(-1)
-    return torch.stack((flat & 15, flat >> 4), dim=1).reshape(-1)[:n]
+    if n % 2 == 0:
+        return torch.stack((flat & 15, flat >> 4), dim=1).reshape(-1)
+    # an odd count: the last byte holds one code (no slice of a longer result: see fusedopt.blocks)
+    return torch.cat([torch.stack((flat[:-1] & 15, flat[:-1] >> 4), dim=1).reshape(-1), flat[-1:] & 15])
 
 
 # ---- dense converters (checkpoints) --------------------------------------------------------------
@@ -305,9 +309,8 @@ def encode_state(x: torch.Tensor, fmt: str | QuantFormat, signed: bool) -> tuple
     """
     fmt = format_for(fmt)
     flat = x.detach().reshape(-1).to(torch.float32)
-    blocks = _blocks(flat, fmt.block)
-    finite = torch.isfinite(blocks).all(dim=1)
-    clean = torch.where(finite[:, None], blocks, torch.zeros_like(blocks)).reshape(-1)[: flat.numel()]
+    finite = blocks.reduce_blocks(lambda b: torch.isfinite(b).all(dim=1), flat, fmt.block)
+    clean = blocks.per_block(lambda b, ok: torch.where(ok, b, torch.zeros_like(b)), flat, fmt.block, finite)
     codes, absmax = _nearest_codes(clean, fmt.code(signed).to(x.device), fmt.block, fmt.scale_dtype)
     codes = codes.to(torch.uint8)
     absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))

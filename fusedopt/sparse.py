@@ -65,6 +65,7 @@ import math
 
 import torch
 
+from . import blocks
 from .rounding import bf16_nearest
 
 INT16_MAX = 32767
@@ -185,37 +186,14 @@ def check_quant_block(q: int) -> None:
         )
 
 
-def _padded(flat: torch.Tensor, q: int, fill: float) -> torch.Tensor:
-    pad = -flat.numel() % q
-    return torch.nn.functional.pad(flat, (0, pad), value=fill).view(-1, q)
-
-
 def ef_minmax(r: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per quantization block of ``q`` elements: the min and max of ``r``, rounded to bfloat16."""
     check_quant_block(q)
     flat = r.reshape(-1).to(torch.float32)
-    lo = _padded(flat, q, math.inf).amin(dim=1)
-    hi = _padded(flat, q, -math.inf).amax(dim=1)
+    lo = blocks.reduce_blocks(lambda b: b.amin(dim=1), flat, q)
+    hi = blocks.reduce_blocks(lambda b: b.amax(dim=1), flat, q)
     # rounded on the bits first: compiled, the codes are then computed from the same bf16 values
     return bf16_nearest(lo).to(torch.bfloat16), bf16_nearest(hi).to(torch.bfloat16)
-
-
-def _blockwise(f, flat: torch.Tensor, q: int, *stats: torch.Tensor) -> torch.Tensor:
-    """``f(blocks, *stats)`` over the quantization blocks of ``flat``, flat again: ``blocks`` is a
-    [rows, q] view of the full blocks (then the [1, tail] partial one) and each statistic is its
-    blocks' values as float32 [rows, 1]. (The full blocks and the tail are handled apart, rather than
-    by an index ``i // q`` per element or by padding to whole blocks: inductor in torch 2.13 compiles
-    either, with a partial last block, into a loop that skips the elements past the first block.)"""
-    n_full = flat.numel() // q  # (not divmod: dynamo does not trace it on symbolic sizes)
-    tail = flat.numel() - n_full * q
-    if n_full == 0 and tail == 0:
-        return flat.new_empty((0,), dtype=torch.float32)
-    parts = []
-    if n_full:
-        parts.append(f(flat[:n_full * q].view(n_full, q), *(s[:n_full].to(torch.float32).reshape(-1, 1) for s in stats)))
-    if tail:
-        parts.append(f(flat[n_full * q:].view(1, tail), *(s[n_full:n_full + 1].to(torch.float32).reshape(-1, 1) for s in stats)))
-    return torch.cat([part.reshape(-1) for part in parts])
 
 
 def ef_unit(lo: torch.Tensor, hi: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -235,7 +213,7 @@ def ef_codes(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, clamp:
         code = torch.where((unit > 0) & code.isfinite(), code, torch.zeros_like(code))
         return code.clamp(0, levels) if clamp else code
 
-    code = _blockwise(codes, r.reshape(-1).to(torch.float32), q, lo, ef_unit(lo, hi, bits))
+    code = blocks.per_block(codes, r.reshape(-1).to(torch.float32), q, lo.to(torch.float32), ef_unit(lo, hi, bits))
     return code.to(torch.int64)
 
 
@@ -248,13 +226,21 @@ def pack_nibbles(code: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The ``numel`` int64 codes stored in ``packed`` (inverse of :func:`pack_nibbles`)."""
-    b = packed.to(torch.int64)
-    return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
+    b = packed.reshape(-1).to(torch.int64)
+    if numel % 2 == 0:
+        return torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel]
+    # an odd count: the last byte holds one code (no slice of a longer result: see fusedopt.blocks)
+    return torch.cat([torch.stack([b[:-1] >> 4, b[:-1] & 15], dim=1).reshape(-1), b[-1:] >> 4])
 
 
 def _pack(code: torch.Tensor) -> torch.Tensor:
-    c = torch.nn.functional.pad(code.reshape(-1).to(torch.int64), (0, code.numel() % 2)).view(-1, 2)
-    return (c[:, 0] * 16 + c[:, 1]).to(torch.uint8)
+    c = code.reshape(-1).to(torch.int64)
+    even = c.numel() - c.numel() % 2
+    pairs = c[:even].view(-1, 2)
+    packed = pairs[:, 0] * 16 + pairs[:, 1]
+    if even < c.numel():  # an odd count: the last code alone in a high nibble (no padding: see fusedopt.blocks)
+        packed = torch.cat([packed, c[even:] * 16])
+    return packed.to(torch.uint8)
 
 
 def ef_encode(r: torch.Tensor, q: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,7 +256,7 @@ def ef_decode(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, q: int, 
     """float32 [numel]: ``code * unit + lo`` per element (``lo`` where the block's unit is 0)."""
     check_quant_block(q)
     code = (unpack_nibbles(packed, numel) if bits == 4 else packed.reshape(-1)[:numel]).to(torch.float32)
-    return _blockwise(lambda c, lo_b, unit: c * unit + lo_b, code, q, lo, ef_unit(lo, hi, bits))
+    return blocks.per_block(lambda c, lo_b, unit: c * unit + lo_b, code, q, lo.to(torch.float32), ef_unit(lo, hi, bits))
 
 
 def ef_error_bound(r: torch.Tensor, q: int, bits: int = 4) -> torch.Tensor:
@@ -281,9 +267,9 @@ def ef_error_bound(r: torch.Tensor, q: int, bits: int = 4) -> torch.Tensor:
 
     def bound(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
         a = x.abs().amax(dim=1, keepdim=True)
-        return (torch.maximum(unit / 2, a * 2.0**-8) + a * 2.0**-20).expand_as(x)
+        return torch.maximum(unit / 2, a * 2.0**-8) + a * 2.0**-20
 
-    return _blockwise(bound, flat, q, ef_unit(lo, hi, bits))
+    return blocks.per_block(bound, flat, q, ef_unit(lo, hi, bits))
 
 
 # ---- window --------------------------------------------------------------------------------------
