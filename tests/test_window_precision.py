@@ -430,22 +430,17 @@ def test_interpreter_compiled_by_inductor_follows_the_eager_steps():
     ``.to(torch.bfloat16)`` the codes came out one level lower near the halfway points); and it
     skipped the elements past the first block of a tensor with a partial last block when the blocks
     were indexed as ``i // q`` or padded (codes read from uninitialized memory)."""
-    runs = []
-    for compiled in (False, True):
+    def setup():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 4),
                                     torch.nn.Tanh(), torch.nn.Linear(4, 75))  # partial blocks, odd sizes
-        opt = MicroAdam(model.parameters(), lr=1e-3, m=4, density=0.05, block=512, quant_block=256,
-                        nonfinite="skip", backend="reference")
-        step = torch.compile(opt.step, fullgraph=True, backend="inductor") if compiled else opt.step
-        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
-        for k in range(6):
-            model(x * (1 + k)).pow(2).mean().backward()
-            if k == 3:
-                model[0].weight.grad[0, 0] = float("nan")
-            step()
-            opt.zero_grad()
-        runs.append([(p.detach().clone(), int(opt.state[p]["step"])) for p in model.parameters()])
-    for (a, steps_a), (b, steps_b) in zip(*runs):
-        assert steps_a == steps_b == 5
+        return model, MicroAdam(model.parameters(), lr=1e-3, m=4, density=0.05, block=512, quant_block=256,
+                                nonfinite="skip", backend="reference")
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 64, generator=gen), torch.randn(32, 75, generator=gen)
+    runs = compiled_against_eager(setup, x, y, steps=6, poison_step=3, backend="inductor")
+    (eager, eager_opt), (compiled, compiled_opt) = runs
+    for a, b, p, q in zip(eager, compiled, eager_opt.param_groups[0]["params"], compiled_opt.param_groups[0]["params"]):
+        assert int(eager_opt.state[p]["step"]) == int(compiled_opt.state[q]["step"]) == 5
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

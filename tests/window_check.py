@@ -91,16 +91,17 @@ def compare(sizes, dtypes, steps, seed, ties=False, make=MicroAdam, **kw):
     return worst
 
 
-def compiled_against_eager(setup, x, y, steps, poison_step=None):
+def compiled_against_eager(setup, x, y, steps, poison_step=None, backend="aot_eager"):
     """Train ``setup()``'s (model, optimizer) on (x, y) for ``steps`` steps twice: eagerly, then with
     opt.step() and opt.zero_grad() compiled together (fullgraph=True, aot_eager: functionalized, so
     ``mutates_args`` and the fake impl count) under a cosine schedule. The compiled run may compile on
     its first two steps only (the first creates the state); later steps raise on a recompile. At
-    ``poison_step`` one gradient element is NaN. Returns the two runs' (parameters, optimizer)."""
+    ``poison_step`` one gradient element is NaN. ``backend``: inductor generates real code. Returns
+    the two runs' (parameters, optimizer)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     runs = []
     for compiled in (False, True):
         model, opt = setup()
